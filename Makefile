@@ -1,0 +1,26 @@
+# The two commands of the README. Both create .venv on first use (torch from the local CUDA 13.0 build so that the
+# CUDA kernels are compiled and linked; they run where a GPU is present).
+PY ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+
+.PHONY: setup test demo wheels clean
+
+$(VENV)/.deps:
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26,<4" ninja \
+	    safetensors numpy tqdm pytest psutil "transformers>=4.45" "peft>=0.12" tokenizers matplotlib
+	touch $@
+
+setup: $(VENV)/.deps
+	$(VENV)/bin/pip install -q --no-build-isolation --no-deps .
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+demo: setup
+	$(VENV)/bin/python -m safeshape.safelora.example build/example --overwrite
+	$(VENV)/bin/safeshape project --base build/example/base --aligned build/example/aligned \
+	    --adapter build/example/adapter --out build/example/projected --overwrite

@@ -1,0 +1,26 @@
+// Small CPU building blocks shared by the CPU kernels: function multiversioning so that one wheel runs the
+// AVX-512 / AVX2 code paths where the CPU has them, and dtype conversion to float32.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SAFESHAPE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SAFESHAPE_CLONES
+#endif
+
+namespace safeshape::cpu {
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+inline float bf16_bits_to_float(uint16_t bits) {
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+}  // namespace safeshape::cpu

@@ -1,0 +1,39 @@
+// Every native op of safeshape, in one place: the table of contents of the native code.
+// Kernels register themselves next to their code (cpp/*_cpu.cpp, cpp/*_cuda.cpp); fake (meta) kernels and
+// autograd formulas are registered from Python in python/safeshape/ops/.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(safeshape, m) {
+  // ---- Safe LoRA (SPEC.md section 1) ----
+  // B' = V (V^T B) / ||V||_F with V = aligned - base; never forms V V^T, never stores V.
+  // Returns (projected_b in lora_b's dtype, ||V||_F as a float32 scalar).
+  m.def("project_lora_b(Tensor aligned, Tensor base, Tensor lora_b) -> (Tensor, Tensor)");
+  // cos(C dW, dW) by the r x r Gram form, accumulated in fp64; a float64 scalar.
+  m.def("lora_cosine(Tensor lora_b, Tensor projected_b, Tensor lora_a) -> Tensor");
+  // The explicit C = V V^T / ||V||_F (d_out x d_out, float32), for parity checks.
+  m.def("alignment_projection_matrix(Tensor aligned, Tensor base) -> Tensor");
+
+  // ---- DSS loss (SPEC.md section 3) ----
+
+  // ---- STAR (SPEC.md section 2) ----
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "safeshape native extension: registers torch.ops.safeshape.*";
+  m.def("build_info", []() {
+    py::dict info;
+    info["torch_version"] = SAFESHAPE_TORCH_VERSION;
+#ifdef SAFESHAPE_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_version"] = SAFESHAPE_CUDA_VERSION;
+#else
+    info["cuda"] = false;
+    info["cuda_version"] = py::none();
+#endif
+    info["cuda_archs"] = SAFESHAPE_CUDA_ARCHS;
+    return info;
+  }, "What this build was compiled against: torch version, CUDA on/off, CUDA version and arch list.");
+}

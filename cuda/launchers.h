@@ -1,0 +1,24 @@
+// The CUDA kernels' C++ interface: raw pointers, sizes and a stream; no torch types, so this folder can be
+// compiled, checked and linked without torch. Every launcher returns a cudaError_t as int (0 = success).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace safeshape::cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// ---- Safe LoRA ----
+// Bytes of device workspace that launch_project_lora_b needs.
+size_t project_lora_b_workspace_bytes(int64_t d_out, int64_t d_in, int64_t r);
+// projected[d_out, r] (float32) = V (V^T B) / ||V||_F with V = aligned - base ([d_out, d_in], dtype),
+// B = lora_b [d_out, r] float32 row-major; v_norm[0] receives ||V||_F (float32).
+int launch_project_lora_b(DType dtype, const void* aligned, const void* base, const float* lora_b, float* projected,
+                          float* v_norm, int64_t d_out, int64_t d_in, int64_t r, void* workspace,
+                          size_t workspace_bytes, void* stream);
+// cosine[0] = tr(P^T B G) / sqrt(tr(P^T P G) tr(B^T B G)), G = A A^T; B, P [d_out, r], A [r, d_in], all float64.
+size_t lora_cosine_workspace_bytes(int64_t r);
+int launch_lora_cosine(const double* lora_b, const double* projected_b, const double* lora_a, double* cosine,
+                       int64_t d_out, int64_t d_in, int64_t r, void* workspace, size_t workspace_bytes, void* stream);
+
+}  // namespace safeshape::cuda

@@ -1,0 +1,285 @@
+// CUDA kernels of the Safe LoRA ops (SPEC.md section 1). Two passes over the weights, V never stored:
+//   pass 1: partial[s, j, :] = sum_{i in split s} V[i, j] B[i, :]  and per-block sums of V^2
+//   reduce: M[j, :] = sum_s partial[s, j, :],  norm = sqrt(sum of the block sums)   (fp64 for the norm)
+//   pass 2: B'[i, :] = sum_j V[i, j] M[j, :] / norm, one block per row.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "launchers.h"
+
+namespace safeshape::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerTile = 32;  // rows of B staged in shared memory per step of pass 1
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// grid (ceil(d_in / kThreads), nsplit, ceil(r / R)); each thread owns column j and R rank columns.
+template <typename T, int R>
+__global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ lora_b,
+                             float* __restrict__ partial, float* __restrict__ block_ss, int64_t d_out, int64_t d_in,
+                             int64_t r, int64_t rows_per_split) {
+  __shared__ float bs[kRowsPerTile][R];
+  __shared__ float red[kThreads / 32];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.z) * R;
+  const int64_t i_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t i_end = min(d_out, i_begin + rows_per_split);
+  float acc[R];
+#pragma unroll
+  for (int k = 0; k < R; ++k) acc[k] = 0.f;
+  float ss = 0.f;
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowsPerTile) {
+    const int rows = static_cast<int>(min(static_cast<int64_t>(kRowsPerTile), i_end - i0));
+    __syncthreads();
+    for (int e = threadIdx.x; e < kRowsPerTile * R; e += kThreads) {
+      const int ii = e / R, k = e % R;
+      bs[ii][k] = (ii < rows && k0 + k < r) ? lora_b[(i0 + ii) * r + k0 + k] : 0.f;
+    }
+    __syncthreads();
+    if (j < d_in) {
+      for (int ii = 0; ii < rows; ++ii) {
+        const int64_t idx = (i0 + ii) * d_in + j;
+        const float v = to_float(a[idx]) - to_float(b[idx]);
+        ss += v * v;
+#pragma unroll
+        for (int k = 0; k < R; ++k) acc[k] += v * bs[ii][k];
+      }
+    }
+  }
+  if (j < d_in) {
+    float* p = partial + (static_cast<int64_t>(blockIdx.y) * d_in + j) * r + k0;
+#pragma unroll
+    for (int k = 0; k < R; ++k)
+      if (k0 + k < r) p[k] = acc[k];
+  }
+  // only the first rank chunk counts V^2, so each element is counted once
+  if (blockIdx.z == 0) {
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float t = 0.f;
+      for (int w = 0; w < kThreads / 32; ++w) t += red[w];
+      block_ss[blockIdx.y * gridDim.x + blockIdx.x] = t;
+    }
+  }
+}
+
+// M[e] = sum_s partial[s, e] over e < d_in * r; then block 0 sums the block sums of V^2 into the norm.
+__global__ void reduce_kernel(const float* __restrict__ partial, float* __restrict__ M, int64_t n, int nsplit) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= n) return;
+  float s = 0.f;
+  for (int q = 0; q < nsplit; ++q) s += partial[q * n + e];
+  M[e] = s;
+}
+
+__global__ void norm_kernel(const float* __restrict__ block_ss, int64_t n, double* __restrict__ norm64,
+                            float* __restrict__ v_norm) {
+  __shared__ double red[kThreads / 32];
+  double s = 0.0;
+  for (int64_t e = threadIdx.x; e < n; e += kThreads) s += block_ss[e];
+  s = warp_sum(s);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) t += red[w];
+    const double nrm = sqrt(t);
+    norm64[0] = nrm;
+    v_norm[0] = static_cast<float>(nrm);
+  }
+}
+
+// grid (d_out, ceil(r / R)); block-wide dot of row i of V with M[:, k0:k0+R].
+template <typename T, int R>
+__global__ void pass2_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ M,
+                             const double* __restrict__ norm64, float* __restrict__ out, int64_t d_in, int64_t r) {
+  __shared__ float red[kThreads / 32][R];
+  const int64_t i = blockIdx.x;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * R;
+  const int kn = static_cast<int>(min(static_cast<int64_t>(R), r - k0));
+  float acc[R];
+#pragma unroll
+  for (int k = 0; k < R; ++k) acc[k] = 0.f;
+  const T* ar = a + i * d_in;
+  const T* br = b + i * d_in;
+  for (int64_t j = threadIdx.x; j < d_in; j += kThreads) {
+    const float v = to_float(ar[j]) - to_float(br[j]);
+    const float* m = M + j * r + k0;
+#pragma unroll
+    for (int k = 0; k < R; ++k)
+      if (k < kn) acc[k] += v * m[k];
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    const float s = warp_sum(acc[k]);
+    if (lane == 0) red[warp][k] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < kn) {
+    float s = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) s += red[w][threadIdx.x];
+    const double nrm = norm64[0];
+    out[i * r + k0 + threadIdx.x] = nrm > 0.0 ? static_cast<float>(s / nrm) : 0.f;
+  }
+}
+
+int rank_tile(int64_t r) { return r <= 8 ? 8 : r <= 16 ? 16 : r <= 32 ? 32 : 64; }
+
+struct Plan {
+  int64_t col_blocks, nsplit, rows_per_split;
+};
+
+Plan make_plan(int64_t d_out, int64_t d_in) {
+  Plan p;
+  p.col_blocks = (d_in + kThreads - 1) / kThreads;
+  // aim for about 1024 blocks in pass 1, at least 64 rows per split
+  int64_t want = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, p.col_blocks));
+  p.nsplit = std::min<int64_t>(want, std::max<int64_t>(1, d_out / 64));
+  p.rows_per_split = (d_out + p.nsplit - 1) / p.nsplit;
+  p.nsplit = (d_out + p.rows_per_split - 1) / p.rows_per_split;
+  return p;
+}
+
+size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+template <typename T, int R>
+void launch_passes(const T* a, const T* b, const float* lora_b, float* projected, float* v_norm, int64_t d_out,
+                   int64_t d_in, int64_t r, char* ws, cudaStream_t stream) {
+  const Plan p = make_plan(d_out, d_in);
+  float* partial = reinterpret_cast<float*>(ws);
+  ws += align256(sizeof(float) * p.nsplit * d_in * r);
+  float* M = reinterpret_cast<float*>(ws);
+  ws += align256(sizeof(float) * d_in * r);
+  float* block_ss = reinterpret_cast<float*>(ws);
+  ws += align256(sizeof(float) * p.nsplit * p.col_blocks);
+  double* norm64 = reinterpret_cast<double*>(ws);
+
+  const int64_t rchunks = (r + R - 1) / R;
+  dim3 g1(static_cast<unsigned>(p.col_blocks), static_cast<unsigned>(p.nsplit), static_cast<unsigned>(rchunks));
+  pass1_kernel<T, R><<<g1, kThreads, 0, stream>>>(a, b, lora_b, partial, block_ss, d_out, d_in, r, p.rows_per_split);
+  const int64_t n = d_in * r;
+  reduce_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      partial, M, n, static_cast<int>(p.nsplit));
+  norm_kernel<<<1, kThreads, 0, stream>>>(block_ss, p.nsplit * p.col_blocks, norm64, v_norm);
+  dim3 g2(static_cast<unsigned>(d_out), static_cast<unsigned>(rchunks));
+  pass2_kernel<T, R><<<g2, kThreads, 0, stream>>>(a, b, M, norm64, projected, d_in, r);
+}
+
+template <typename T>
+void launch_for_dtype(const void* a, const void* b, const float* lora_b, float* projected, float* v_norm,
+                      int64_t d_out, int64_t d_in, int64_t r, char* ws, cudaStream_t stream) {
+  const T* ta = static_cast<const T*>(a);
+  const T* tb = static_cast<const T*>(b);
+  switch (rank_tile(r)) {
+    case 8: launch_passes<T, 8>(ta, tb, lora_b, projected, v_norm, d_out, d_in, r, ws, stream); break;
+    case 16: launch_passes<T, 16>(ta, tb, lora_b, projected, v_norm, d_out, d_in, r, ws, stream); break;
+    case 32: launch_passes<T, 32>(ta, tb, lora_b, projected, v_norm, d_out, d_in, r, ws, stream); break;
+    default: launch_passes<T, 64>(ta, tb, lora_b, projected, v_norm, d_out, d_in, r, ws, stream); break;
+  }
+}
+
+// ---- lora_cosine ----
+// out[k * r + l] = sum_t X[t * sxt + k * sxk] * Y[t * syt + l * syk]; one block per (k, l).
+__global__ void gram_kernel(const double* __restrict__ X, int64_t sxt, int64_t sxk, const double* __restrict__ Y,
+                            int64_t syt, int64_t syk, int64_t n, int64_t r, double* __restrict__ out) {
+  __shared__ double red[kThreads / 32];
+  const int64_t k = blockIdx.x / r, l = blockIdx.x % r;
+  double s = 0.0;
+  for (int64_t t = threadIdx.x; t < n; t += kThreads) s += X[t * sxt + k * sxk] * Y[t * syt + l * syk];
+  s = warp_sum(s);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) t += red[w];
+    out[blockIdx.x] = t;
+  }
+}
+
+__global__ void cosine_kernel(const double* __restrict__ grams, int64_t r, double* __restrict__ cosine) {
+  __shared__ double red[3][kThreads / 32];
+  const int64_t rr = r * r;
+  const double* G = grams;
+  double tr[3] = {0.0, 0.0, 0.0};
+  for (int64_t e = threadIdx.x; e < rr; e += kThreads) {
+    const int64_t k = e / r, l = e % r;
+    const double g = G[l * r + k];
+    for (int q = 0; q < 3; ++q) tr[q] += grams[(q + 1) * rr + e] * g;
+  }
+  for (int q = 0; q < 3; ++q) {
+    const double s = warp_sum(tr[q]);
+    if ((threadIdx.x & 31) == 0) red[q][threadIdx.x >> 5] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t[3] = {0.0, 0.0, 0.0};
+    for (int q = 0; q < 3; ++q)
+      for (int w = 0; w < kThreads / 32; ++w) t[q] += red[q][w];
+    double c = 0.0;
+    if (t[1] > 0.0 && t[2] > 0.0) c = fmin(fmax(t[0] / sqrt(t[1] * t[2]), 0.0), 1.0);
+    cosine[0] = c;
+  }
+}
+
+}  // namespace
+
+size_t project_lora_b_workspace_bytes(int64_t d_out, int64_t d_in, int64_t r) {
+  const Plan p = make_plan(d_out, d_in);
+  return align256(sizeof(float) * p.nsplit * d_in * r) + align256(sizeof(float) * d_in * r) +
+         align256(sizeof(float) * p.nsplit * p.col_blocks) + align256(sizeof(double));
+}
+
+int launch_project_lora_b(DType dtype, const void* aligned, const void* base, const float* lora_b, float* projected,
+                          float* v_norm, int64_t d_out, int64_t d_in, int64_t r, void* workspace,
+                          size_t workspace_bytes, void* stream) {
+  if (workspace_bytes < project_lora_b_workspace_bytes(d_out, d_in, r)) return cudaErrorInvalidValue;
+  auto s = static_cast<cudaStream_t>(stream);
+  char* ws = static_cast<char*>(workspace);
+  switch (dtype) {
+    case DType::kFloat32: launch_for_dtype<float>(aligned, base, lora_b, projected, v_norm, d_out, d_in, r, ws, s); break;
+    case DType::kBFloat16:
+      launch_for_dtype<__nv_bfloat16>(aligned, base, lora_b, projected, v_norm, d_out, d_in, r, ws, s);
+      break;
+    case DType::kFloat16: launch_for_dtype<__half>(aligned, base, lora_b, projected, v_norm, d_out, d_in, r, ws, s); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+size_t lora_cosine_workspace_bytes(int64_t r) { return sizeof(double) * 4 * r * r; }
+
+int launch_lora_cosine(const double* lora_b, const double* projected_b, const double* lora_a, double* cosine,
+                       int64_t d_out, int64_t d_in, int64_t r, void* workspace, size_t workspace_bytes, void* stream) {
+  if (workspace_bytes < lora_cosine_workspace_bytes(r)) return cudaErrorInvalidValue;
+  auto s = static_cast<cudaStream_t>(stream);
+  double* grams = static_cast<double*>(workspace);  // G, P^T B, P^T P, B^T B
+  const int64_t rr = r * r;
+  const unsigned blocks = static_cast<unsigned>(rr);
+  gram_kernel<<<blocks, kThreads, 0, s>>>(lora_a, 1, d_in, lora_a, 1, d_in, d_in, r, grams);
+  gram_kernel<<<blocks, kThreads, 0, s>>>(projected_b, r, 1, lora_b, r, 1, d_out, r, grams + rr);
+  gram_kernel<<<blocks, kThreads, 0, s>>>(projected_b, r, 1, projected_b, r, 1, d_out, r, grams + 2 * rr);
+  gram_kernel<<<blocks, kThreads, 0, s>>>(lora_b, r, 1, lora_b, r, 1, d_out, r, grams + 3 * rr);
+  cosine_kernel<<<1, kThreads, 0, s>>>(grams, r, cosine);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace safeshape::cuda

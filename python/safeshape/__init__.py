@@ -1,0 +1,44 @@
+"""safeshape: keep an aligned LLM's refusals through LoRA fine-tuning.
+
+Native ops live in ``torch.ops.safeshape.*`` (typed wrappers in :mod:`safeshape.ops`, plain-torch references in
+:mod:`safeshape.reference`). Safe LoRA over checkpoints is :mod:`safeshape.safelora`.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def _check_torch_matches_build() -> None:
+    import torch
+
+    try:
+        from . import _build_config
+    except ImportError as exc:  # pragma: no cover - only on a broken checkout
+        raise ImportError(
+            "safeshape: the native extension is not built. Build it against the torch you run with: "
+            "pip install --no-build-isolation -e .  (or scripts/dev-build.sh for a development build)"
+        ) from exc
+    if torch.__version__ != _build_config.TORCH_VERSION:
+        raise ImportError(
+            f"safeshape was built against torch {_build_config.TORCH_VERSION} but torch {torch.__version__} is "
+            "imported. A library built against one torch does not load in another: rebuild safeshape with "
+            "`pip install --no-build-isolation --no-deps --force-reinstall .` in this environment, or install the "
+            f"safeshape wheel built for torch {torch.__version__}."
+        )
+
+
+_check_torch_matches_build()
+
+from . import _C  # noqa: E402  registers torch.ops.safeshape.*
+from . import ops  # noqa: E402,F401  registers fake kernels and autograd formulas
+
+
+def build_info() -> dict:
+    """What this build was compiled against: ``torch_version``, ``cuda`` (bool), ``cuda_version``, ``cuda_archs``."""
+    info = dict(_C.build_info())
+    info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
+    info["safeshape_version"] = __version__
+    return info
+
+
+__all__ = ["build_info", "ops", "__version__"]

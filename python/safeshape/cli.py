@@ -1,0 +1,32 @@
+"""The ``safeshape`` command line. Each subcommand lives in its feature's module, which provides
+``add_arguments(parser)`` and ``main(args) -> int``; this file only lists them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (name, module, one-line help); a module is imported only when its subcommand runs
+SUBCOMMANDS = [
+    ("project", "safeshape.safelora.cli", "Safe LoRA: project a PEFT LoRA adapter onto the alignment subspace"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safeshape", description="Keep an aligned LLM's refusals through LoRA "
+                                     "fine-tuning (Safe LoRA, STAR, DSS).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module, help_text in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args._module).main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

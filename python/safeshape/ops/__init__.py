@@ -1,0 +1,7 @@
+"""Typed Python wrappers of ``torch.ops.safeshape.*``, with their fake kernels and autograd formulas.
+
+Each feature's ops live in their own module; everything is re-exported here.
+"""
+from .projection import alignment_projection_matrix, lora_cosine, project_lora_b
+
+__all__ = ["project_lora_b", "lora_cosine", "alignment_projection_matrix"]

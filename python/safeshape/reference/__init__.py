@@ -1,0 +1,4 @@
+"""Plain-torch references of every native op: slow, obvious, and what the tests compare against."""
+from .projection import alignment_projection_matrix, lora_cosine, project_lora_b
+
+__all__ = ["project_lora_b", "lora_cosine", "alignment_projection_matrix"]
