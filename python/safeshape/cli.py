@@ -9,6 +9,7 @@ import sys
 # (name, module, one-line help); a module is imported only when its subcommand runs
 SUBCOMMANDS = [
     ("project", "safeshape.safelora.cli", "Safe LoRA: project a PEFT LoRA adapter onto the alignment subspace"),
+    ("train", "safeshape.trainer.cli", "LoRA fine-tuning with the SFT, RS or DSS (STAR-weighted) loss; torchrun for DDP"),
 ]
 
 
