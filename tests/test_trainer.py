@@ -1,6 +1,5 @@
 """The trainer on a tiny Llama (CPU): the loss it minimises is SPEC.md section 3's, accumulation is exact, resume
 is exact, outputs are PEFT-layout and atomic, bad input gives clear errors."""
-import argparse
 import json
 import os
 import shutil
@@ -159,14 +158,16 @@ def test_existing_out_is_refused_unless_overwrite(files, tmp_path):
     assert (out / "keep.txt").exists()
     train(_config(files, out, max_steps=1, overwrite=True))
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
-    with pytest.raises(SafeshapeError, match="would hold or replace the input model"):
+    with pytest.raises(SafeshapeError, match="overlaps the input --model"):
         train(_config(files, files["model"], max_steps=1, overwrite=True))
     holder = tmp_path / "holder"
     holder.mkdir()
     data = shutil.copy(files["dss"], holder / "rows.jsonl")
-    with pytest.raises(SafeshapeError, match="the input data .* lies inside it"):
+    with pytest.raises(SafeshapeError, match="overlaps the input --data"):
         train(_config(files, holder, data=str(data), max_steps=1, overwrite=True))
     assert os.path.isfile(data)
+    with pytest.raises(SafeshapeError, match="overlaps the input --model"):
+        train(_config(files, os.path.join(files["model"], "adapter"), max_steps=1))
 
 
 @pytest.mark.parametrize("targets, message", [
@@ -196,19 +197,18 @@ def test_config_validation():
 
 
 def test_cli(files, tmp_path, capsys):
-    from safeshape import cli as top
-    from safeshape.trainer import cli
+    from safeshape import cli
 
-    assert ("train", "safeshape.trainer.cli") in [(n, m) for n, m, _ in top.SUBCOMMANDS]
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
     out = tmp_path / "o"
-    args = parser.parse_args(["--model", files["model"], "--data", files["rs"], "--out", str(out), "--loss", "rs",
-                              "--batch-size", "4", "--max-steps", "1", "--target-modules", "q_proj,k_proj",
-                              "--no-progress", "--json", "--lora-r", "2"])
-    assert cli.main(args) == 0
+    argv = ["train", "--model", files["model"], "--data", files["rs"], "--out", str(out), "--loss", "rs",
+            "--batch-size", "4", "--max-steps", "1", "--target-modules", "q_proj,k_proj", "--no-progress", "--json",
+            "--lora-r", "2"]
+    assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 1 and summary["out"] == str(out)
-    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
-    assert cli.main(args) == 2  # out exists now
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 2 and sorted(config["target_modules"]) == ["k_proj", "q_proj"]
+    assert cli.main(argv) == 2  # out exists now
     assert "exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(argv[:-2] + ["--loss", "dpo"])

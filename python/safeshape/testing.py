@@ -69,11 +69,12 @@ def build_tiny_llama(vocab_size: int, hidden_size: int = 64, num_layers: int = 2
 
 
 def save_tiny_model(path: str | os.PathLike, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512,
-                    seed: int = 0) -> Path:
-    """Write a tiny Llama + its chat tokenizer to ``path`` (created); returns the path. Takes a few seconds."""
+                    seed: int = 0, model_vocab_size: int | None = None) -> Path:
+    """Write a tiny Llama + its chat tokenizer to ``path`` (created); returns the path. Takes a few seconds.
+    ``model_vocab_size`` (default: the tokenizer's size) may be larger, e.g. 32000 for benchmarks of the loss."""
     path = Path(path)
     tokenizer = build_tiny_tokenizer(vocab_size=vocab_size, seed=seed)
-    model = build_tiny_llama(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, seed=seed,
+    model = build_tiny_llama(max(len(tokenizer), model_vocab_size or 0), hidden_size=hidden_size, num_layers=num_layers, seed=seed,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id)
     path.mkdir(parents=True, exist_ok=True)

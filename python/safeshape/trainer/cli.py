@@ -10,8 +10,11 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
+from ..data import LOSSES
 from ..errors import SafeshapeError
 from .config import TrainConfig
+
+_CHOICES = {"loss": LOSSES, "schedule": ("linear", "constant")}
 
 _HELP = {
     "model": "local Hugging Face causal-LM folder (the aligned chat model, with its tokenizer and chat template)",
@@ -49,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=",".join(f.default), help=help_text + " (default %(default)s)")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            parser.add_argument(flag, type=kind, default=f.default, help=(help_text + " (default %(default)s)").strip())
+            parser.add_argument(flag, type=kind, default=f.default, choices=_CHOICES.get(f.name),
+                                help=(help_text + " (default %(default)s)").strip())
     parser.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
 
 

@@ -36,17 +36,12 @@ from .model import PolicyHidden, apply_lora, body_and_head, load_model, load_tok
 METRICS = "metrics.jsonl"
 
 
-def _within(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
 def check_out(config: TrainConfig) -> str:
-    """Absolute ``out``; refuses to overwrite an input or an existing output that was not meant to be replaced."""
-    out, model, data = (os.path.realpath(p) for p in (config.out, config.model, config.data))
-    if _within(model, out):
-        raise SafeshapeError(f"--out {config.out}: would hold or replace the input model {config.model}")
-    if _within(data, out):
-        raise SafeshapeError(f"--out {config.out}: the input data {config.data} lies inside it")
+    """Absolute ``out``; refuses to write over an input or an existing output that was not meant to be replaced."""
+    from ..io import check_output_path
+
+    # overwrite=True here: only the overlap with the inputs is checked; an existing `out` is judged below
+    out = str(check_output_path(config.out, True, [("--model", config.model), ("--data", config.data)]))
     if os.path.exists(out) and not os.path.isdir(out):
         raise SafeshapeError(f"--out {config.out}: exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not (config.resume or config.overwrite):
@@ -115,7 +110,7 @@ class Run:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.dist.device] if self.dist.device.type == "cuda" else None
-            self.ddp = DDP(self.policy, device_ids=ids, broadcast_buffers=False)
+            self.ddp = DDP(self.policy, device_ids=ids)
 
     def step_rows(self, step: int) -> list[int]:
         epoch, k = divmod(step, self.steps_per_epoch)
@@ -148,16 +143,20 @@ class Run:
 
         ref = None
         if self.use_reference:
-            h_ref = pick(reference_hidden(self.peft_model, ids, mask))
             with torch.no_grad():
-                ref = (ops.fused_linear_token_logprobs(h_ref, w_head, labels) if self.config.fused
-                       else ops.token_logprobs(F.linear(h_ref, w_head), labels))
+                ref = self.reference_logprobs(pick(reference_hidden(self.peft_model, ids, mask)), labels)
         hidden = pick(self.ddp(ids, mask))
         if self.config.fused:
             return self.loss_module(hidden=hidden, lm_head_weight=w_head, labels=labels, weights=weights,
                                     ref_logprobs=ref, num_items_in_batch=num_items)
         return self.loss_module(logits=F.linear(hidden, w_head), labels=labels, weights=weights,
                                 ref_logprobs=ref, num_items_in_batch=num_items)
+
+    def reference_logprobs(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """log p_ref(y_t) from the adapter-disabled model's final hidden states ``[N, H]``."""
+        if self.config.fused:
+            return ops.fused_linear_token_logprobs(hidden, self.lm_head_weight, labels)
+        return ops.token_logprobs(F.linear(hidden, self.lm_head_weight), labels)
 
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
