@@ -212,3 +212,11 @@ def test_cli(files, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(argv[:-2] + ["--loss", "dpo"])
+
+
+def test_bf16_base_keeps_float32_adapter(files, tmp_path):
+    run = Run(_config(files, tmp_path / "o", bf16=True, batch_size=8), Dist())
+    m = [run.train_step(s) for s in range(2)]
+    assert all(p.dtype == torch.float32 for p in run.params)
+    assert run.lm_head_weight.dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in m) and m[1]["kl_loss"] > 0

@@ -31,7 +31,7 @@ _HELP = {
     "save_every": "checkpoint every N optimizer steps (0: only at the end)",
     "resume": "continue from the newest checkpoint in --out (starts fresh when there is none)",
     "overwrite": "replace an existing --out",
-    "max_steps": "stop after this many optimizer steps",
+    "max_steps": "optimizer steps to run, instead of --epochs (sets the schedule length)",
     "device": "cpu or cuda (under torchrun: cuda:LOCAL_RANK)",
     "progress": "progress bar (--no-progress to hide)",
     "fused": "fused lm-head loss (--no-fused forms the logits, for comparison)",

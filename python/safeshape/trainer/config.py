@@ -34,7 +34,7 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     resume: bool = False  # continue from the newest checkpoint in `out` (starts fresh if there is none)
     overwrite: bool = False  # replace an existing `out`
-    max_steps: int | None = None  # stop after this many optimizer steps (sets the schedule length)
+    max_steps: int | None = None  # optimizer steps to run, instead of --epochs (sets the schedule length)
     device: str = "cpu"  # cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)
     progress: bool = True  # progress bar on rank 0
     fused: bool = True  # fused lm-head loss ops (False: logits are formed, for comparison)

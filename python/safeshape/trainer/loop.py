@@ -278,6 +278,9 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
     save(run.total_steps)
     if is_main:
         ckpt_io.save_final_adapter(out, run.peft_model)
+    if last is None and dist.is_main and os.path.getsize(metrics_path):  # resumed a finished run
+        with open(metrics_path, encoding="utf-8") as f:
+            last = json.loads(f.readlines()[-1])
     summary = {"steps": run.total_steps, "resumed_from": start if ckpt else None,
                "final_loss": last["loss"] if last else None, "out": out, "metrics": metrics_path,
                "examples": len(run.examples), "dropped_rows": run.dropped, "world_size": dist.world_size, "rank": dist.rank,
