@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -49,9 +48,12 @@ def main(argv=None):
            "--adapter", str(ex / "adapter"), "--out", str(out), "--overwrite", "--device", args.device,
            "--table-rows", "5"]
     t = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    child = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (not the generator's)
     wall = time.perf_counter() - t
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"safeshape project failed: {cmd}")
+    peak_rss = usage.ru_maxrss * 1024
     rep = json.loads((out / "safelora_report.json").read_text())
     res = {"preset": args.preset, "params": params, "modules": rep["totals"]["num_modules"],
            "projected": rep["totals"]["num_projected"], "wall_s": round(wall, 2),
