@@ -45,11 +45,13 @@ def plain_prefix_logit_gaps(model, tok, context, response, chunk_words, preset):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("chunk_words", [1, 3, 5])
-def test_shared_matches_naive(attn, chunk_words):
+@pytest.mark.parametrize("chunk_words, tails, max_tail_rows", [(1, "cached", 256), (3, "cached", 4),
+                                                               (5, "cached", 256), (5, "inline", 0)])
+def test_shared_matches_naive(attn, chunk_words, tails, max_tail_rows):
     model, tok = star_common.guard(attn)
     items = [(PROMPT, r) for r in PARITY_CASES[chunk_words]] + [(CONVERSATION, RESPONSES[1])]
-    shared = StarScorer(model, tok, chunk_words=chunk_words, engine="shared", batch_size=3)
+    shared = StarScorer(model, tok, chunk_words=chunk_words, engine="shared", batch_size=3, tails=tails,
+                        max_tail_rows=max_tail_rows)
     naive = StarScorer(model, tok, chunk_words=chunk_words, engine="naive", batch_size=7)
     got, want = shared.score(items), naive.score(items)
     assert shared.engine == "shared" and naive.engine == "naive"
@@ -82,19 +84,26 @@ def test_chunkwise_tokens_equal_full_text_tokens_for_prose():
         assert tpl.build([{"role": "user", "content": PROMPT}], tiny.random_text(60, seed), 5).matches_full_text
 
 
-def test_each_tail_sees_exactly_its_prefix():
+@pytest.mark.parametrize("tails", ["cached", "inline"])
+def test_each_tail_sees_exactly_its_prefix(tails):
     model, tok = star_common.guard("sdpa")
     tpl = GuardTemplate(tok, get_preset("llama-guard-3"))
+    other = tpl.build([{"role": "user", "content": "Hi"}], tiny.random_text(12, seed=1), 5)
     gi = tpl.build([{"role": "user", "content": PROMPT}], tiny.random_text(30, seed=9), 5)
     ids = [tpl.safe_id, tpl.unsafe_id]
-    base = engines.shared_logits(model, [gi], ids, 0)[0][0]
+    run = engines.shared_logits if tails == "cached" else engines.shared_inline_logits
+
+    def shared(x):  # batched with another response: it must not leak into x either
+        return run(model, [other, x], ids, 0)[0][1]
+
+    base = shared(gi)
     K = len(gi.chunks)
     assert K == 6
     for k in (0, 2, K - 1):  # perturb chunk k (0-based): tails 0..k-1 must not change, tail k must
         chunks = [list(c) for c in gi.chunks]
         chunks[k] = [(t + 17) % len(tok) for t in chunks[k]]
         pert = type(gi)(head=gi.head, chunks=chunks, tail=gi.tail, matches_full_text=False)
-        out = engines.shared_logits(model, [pert], ids, 0)[0][0]
+        out = shared(pert)
         before = (out[:k] - base[:k]).abs().max().item() if k else 0.0
         assert before <= 1e-9, (k, before)
         assert (out[k] - base[k]).abs().max().item() > 1e-3, k

@@ -36,14 +36,20 @@ class StarScorer:
     """Scores responses with a guard: one P(safe) per chunk of M words.
 
     ``batch_size`` is the number of guard sequences per forward pass: prefixes for the naive engine, responses for
-    the shared engine (each of which carries all its prefixes). ``stats`` accumulates the guard tokens processed
+    the shared engine (each of which carries all its prefixes). ``tails`` picks how the shared engine runs the K
+    template tails (see :mod:`safeshape.star.engines`): ``cached`` (default; a second pass of at most
+    ``max_tail_rows`` tails attending to the cached head + response, which bounds its memory to that many copies
+    of the head + response keys/values) or ``inline`` (one pass over everything with a dense block mask). ``stats`` accumulates the guard tokens processed
     (real tokens), padded slots, forward passes, responses and chunks, and ``tokenization_mismatches``: responses
     whose chunk-wise token sequence differs from tokenizing the whole rendered guard input in one go (see
     :mod:`safeshape.star.template`).
     """
 
     def __init__(self, guard, tokenizer, preset: str | GuardPreset = "llama-guard-3", chunk_words: int = 5,
-                 engine: str = "shared", batch_size: int = 8, temperature: float = 1.0):
+                 engine: str = "shared", batch_size: int = 8, temperature: float = 1.0, tails: str = "cached",
+                 max_tail_rows: int = 256):
+        if tails not in ("cached", "inline"):
+            raise SafeshapeError(f"tails must be 'cached' or 'inline', got {tails!r}")
         if engine not in ENGINES:
             raise SafeshapeError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         if not temperature > 0:
@@ -56,6 +62,8 @@ class StarScorer:
         self.batch_size = batch_size
         self.temperature = float(temperature)
         self.requested_engine = engine
+        self.tails = tails
+        self.max_tail_rows = max(1, int(max_tail_rows))
         self.engine = engine
         if engine == "shared" and not engines.block_mask_supported(guard):
             warnings.warn(f"STAR: the guard's attention implementation "
@@ -82,10 +90,16 @@ class StarScorer:
         if self.engine == "shared":
             logits = []
             for b0 in range(0, len(inputs), self.batch_size):
-                out, tokens, slots = engines.shared_logits(self.guard, inputs[b0:b0 + self.batch_size],
-                                                           self.verdict_ids, self.pad_id)
+                batch = inputs[b0:b0 + self.batch_size]
+                if self.tails == "cached":
+                    out, tokens, slots, passes = engines.shared_logits(self.guard, batch, self.verdict_ids,
+                                                                       self.pad_id, self.max_tail_rows)
+                else:
+                    out, tokens, slots = engines.shared_inline_logits(self.guard, batch, self.verdict_ids,
+                                                                      self.pad_id)
+                    passes = 1
                 logits.extend(out)
-                self._count(tokens, slots)
+                self._count(tokens, slots, passes)
         else:
             seqs = [gi.prefix_ids(k) for gi in inputs for k in range(1, len(gi.chunks) + 1)]
             flat = []
@@ -107,10 +121,10 @@ class StarScorer:
         """P(safe) per chunk for each (prompt or conversation, response) pair."""
         return self.score_inputs([self.build(p, r) for p, r in items])
 
-    def _count(self, tokens: int, slots: int) -> None:
+    def _count(self, tokens: int, slots: int, passes: int = 1) -> None:
         self.stats["guard_tokens"] += tokens
         self.stats["guard_slots"] += slots
-        self.stats["forward_passes"] += 1
+        self.stats["forward_passes"] += passes
 
 
 def score_response(guard, tokenizer, prompt: Conversation, response: str, chunk_words: int = 5,
