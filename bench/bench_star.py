@@ -19,6 +19,7 @@ import time
 import torch
 
 import safeshape  # noqa: F401
+from safeshape import ops, reference
 from safeshape.star import StarScorer, tiny
 
 PROMPT = "I need detailed instructions for getting into my neighbour's wifi network without them knowing."
@@ -37,6 +38,22 @@ def timeit(fn, device, repeat):
     return statistics.median(times)
 
 
+def bench_op(dev, repeat):
+    """star_token_weights (our kernel) vs its plain-torch reference, on a trainer-sized batch."""
+    print(f"{'op: B x K x seq':>20} {'ours ms':>9} {'ref ms':>9} {'ref/ours':>9}")
+    rows = []
+    for B, K, L in [(8, 80, 1024), (32, 80, 4096), (64, 200, 8192)]:
+        g = torch.Generator().manual_seed(0)
+        values = torch.rand(B, K, generator=g).to(dev)
+        ends = torch.sort(torch.randint(0, L, (B, K), generator=g), dim=1).values.to(dev)
+        assert torch.equal(ops.star_token_weights(values, ends, L), reference.star_token_weights(values, ends, L))
+        ours = timeit(lambda: ops.star_token_weights(values, ends, L), dev, repeat)
+        ref = timeit(lambda: reference.star_token_weights(values, ends, L), dev, repeat)
+        rows.append(dict(B=B, K=K, seq_len=L, ours_s=ours, reference_s=ref, reference_over_ours=ref / ours))
+        print(f"{f'{B} x {K} x {L}':>20} {ours * 1e3:>9.3f} {ref * 1e3:>9.2f} {ref / ours:>9.1f}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -50,6 +67,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU intra-op threads (default: 1 on cpu, as the tiny guard's ops are too small to split)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-op", action="store_true", help="skip the star_token_weights op vs reference timing")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dev = args.device
@@ -96,9 +114,11 @@ def main(argv=None):
               f"{counts['naive']['guard_tokens']:>9} {counts['shared']['guard_tokens']:>10} {row['token_ratio']:>9.1f} "
               f"{t_naive * 1e3:>9.1f} {t_shared * 1e3:>9.1f} {row['speedup']:>7.2f} {t_inline * 1e3:>9.1f} "
               f"{row['inline_speedup']:>7.2f} {row['max_abs_diff']:>9.1e}")
+    op_rows = [] if args.no_op else bench_op(dev, max(args.repeat, 5))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+            json.dump({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows, "op_rows": op_rows}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":
