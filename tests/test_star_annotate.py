@@ -35,6 +35,15 @@ def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
 
+def assert_same_rows(got, want):
+    """Same rows; STAR values equal up to float noise (padding differs with the batch a row was scored in)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert {k: v for k, v in g.items() if k != "star_values"} == {k: v for k, v in w.items() if k != "star_values"}
+        assert len(g["star_values"]) == len(w["star_values"])
+        assert max(abs(a - b) for a, b in zip(g["star_values"], w["star_values"])) <= 1e-5
+
+
 def expected_values(model, tok, row):
     if "messages" in row:
         return score_response(model, tok, row["messages"][:-1], row["messages"][-1]["content"], chunk_words=3)
@@ -69,7 +78,7 @@ def test_resume_skips_done_rows_and_repairs_a_torn_line(tmp_path):
     with pytest.warns(UserWarning, match="incomplete last line"):
         report = annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, progress=False)
     assert report["rows_skipped"] == 2 and report["rows_scored"] == 3
-    assert read_jsonl(out) == read_jsonl(full)
+    assert_same_rows(read_jsonl(out), read_jsonl(full))
     report = annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, progress=False)
     assert report["rows_skipped"] == 5 and report["rows_scored"] == 0 and report["guard_tokens"] == 0
     # an output made with other settings or from other data is not resumed
@@ -80,7 +89,8 @@ def test_resume_skips_done_rows_and_repairs_a_torn_line(tmp_path):
         annotate_file(model, tok, tmp_path / "other.jsonl", out, "llama-guard-3", chunk_words=3, progress=False)
     report = annotate_file(model, tok, tmp_path / "other.jsonl", out, "llama-guard-3", chunk_words=3,
                            progress=False, overwrite=True)
-    assert report["rows_scored"] == 4 and read_jsonl(out) == read_jsonl(full)[1:]
+    assert report["rows_scored"] == 4
+    assert_same_rows(read_jsonl(out), read_jsonl(full)[1:])
 
 
 @pytest.mark.parametrize("bad, message", [
