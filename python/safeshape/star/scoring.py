@@ -39,10 +39,10 @@ class StarScorer:
     the shared engine (each of which carries all its prefixes). ``tails`` picks how the shared engine runs the K
     template tails (see :mod:`safeshape.star.engines`): ``cached`` (default; a second pass of at most
     ``max_tail_rows`` tails attending to the cached head + response, which bounds its memory to that many copies
-    of the head + response keys/values) or ``inline`` (one pass over everything with a dense block mask). ``stats`` accumulates the guard tokens processed
-    (real tokens), padded slots, forward passes, responses and chunks, and ``tokenization_mismatches``: responses
-    whose chunk-wise token sequence differs from tokenizing the whole rendered guard input in one go (see
-    :mod:`safeshape.star.template`).
+    of the head + response keys/values) or ``inline`` (one pass over everything with a dense block mask).
+    ``stats`` accumulates the guard tokens processed (real tokens), padded slots, forward passes, responses and
+    chunks, and ``tokenization_mismatches``: responses whose chunk-wise token sequence differs from tokenizing the
+    whole rendered guard input in one go (see :mod:`safeshape.star.template`).
     """
 
     def __init__(self, guard, tokenizer, preset: str | GuardPreset = "llama-guard-3", chunk_words: int = 5,
