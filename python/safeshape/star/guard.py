@@ -30,9 +30,14 @@ def load_guard(path, device: str | torch.device = "cpu", dtype: torch.dtype = to
     if getattr(tokenizer, "chat_template", None) is None:
         raise SafeshapeError(f"guard folder {folder}: the tokenizer has no chat template "
                              "(tokenizer_config.json 'chat_template' or chat_template.jinja)")
+    import transformers
+
+    # transformers 4.56 renamed torch_dtype to dtype
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kwarg = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                     attn_implementation=attn_implementation, **dtype_kwarg)
     except Exception as exc:
         raise SafeshapeError(f"guard folder {folder}: could not load the model: {exc}") from exc
     return model.to(device).eval(), tokenizer
