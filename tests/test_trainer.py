@@ -220,3 +220,23 @@ def test_bf16_base_keeps_float32_adapter(files, tmp_path):
     assert all(p.dtype == torch.float32 for p in run.params)
     assert run.lm_head_weight.dtype == torch.bfloat16
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in m) and m[1]["kl_loss"] > 0
+
+
+def test_rows_annotated_by_safeshape_star_train(files, tmp_path):
+    """The whole pipeline's hand-off: `safeshape star` output rows are valid --loss dss input."""
+    from safeshape.star import annotate_file
+    from safeshape.star.tiny import build_tiny_guard
+
+    guard, guard_tok = build_tiny_guard(hidden=32, vocab_size=512)
+    annotated = tmp_path / "annotated.jsonl"
+    annotate_file(guard, guard_tok, files["sft"], annotated, "llama-guard-3", chunk_words=3, progress=False)
+    rows = [json.loads(line) for line in annotated.read_text().splitlines()]
+    assert all(r["star_chunk_words"] == 3 and r["star_values"] for r in rows)
+    run = Run(_config(files, tmp_path / "o", data=str(annotated), batch_size=8, max_len=512), Dist())
+    for ex in run.examples:
+        values = rows[ex.line - 1]["star_values"]
+        w = [x for x, t in zip(ex.weights, ex.labels) if t != IGNORE_INDEX]
+        assert w[0] == pytest.approx(values[0]) and w[-1] == pytest.approx(values[-1])
+        assert all(any(x == pytest.approx(v) for v in values) for x in w)
+    m = run.train_step(0)
+    assert 0 < m["mean_weight"] < 1 and m["tokens"] > 0 and m["kl_loss"] == 0  # B = 0: policy == reference

@@ -76,6 +76,8 @@ def split_row(row: dict, where: str) -> tuple[list[dict], str]:
 
 
 def _check_star(row: dict, response: str, where: str) -> tuple[list[float], int]:
+    from .star.segment import chunk_char_spans
+
     if "star_values" not in row or "star_chunk_words" not in row:
         missing = [k for k in ("star_values", "star_chunk_words") if k not in row]
         raise SafeshapeError(f"{where}: --loss dss needs STAR fields, missing {missing}; annotate the data with "
@@ -86,7 +88,7 @@ def _check_star(row: dict, response: str, where: str) -> tuple[list[float], int]
     if (not isinstance(values, list)
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values)):
         raise SafeshapeError(f"{where}: `star_values` must be a list of numbers in [0, 1]")
-    n_chunks = -(-len(response.split()) // m)
+    n_chunks = len(chunk_char_spans(response, m))
     if len(values) != n_chunks:
         raise SafeshapeError(f"{where}: `star_values` has {len(values)} values but the response has {n_chunks} "
                              f"chunks of {m} words; the STAR annotation does not belong to this response")
