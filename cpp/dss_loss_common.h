@@ -70,6 +70,9 @@ inline at::Tensor checked_labels(const at::Tensor& labels, int64_t n, int64_t vo
 }
 
 inline at::Tensor stat(const at::Tensor& t, at::ScalarType dt) { return t.to(dt).contiguous(); }
+// logsumexp is kept in float64 for every logits dtype: at |logits| ~ 1e4 a float32 one is off by ~1e-3, and so
+// would be every exp(z - lse) of the backward. The kernels split it into two floats (hi + lo).
+inline at::Tensor lse_stat(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
 template <typename P>
 inline P* shift(P* p, int64_t rows, size_t elt) {
@@ -89,8 +92,8 @@ inline Rows row_slice(const Rows& a, int64_t s, int64_t n) {
   b.grad_loss = shift(a.grad_loss, s, e);
   b.loss = shift(a.loss, s, e);
   b.logprobs = shift(a.logprobs, s, e);
-  b.logsumexp = shift(a.logsumexp, s, e);
-  b.ref_logsumexp = shift(a.ref_logsumexp, s, e);
+  b.logsumexp = shift(a.logsumexp, s, sizeof(double));
+  b.ref_logsumexp = shift(a.ref_logsumexp, s, sizeof(double));
   b.kl = shift(a.kl, s, e);
   return b;
 }
@@ -125,13 +128,13 @@ inline std::tuple<at::Tensor, at::Tensor> token_logprobs(const DssRowKernels& k,
   const at::Tensor lab = checked_labels(labels, n, vocab, ignore_index, logits, op);
   const at::Tensor z = logits.contiguous();
   auto opts = z.options().dtype(stat_dtype(z));
-  at::Tensor lp = at::empty({n}, opts), lse = at::empty({n}, opts);
+  at::Tensor lp = at::empty({n}, opts), lse = at::empty({n}, opts.dtype(at::kDouble));
   if (n == 0) return {lp, lse};
   Rows a = rows_for(z, n, vocab);
   a.logits = z.const_data_ptr();
   a.labels = lab.const_data_ptr<int64_t>();
   a.logprobs = lp.mutable_data_ptr();
-  a.logsumexp = lse.mutable_data_ptr();
+  a.logsumexp = lse.mutable_data_ptr<double>();
   a.ignore_index = ignore_index;
   k.check(k.forward(a, k.stream(z)), op);
   return {lp, lse};
@@ -162,7 +165,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dss_loss(const DssRowKerne
   const at::Tensor z = logits.contiguous();
   const int64_t n = z.size(0);
   auto opts = z.options().dtype(stat_dtype(z));
-  at::Tensor loss = at::empty({n}, opts), lp = at::empty({n}, opts), lse = at::empty({n}, opts);
+  at::Tensor loss = at::empty({n}, opts), lp = at::empty({n}, opts), lse = at::empty({n}, opts.dtype(at::kDouble));
   if (n == 0) return {loss, lp, lse};
   Rows a = rows_for(z, n, z.size(1));
   a.logits = z.const_data_ptr();
@@ -171,7 +174,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dss_loss(const DssRowKerne
   a.ref_logprobs = in.ref.const_data_ptr();
   a.loss = loss.mutable_data_ptr();
   a.logprobs = lp.mutable_data_ptr();
-  a.logsumexp = lse.mutable_data_ptr();
+  a.logsumexp = lse.mutable_data_ptr<double>();
   a.kl_coef = kl_coef;
   a.ignore_index = ignore_index;
   k.check(k.forward(a, k.stream(z)), op);
@@ -190,7 +193,7 @@ inline at::Tensor dss_loss_backward(const DssRowKernels& k, const at::Tensor& gr
   check_row_vector(logprobs, n, z, op, "logprobs");
   check_row_vector(logsumexp, n, z, op, "logsumexp");
   const at::ScalarType dt = stat_dtype(z);
-  const at::Tensor g = stat(grad_loss, dt), lp = stat(logprobs, dt), lse = stat(logsumexp, dt);
+  const at::Tensor g = stat(grad_loss, dt), lp = stat(logprobs, dt), lse = lse_stat(logsumexp);
   at::Tensor grad = at::empty_like(z, at::MemoryFormat::Contiguous);
   if (n == 0) return grad;
   Rows a = rows_for(z, n, z.size(1));
@@ -201,7 +204,7 @@ inline at::Tensor dss_loss_backward(const DssRowKernels& k, const at::Tensor& gr
   a.ref_logprobs = in.ref.const_data_ptr();
   a.grad_loss = g.const_data_ptr();
   a.logprobs = const_cast<void*>(lp.const_data_ptr());
-  a.logsumexp = const_cast<void*>(lse.const_data_ptr());
+  a.logsumexp = const_cast<double*>(lse.const_data_ptr<double>());
   a.kl_coef = kl_coef;
   a.ignore_index = ignore_index;
   k.check(k.backward(a, k.stream(z)), op);
@@ -234,7 +237,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ds
   const at::Tensor z = logits.contiguous(), r = ref_logits.contiguous();
   auto opts = z.options().dtype(dt);
   at::Tensor loss = at::empty({n}, opts), lp = at::empty({n}, opts), kl = at::empty({n}, opts);
-  at::Tensor lse = at::empty({n}, opts), rlse = at::empty({n}, opts);
+  at::Tensor lse = at::empty({n}, opts.dtype(at::kDouble)), rlse = at::empty({n}, opts.dtype(at::kDouble));
   if (n == 0) return {loss, lp, kl, lse, rlse};
   Rows a = rows_for(z, n, vocab);
   a.logits = z.const_data_ptr();
@@ -244,8 +247,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ds
   a.loss = loss.mutable_data_ptr();
   a.logprobs = lp.mutable_data_ptr();
   a.kl = kl.mutable_data_ptr();
-  a.logsumexp = lse.mutable_data_ptr();
-  a.ref_logsumexp = rlse.mutable_data_ptr();
+  a.logsumexp = lse.mutable_data_ptr<double>();
+  a.ref_logsumexp = rlse.mutable_data_ptr<double>();
   a.kl_coef = kl_coef;
   a.ignore_index = ignore_index;
   k.check(k.full_kl_forward(a, k.stream(z)), op);
@@ -268,8 +271,8 @@ inline at::Tensor dss_loss_full_kl_backward(const DssRowKernels& k, const at::Te
   check_row_vector(kl, n, logits, op, "kl");
   const at::Tensor lab = checked_labels(labels, n, vocab, ignore_index, logits, op);
   const at::ScalarType dt = stat_dtype(logits);
-  const at::Tensor w = stat(weights, dt), g = stat(grad_loss, dt), lse = stat(logsumexp, dt),
-                   rlse = stat(ref_logsumexp, dt), klr = stat(kl, dt);
+  const at::Tensor w = stat(weights, dt), g = stat(grad_loss, dt), lse = lse_stat(logsumexp),
+                   rlse = lse_stat(ref_logsumexp), klr = stat(kl, dt);
   const at::Tensor z = logits.contiguous(), r = ref_logits.contiguous();
   at::Tensor grad = at::empty_like(z, at::MemoryFormat::Contiguous);
   if (n == 0) return grad;
@@ -280,8 +283,8 @@ inline at::Tensor dss_loss_full_kl_backward(const DssRowKernels& k, const at::Te
   a.labels = lab.const_data_ptr<int64_t>();
   a.weights = w.const_data_ptr();
   a.grad_loss = g.const_data_ptr();
-  a.logsumexp = const_cast<void*>(lse.const_data_ptr());
-  a.ref_logsumexp = const_cast<void*>(rlse.const_data_ptr());
+  a.logsumexp = const_cast<double*>(lse.const_data_ptr<double>());
+  a.ref_logsumexp = const_cast<double*>(rlse.const_data_ptr<double>());
   a.kl = const_cast<void*>(klr.const_data_ptr());
   a.kl_coef = kl_coef;
   a.ignore_index = ignore_index;
@@ -368,10 +371,10 @@ inline std::tuple<at::Tensor, at::Tensor> fused_linear_token_logprobs(const DssR
   const char* op = "fused_linear_token_logprobs";
   const FusedInputs in = fused_inputs(hidden, weight, labels, nullptr, nullptr, ignore_index, chunk_rows, op);
   auto opts = in.hidden.options().dtype(stat_dtype(in.hidden));
-  at::Tensor lp = at::empty({in.n}, opts), lse = at::empty({in.n}, opts);
+  at::Tensor lp = at::empty({in.n}, opts), lse = at::empty({in.n}, opts.dtype(at::kDouble));
   Rows a = fused_rows(in);
   a.logprobs = lp.mutable_data_ptr();
-  a.logsumexp = lse.mutable_data_ptr();
+  a.logsumexp = lse.mutable_data_ptr<double>();
   a.ignore_index = ignore_index;
   fused_pass(k, in, a, nullptr, nullptr, true, false, op);
   return {lp, lse};
@@ -385,11 +388,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss(
   const char* op = "fused_linear_dss_loss";
   const FusedInputs in = fused_inputs(hidden, weight, labels, &weights, &ref_logprobs, ignore_index, chunk_rows, op);
   auto opts = in.hidden.options().dtype(stat_dtype(in.hidden));
-  at::Tensor loss = at::empty({in.n}, opts), lp = at::empty({in.n}, opts), lse = at::empty({in.n}, opts);
+  at::Tensor loss = at::empty({in.n}, opts), lp = at::empty({in.n}, opts);
+  at::Tensor lse = at::empty({in.n}, opts.dtype(at::kDouble));
   Rows a = fused_rows(in);
   a.loss = loss.mutable_data_ptr();
   a.logprobs = lp.mutable_data_ptr();
-  a.logsumexp = lse.mutable_data_ptr();
+  a.logsumexp = lse.mutable_data_ptr<double>();
   a.kl_coef = kl_coef;
   a.ignore_index = ignore_index;
   fused_pass(k, in, a, nullptr, nullptr, true, false, op);
@@ -407,13 +411,13 @@ inline std::tuple<at::Tensor, at::Tensor> fused_linear_dss_loss_backward(
   check_row_vector(logprobs, in.n, hidden, op, "logprobs");
   check_row_vector(logsumexp, in.n, hidden, op, "logsumexp");
   const at::ScalarType dt = stat_dtype(in.hidden);
-  const at::Tensor g = stat(grad_loss, dt), lp = stat(logprobs, dt), lse = stat(logsumexp, dt);
+  const at::Tensor g = stat(grad_loss, dt), lp = stat(logprobs, dt), lse = lse_stat(logsumexp);
   at::Tensor grad_hidden = at::empty_like(in.hidden);
   at::Tensor grad_weight = at::zeros_like(in.weight);
   Rows a = fused_rows(in);
   a.grad_loss = g.const_data_ptr();
   a.logprobs = const_cast<void*>(lp.const_data_ptr());
-  a.logsumexp = const_cast<void*>(lse.const_data_ptr());
+  a.logsumexp = const_cast<double*>(lse.const_data_ptr<double>());
   a.kl_coef = kl_coef;
   a.ignore_index = ignore_index;
   fused_pass(k, in, a, &grad_hidden, &grad_weight, false, true, op);
@@ -432,14 +436,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_d
   const at::ScalarType dt = stat_dtype(in.hidden);
   const at::Tensor g = stat(grad_loss, dt);
   auto opts = in.hidden.options().dtype(dt);
-  at::Tensor loss = at::empty({in.n}, opts), lp = at::empty({in.n}, opts), lse = at::empty({in.n}, opts);
+  at::Tensor loss = at::empty({in.n}, opts), lp = at::empty({in.n}, opts);
+  at::Tensor lse = at::empty({in.n}, opts.dtype(at::kDouble));
   at::Tensor grad_hidden = at::empty_like(in.hidden);
   at::Tensor grad_weight = at::zeros_like(in.weight);
   Rows a = fused_rows(in);
   a.grad_loss = g.const_data_ptr();
   a.loss = loss.mutable_data_ptr();
   a.logprobs = lp.mutable_data_ptr();
-  a.logsumexp = lse.mutable_data_ptr();
+  a.logsumexp = lse.mutable_data_ptr<double>();
   a.kl_coef = kl_coef;
   a.ignore_index = ignore_index;
   fused_pass(k, in, a, &grad_hidden, &grad_weight, true, true, op);

@@ -111,19 +111,19 @@ void sum_exp_kl_f32(const float* z, const float* r, int64_t n, float mz, float m
   *t = tot_t;
 }
 
-// out[j] = coef * exp(z[j] - lse); out may alias z.
+// out[j] = coef * exp(z[j] - lse) with lse = hi + lo (hi is near the row max, so z - hi is exact); out may alias z.
 SAFESHAPE_CLONES
-void scaled_softmax_f32(const float* z, float* out, int64_t n, float lse, float coef) {
-  for (int64_t j = 0; j < n; ++j) out[j] = coef * exp_f32(z[j] - lse);
+void scaled_softmax_f32(const float* z, float* out, int64_t n, float hi, float lo, float coef) {
+  for (int64_t j = 0; j < n; ++j) out[j] = coef * exp_f32((z[j] - hi) - lo);
 }
 
-// out[j] = p_j (a + b ((z_j - lse) - (r_j - rlse) - kl)) with p_j = exp(z_j - lse).
+// out[j] = p_j (a + b ((z_j - lse) - (r_j - rlse) - kl)) with p_j = exp(z_j - lse), both lse split as hi + lo.
 SAFESHAPE_CLONES
-void kl_grad_f32(const float* __restrict z, const float* __restrict r, float* __restrict out, int64_t n, float lse,
-                 float rlse, float kl, float a, float b) {
+void kl_grad_f32(const float* __restrict z, const float* __restrict r, float* __restrict out, int64_t n, float hi,
+                 float lo, float rhi, float rlo, float kl, float a, float b) {
   for (int64_t j = 0; j < n; ++j) {
-    const float lz = z[j] - lse;
-    out[j] = exp_f32(lz) * (a + b * (lz - (r[j] - rlse) - kl));
+    const float lz = (z[j] - hi) - lo;
+    out[j] = exp_f32(lz) * (a + b * (lz - ((r[j] - rhi) - rlo) - kl));
   }
 }
 
@@ -166,15 +166,15 @@ void sum_exp_kl_f64(const double* z, const double* r, int64_t n, double mz, doub
   *t = tt;
 }
 
-void scaled_softmax_f64(const double* z, double* out, int64_t n, double lse, double coef) {
-  for (int64_t j = 0; j < n; ++j) out[j] = coef * std::exp(z[j] - lse);
+void scaled_softmax_f64(const double* z, double* out, int64_t n, double hi, double lo, double coef) {
+  for (int64_t j = 0; j < n; ++j) out[j] = coef * std::exp((z[j] - hi) - lo);
 }
 
-void kl_grad_f64(const double* z, const double* r, double* out, int64_t n, double lse, double rlse, double kl,
-                 double a, double b) {
+void kl_grad_f64(const double* z, const double* r, double* out, int64_t n, double hi, double lo, double rhi,
+                 double rlo, double kl, double a, double b) {
   for (int64_t j = 0; j < n; ++j) {
-    const double lz = z[j] - lse;
-    out[j] = std::exp(lz) * (a + b * (lz - (r[j] - rlse) - kl));
+    const double lz = (z[j] - hi) - lo;
+    out[j] = std::exp(lz) * (a + b * (lz - ((r[j] - rhi) - rlo) - kl));
   }
 }
 
@@ -188,19 +188,26 @@ inline void row_sum_exp_kl(const float* z, const float* r, int64_t n, float mz, 
 inline void row_sum_exp_kl(const double* z, const double* r, int64_t n, double mz, double mr, double* sz, double* t) {
   sum_exp_kl_f64(z, r, n, mz, mr, sz, t);
 }
-inline void row_scaled_softmax(const float* z, float* o, int64_t n, float lse, float c) {
-  scaled_softmax_f32(z, o, n, lse, c);
+// lse (float64) as hi + lo in the accumulation dtype
+template <typename A>
+struct Split {
+  A hi, lo;
+  explicit Split(double v) : hi(static_cast<A>(v)), lo(static_cast<A>(v - static_cast<double>(hi))) {}
+};
+
+inline void row_scaled_softmax(const float* z, float* o, int64_t n, Split<float> s, float c) {
+  scaled_softmax_f32(z, o, n, s.hi, s.lo, c);
 }
-inline void row_scaled_softmax(const double* z, double* o, int64_t n, double lse, double c) {
-  scaled_softmax_f64(z, o, n, lse, c);
+inline void row_scaled_softmax(const double* z, double* o, int64_t n, Split<double> s, double c) {
+  scaled_softmax_f64(z, o, n, s.hi, s.lo, c);
 }
-inline void row_kl_grad(const float* z, const float* r, float* o, int64_t n, float lse, float rlse, float kl, float a,
-                        float b) {
-  kl_grad_f32(z, r, o, n, lse, rlse, kl, a, b);
+inline void row_kl_grad(const float* z, const float* r, float* o, int64_t n, Split<float> s, Split<float> rs,
+                        float kl, float a, float b) {
+  kl_grad_f32(z, r, o, n, s.hi, s.lo, rs.hi, rs.lo, kl, a, b);
 }
-inline void row_kl_grad(const double* z, const double* r, double* o, int64_t n, double lse, double rlse, double kl,
-                        double a, double b) {
-  kl_grad_f64(z, r, o, n, lse, rlse, kl, a, b);
+inline void row_kl_grad(const double* z, const double* r, double* o, int64_t n, Split<double> s, Split<double> rs,
+                        double kl, double a, double b) {
+  kl_grad_f64(z, r, o, n, s.hi, s.lo, rs.hi, rs.lo, kl, a, b);
 }
 
 // ---- storage dtype <-> accumulation dtype ----
@@ -249,7 +256,7 @@ void forward_rows(const Rows& a) {
   using A = acc_t<T>;
   const T* logits = static_cast<const T*>(a.logits);
   A* lp = static_cast<A*>(a.logprobs);
-  A* lse_out = static_cast<A*>(a.logsumexp);
+  double* lse_out = a.logsumexp;
   A* loss = static_cast<A*>(a.loss);
   const int64_t V = a.vocab;
   at::parallel_for(0, a.rows, grain(V), [&](int64_t r0, int64_t r1) {
@@ -257,7 +264,8 @@ void forward_rows(const Rows& a) {
     for (int64_t i = r0; i < r1; ++i) {
       const int64_t y = a.labels[i];
       if (y == a.ignore_index) {
-        lp[i] = lse_out[i] = A(0);
+        lp[i] = A(0);
+        lse_out[i] = 0.0;
         if (loss) loss[i] = A(0);
         continue;
       }
@@ -266,7 +274,7 @@ void forward_rows(const Rows& a) {
       const double lse = static_cast<double>(m) + std::log(row_sum_exp(z, V, m));
       const double l = static_cast<double>(z[y]) - lse;
       lp[i] = static_cast<A>(l);
-      lse_out[i] = static_cast<A>(lse);
+      lse_out[i] = lse;
       if (loss) {
         const double w = a.weights ? at_row<A>(a.weights, i) : 1.0;
         const double d = l - static_cast<double>(at_row<A>(a.ref_logprobs, i));
@@ -282,7 +290,7 @@ void backward_rows(const Rows& a) {
   const T* logits = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad_logits);
   const A* lp = static_cast<const A*>(a.logprobs);
-  const A* lse = static_cast<const A*>(a.logsumexp);
+  const double* lse = a.logsumexp;
   const int64_t V = a.vocab;
   at::parallel_for(0, a.rows, grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<A> scratch(std::is_same_v<T, A> ? 0 : V);
@@ -298,7 +306,7 @@ void backward_rows(const Rows& a) {
       const double coef = at_row<A>(a.grad_loss, i) * dss_coef(w, l, at_row<A>(a.ref_logprobs, i), a.kl_coef);
       const A* z = load_row(logits + i * V, V, scratch.data());
       A* o = std::is_same_v<T, A> ? reinterpret_cast<A*>(out) : scratch.data();
-      row_scaled_softmax(z, o, V, lse[i], static_cast<A>(coef));
+      row_scaled_softmax(z, o, V, Split<A>(lse[i]), static_cast<A>(coef));
       o[y] = static_cast<A>(coef * std::expm1(l));  // p_y - 1 from the saved log-probability, no cancellation
       store_row<T>(o, out, V);
     }
@@ -313,15 +321,16 @@ void full_kl_forward_rows(const Rows& a) {
   A* loss = static_cast<A*>(a.loss);
   A* lp = static_cast<A*>(a.logprobs);
   A* kl = static_cast<A*>(a.kl);
-  A* lse_out = static_cast<A*>(a.logsumexp);
-  A* rlse_out = static_cast<A*>(a.ref_logsumexp);
+  double* lse_out = a.logsumexp;
+  double* rlse_out = a.ref_logsumexp;
   const int64_t V = a.vocab;
   at::parallel_for(0, a.rows, grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<A> scratch(std::is_same_v<T, A> ? 0 : 2 * V);
     for (int64_t i = r0; i < r1; ++i) {
       const int64_t y = a.labels[i];
       if (y == a.ignore_index) {
-        loss[i] = lp[i] = kl[i] = lse_out[i] = rlse_out[i] = A(0);
+        loss[i] = lp[i] = kl[i] = A(0);
+        lse_out[i] = rlse_out[i] = 0.0;
         continue;
       }
       const A* z = load_row(logits + i * V, V, scratch.data());
@@ -339,8 +348,8 @@ void full_kl_forward_rows(const Rows& a) {
       loss[i] = static_cast<A>(w * -l + a.kl_coef * (1.0 - w) * klv);
       lp[i] = static_cast<A>(l);
       kl[i] = static_cast<A>(klv);
-      lse_out[i] = static_cast<A>(lse);
-      rlse_out[i] = static_cast<A>(mr + log_sr);
+      lse_out[i] = lse;
+      rlse_out[i] = static_cast<double>(mr) + log_sr;
     }
   });
 }
@@ -351,8 +360,8 @@ void full_kl_backward_rows(const Rows& a) {
   const T* logits = static_cast<const T*>(a.logits);
   const T* ref = static_cast<const T*>(a.ref_logits);
   T* grad = static_cast<T*>(a.grad_logits);
-  const A* lse = static_cast<const A*>(a.logsumexp);
-  const A* rlse = static_cast<const A*>(a.ref_logsumexp);
+  const double* lse = a.logsumexp;
+  const double* rlse = a.ref_logsumexp;
   const A* kl = static_cast<const A*>(a.kl);
   const int64_t V = a.vocab;
   at::parallel_for(0, a.rows, grain(V), [&](int64_t r0, int64_t r1) {
@@ -370,7 +379,7 @@ void full_kl_backward_rows(const Rows& a) {
       const A* z = load_row(logits + i * V, V, scratch.data());
       const A* r = load_row(ref + i * V, V, conv ? scratch.data() + V : nullptr);
       A* o = conv ? scratch.data() + 2 * V : reinterpret_cast<A*>(out);
-      row_kl_grad(z, r, o, V, lse[i], rlse[i], kl[i], static_cast<A>(ca), static_cast<A>(cb));
+      row_kl_grad(z, r, o, V, Split<A>(lse[i]), Split<A>(rlse[i]), kl[i], static_cast<A>(ca), static_cast<A>(cb));
       // label column: g (w (p_y - 1) + kl_coef (1 - w) p_y (log p_y - log q_y - KL)), p_y - 1 by expm1
       const double ly = static_cast<double>(z[y]) - lse[i];
       const double lq = static_cast<double>(r[y]) - rlse[i];

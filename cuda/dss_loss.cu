@@ -139,11 +139,12 @@ __device__ __forceinline__ A shfl(A v, int o) {
   return __shfl_xor_sync(0xffffffffu, v, o);
 }
 
-// Block-wide merge of the threads' Lse; every thread gets m + log(s).
+// Block-wide merge of the threads' Lse; every thread gets m + log(s) in float64 (m is a logit, log(s) is small:
+// their float64 sum keeps the digits a float32 lse of |z| ~ 1e4 would lose).
 template <typename A>
-__device__ A block_lse(Lse<A> st) {
+__device__ double block_lse(Lse<A> st) {
   __shared__ A sm[kThreads / 32], ss[kThreads / 32];
-  __shared__ A result;
+  __shared__ double result;
   for (int o = 16; o > 0; o >>= 1) st.merge(shfl(st.m, o), shfl(st.s, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
@@ -155,7 +156,7 @@ __device__ A block_lse(Lse<A> st) {
     Lse<A> t;
     t.init();
     for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) t.merge(sm[w], ss[w]);
-    result = t.m + log_(t.s);
+    result = static_cast<double>(t.m) + static_cast<double>(log_(t.s));
   }
   __syncthreads();
   return result;
@@ -188,11 +189,12 @@ __global__ void forward_kernel(DssRows a) {
   const int64_t i = blockIdx.x;
   const int64_t y = a.labels[i];
   A* lp = static_cast<A*>(a.logprobs);
-  A* lse_out = static_cast<A*>(a.logsumexp);
+  double* lse_out = a.logsumexp;
   A* loss = static_cast<A*>(a.loss);
   if (y == a.ignore_index) {
     if (threadIdx.x == 0) {
-      lp[i] = lse_out[i] = A(0);
+      lp[i] = A(0);
+      lse_out[i] = 0.0;
       if (loss) loss[i] = A(0);
     }
     return;
@@ -201,9 +203,9 @@ __global__ void forward_kernel(DssRows a) {
   Lse<A> st;
   st.init();
   row_visit(row, a.vocab, [&](int64_t, A x) { st.add(x); });
-  const A lse = block_lse(st);
+  const double lse = block_lse(st);
   if (threadIdx.x == 0) {
-    const A l = to_acc(row[y]) - lse;
+    const A l = static_cast<A>(static_cast<double>(to_acc(row[y])) - lse);
     lp[i] = l;
     lse_out[i] = lse;
     if (loss) {
@@ -227,12 +229,13 @@ __global__ void backward_kernel(DssRows a) {
     return;
   }
   const A l = static_cast<const A*>(a.logprobs)[i];
-  const A lse = static_cast<const A*>(a.logsumexp)[i];
+  const double lse = a.logsumexp[i];
+  const A hi = static_cast<A>(lse), lo = static_cast<A>(lse - static_cast<double>(hi));
   const A w = row_value<A>(a.weights, i, A(1));
   const A c = w - static_cast<A>(a.kl_coef) * (A(1) - w) * (l - row_value<A>(a.ref_logprobs, i, A(0)));
   const A coef = static_cast<const A*>(a.grad_loss)[i] * c;
   const A at_label = coef * expm1_(l);  // p_y - 1 from the saved log-probability, no cancellation
-  row_map(row, out, V, [&](int64_t j, A x) { return j == y ? at_label : coef * exp_(x - lse); });
+  row_map(row, out, V, [&](int64_t j, A x) { return j == y ? at_label : coef * exp_((x - hi) - lo); });
 }
 
 template <typename T>
@@ -244,10 +247,13 @@ __global__ void full_kl_forward_kernel(DssRows a) {
   A* loss = static_cast<A*>(a.loss);
   A* lp = static_cast<A*>(a.logprobs);
   A* kl = static_cast<A*>(a.kl);
-  A* lse_out = static_cast<A*>(a.logsumexp);
-  A* rlse_out = static_cast<A*>(a.ref_logsumexp);
+  double* lse_out = a.logsumexp;
+  double* rlse_out = a.ref_logsumexp;
   if (y == a.ignore_index) {
-    if (threadIdx.x == 0) loss[i] = lp[i] = kl[i] = lse_out[i] = rlse_out[i] = A(0);
+    if (threadIdx.x == 0) {
+      loss[i] = lp[i] = kl[i] = A(0);
+      lse_out[i] = rlse_out[i] = 0.0;
+    }
     return;
   }
   const T* z = static_cast<const T*>(a.logits) + i * V;
@@ -257,8 +263,10 @@ __global__ void full_kl_forward_kernel(DssRows a) {
   sr.init();
   row_visit(z, V, [&](int64_t, A x) { sz.add(x); });
   row_visit(r, V, [&](int64_t, A x) { sr.add(x); });
-  const A lse = block_lse(sz);
-  const A rlse = block_lse(sr);
+  const double lse_d = block_lse(sz);
+  const double rlse_d = block_lse(sr);
+  const A hi = static_cast<A>(lse_d), lo = static_cast<A>(lse_d - static_cast<double>(hi));
+  const A rhi = static_cast<A>(rlse_d), rlo = static_cast<A>(rlse_d - static_cast<double>(rhi));
   // KL = sum_j p_j ((z_j - lse) - (r_j - rlse)); r_j is read with the same split as z_j (same row offsets)
   A part = A(0);
   const RowSplit<T> sp(z, V);
@@ -266,8 +274,8 @@ __global__ void full_kl_forward_kernel(DssRows a) {
   const bool same = ((reinterpret_cast<uintptr_t>(z) ^ reinterpret_cast<uintptr_t>(r)) & 15) == 0;
   if (same) {
     for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x) {
-      const A lz = to_acc(z[j]) - lse;
-      part += exp_(lz) * (lz - (to_acc(r[j]) - rlse));
+      const A lz = (to_acc(z[j]) - hi) - lo;
+      part += exp_(lz) * (lz - ((to_acc(r[j]) - rhi) - rlo));
     }
     const Pack<T>* vz = reinterpret_cast<const Pack<T>*>(z + sp.head);
     const Pack<T>* vr = reinterpret_cast<const Pack<T>*>(r + sp.head);
@@ -275,29 +283,29 @@ __global__ void full_kl_forward_kernel(DssRows a) {
       const Pack<T> pz = vz[q], pr = vr[q];
 #pragma unroll
       for (int k = 0; k < kN; ++k) {
-        const A lz = to_acc(pz.v[k]) - lse;
-        part += exp_(lz) * (lz - (to_acc(pr.v[k]) - rlse));
+        const A lz = (to_acc(pz.v[k]) - hi) - lo;
+        part += exp_(lz) * (lz - ((to_acc(pr.v[k]) - rhi) - rlo));
       }
     }
     for (int64_t j = sp.tail_begin + threadIdx.x; j < V; j += blockDim.x) {
-      const A lz = to_acc(z[j]) - lse;
-      part += exp_(lz) * (lz - (to_acc(r[j]) - rlse));
+      const A lz = (to_acc(z[j]) - hi) - lo;
+      part += exp_(lz) * (lz - ((to_acc(r[j]) - rhi) - rlo));
     }
   } else {
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-      const A lz = to_acc(z[j]) - lse;
-      part += exp_(lz) * (lz - (to_acc(r[j]) - rlse));
+      const A lz = (to_acc(z[j]) - hi) - lo;
+      part += exp_(lz) * (lz - ((to_acc(r[j]) - rhi) - rlo));
     }
   }
   const A klv = block_sum(part);
   if (threadIdx.x == 0) {
-    const A l = to_acc(z[y]) - lse;
+    const A l = static_cast<A>(static_cast<double>(to_acc(z[y])) - lse_d);
     const A w = row_value<A>(a.weights, i, A(1));
     loss[i] = w * -l + static_cast<A>(a.kl_coef) * (A(1) - w) * klv;
     lp[i] = l;
     kl[i] = klv;
-    lse_out[i] = lse;
-    rlse_out[i] = rlse;
+    lse_out[i] = lse_d;
+    rlse_out[i] = rlse_d;
   }
 }
 
@@ -317,16 +325,17 @@ __global__ void full_kl_backward_kernel(DssRows a) {
   const A g = static_cast<const A*>(a.grad_loss)[i];
   const A w = row_value<A>(a.weights, i, A(1));
   const A ca = g * w, cb = g * static_cast<A>(a.kl_coef) * (A(1) - w);
-  const A lse = static_cast<const A*>(a.logsumexp)[i];
-  const A rlse = static_cast<const A*>(a.ref_logsumexp)[i];
+  const double lse_d = a.logsumexp[i], rlse_d = a.ref_logsumexp[i];
+  const A hi = static_cast<A>(lse_d), lo = static_cast<A>(lse_d - static_cast<double>(hi));
+  const A rhi = static_cast<A>(rlse_d), rlo = static_cast<A>(rlse_d - static_cast<double>(rhi));
   const A klv = static_cast<const A*>(a.kl)[i];
   // the label column: w (p_y - 1) by expm1, no cancellation
-  const A ly = to_acc(z[y]) - lse;
-  const A at_label = ca * expm1_(ly) + cb * exp_(ly) * (ly - (to_acc(r[y]) - rlse) - klv);
+  const A ly = (to_acc(z[y]) - hi) - lo;
+  const A at_label = ca * expm1_(ly) + cb * exp_(ly) * (ly - ((to_acc(r[y]) - rhi) - rlo) - klv);
   row_map(z, out, V, [&](int64_t j, A x) {
     if (j == y) return at_label;
-    const A lz = x - lse;
-    return exp_(lz) * (ca + cb * (lz - (to_acc(r[j]) - rlse) - klv));
+    const A lz = (x - hi) - lo;
+    return exp_(lz) * (ca + cb * (lz - ((to_acc(r[j]) - rhi) - rlo) - klv));
   });
 }
 

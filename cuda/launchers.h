@@ -23,8 +23,8 @@ int launch_lora_cosine(const double* lora_b, const double* projected_b, const do
 
 // ---- DSS loss ----
 // Row kernels over a [rows, vocab] block of logits (row-major, row stride = vocab), one CUDA block per row.
-// Statistics (loss, logprobs, logsumexp, kl, weights, ref_logprobs, grad_loss) are float32, or float64 when the
-// logits are float64 (logits_f64 = true; dtype is then ignored). Rows whose label is ignore_index give 0 outputs
+// Statistics (loss, logprobs, kl, weights, ref_logprobs, grad_loss) are float32, or float64 when the logits are
+// float64 (logits_f64 = true; dtype is then ignored); logsumexp and ref_logsumexp are always float64. Rows whose label is ignore_index give 0 outputs
 // and 0 gradients. Nullable pointers are marked.
 struct DssRows {
   DType dtype;
@@ -39,8 +39,8 @@ struct DssRows {
   const void* grad_loss;     // backward: upstream gradient of the per-token loss
   void* loss;                // nullable in forward: then only logprobs / logsumexp are written
   void* logprobs;
-  void* logsumexp;
-  void* ref_logsumexp;       // full-KL only
+  double* logsumexp;
+  double* ref_logsumexp;     // full-KL only
   void* kl;                  // full-KL only: KL(p || q) per row
   double kl_coef;
   int64_t ignore_index;

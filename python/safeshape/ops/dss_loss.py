@@ -146,7 +146,7 @@ def _elementwise_grads(g_loss, logprobs, weights, ref, valid, kl_coef, need_w, n
     if need_w:
         gw = torch.where(valid, g_loss * (-logprobs - kl_coef * 0.5 * d * d), 0.0).to(weights.dtype)
     if need_r:
-        gr = torch.where(valid, g_loss * (kl_coef * (1.0 - weights.to(d.dtype)) * d), 0.0).to(ref.dtype)
+        gr = torch.where(valid, g_loss * (-kl_coef * (1.0 - weights.to(d.dtype)) * d), 0.0).to(ref.dtype)
     return gw, gr
 
 
@@ -262,6 +262,10 @@ def _rows(t: Tensor, n) -> Tensor:
     return t.new_empty((n,), dtype=_stat_dtype(t))
 
 
+def _lse(t: Tensor, n) -> Tensor:  # logsumexp is kept in float64: logits of 1e4 need more than float32's 1e-3
+    return t.new_empty((n,), dtype=torch.float64)
+
+
 def _check_2d(t: Tensor, op: str, name: str) -> None:
     torch._check(t.dim() == 2, lambda: f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
 
@@ -270,14 +274,14 @@ def _check_2d(t: Tensor, op: str, name: str) -> None:
 def _token_logprobs_fake(logits, labels, ignore_index):
     _check_2d(logits, "token_logprobs", "logits")
     n = logits.shape[0]
-    return _rows(logits, n), _rows(logits, n)
+    return _rows(logits, n), _lse(logits, n)
 
 
 @torch.library.register_fake("safeshape::dss_loss")
 def _dss_loss_fake(logits, labels, weights, ref_logprobs, kl_coef, ignore_index):
     _check_2d(logits, "dss_loss", "logits")
     n = logits.shape[0]
-    return _rows(logits, n), _rows(logits, n), _rows(logits, n)
+    return _rows(logits, n), _rows(logits, n), _lse(logits, n)
 
 
 @torch.library.register_fake("safeshape::dss_loss_backward")
@@ -290,7 +294,7 @@ def _dss_loss_backward_fake(grad_loss, logits, labels, weights, ref_logprobs, lo
 def _dss_loss_full_kl_fake(logits, labels, weights, ref_logits, kl_coef, ignore_index):
     _check_2d(logits, "dss_loss_full_kl", "logits")
     n = logits.shape[0]
-    return tuple(_rows(logits, n) for _ in range(5))
+    return _rows(logits, n), _rows(logits, n), _rows(logits, n), _lse(logits, n), _lse(logits, n)
 
 
 @torch.library.register_fake("safeshape::dss_loss_full_kl_backward")
@@ -303,14 +307,14 @@ def _dss_loss_full_kl_backward_fake(grad_loss, logits, labels, weights, ref_logi
 def _fused_token_logprobs_fake(hidden, weight, labels, ignore_index, chunk_rows):
     _check_2d(hidden, "fused_linear_token_logprobs", "hidden")
     n = hidden.shape[0]
-    return _rows(hidden, n), _rows(hidden, n)
+    return _rows(hidden, n), _lse(hidden, n)
 
 
 @torch.library.register_fake("safeshape::fused_linear_dss_loss")
 def _fused_dss_loss_fake(hidden, weight, labels, weights, ref_logprobs, kl_coef, ignore_index, chunk_rows):
     _check_2d(hidden, "fused_linear_dss_loss", "hidden")
     n = hidden.shape[0]
-    return _rows(hidden, n), _rows(hidden, n), _rows(hidden, n)
+    return _rows(hidden, n), _rows(hidden, n), _lse(hidden, n)
 
 
 @torch.library.register_fake("safeshape::fused_linear_dss_loss_backward")
