@@ -104,7 +104,7 @@ def make_fused(n, h, v, dtype, device, seed=0):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("chunk_rows", [0, 1, 3, 16])  # many chunks, a ragged last chunk, automatic
+@pytest.mark.parametrize("chunk_rows", [0, 3, 16])  # automatic (one chunk), many chunks with a ragged last one
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_matches_reference_and_unfused(chunk_rows, dtype, device):
     hidden, weight, labels, weights, ref, g = make_fused(37, 24, 301, dtype, device)
