@@ -291,3 +291,13 @@ def test_bad_input_names_the_argument():
         ops.fused_linear_dss_loss(hidden, weight[:, :3], labels, weights, ref, 0.5)
     with pytest.raises(RuntimeError, match="must have the same dtype"):
         ops.fused_linear_dss_loss(hidden, weight.double(), labels, weights, ref, 0.5)
+
+
+def test_fused_sum_second_backward_recomputes():
+    # the first backward hands its buffers over (scaled in place); a retained graph's second backward recomputes
+    hidden, weight, labels, weights, ref, _ = make_fused(5, 4, 11, torch.float64, "cpu")
+    h = hidden.clone().requires_grad_()
+    total, _, _ = ops.fused_linear_dss_loss_sum(h, weight, labels, weights, ref, 0.5)
+    (g1,) = torch.autograd.grad(total * 3.0, h, retain_graph=True)
+    (g2,) = torch.autograd.grad(total * 3.0, h)
+    torch.testing.assert_close(g1, g2, rtol=1e-14, atol=0)

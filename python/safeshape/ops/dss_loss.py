@@ -117,12 +117,15 @@ def fused_linear_dss_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor, we
 class _FusedLinearDSSLossSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, weights, ref_logprobs, kl_coef, ignore_index, chunk_rows):
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        if need:
-            ones = torch.ones(hidden.shape[0], dtype=_stat_dtype(hidden), device=hidden.device)
-            loss, logprobs, grad_hidden, grad_weight = _ops.fused_linear_dss_loss_with_grad(
-                hidden, weight, labels, weights, ref_logprobs, ones, kl_coef, ignore_index, chunk_rows)
-            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.args = (kl_coef, ignore_index, chunk_rows)
+        ctx.grads = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            loss, logprobs, grad_hidden, grad_weight = _FusedLinearDSSLossSum._with_grad(
+                hidden, weight, labels, weights, ref_logprobs, *ctx.args)
+            # kept as attributes, not saved tensors: the first backward scales them in place and hands them over,
+            # so no second [V, H] buffer exists. The inputs are saved (no copies) for a second backward.
+            ctx.grads = (grad_hidden, grad_weight)
+            ctx.save_for_backward(hidden, weight, labels, weights, ref_logprobs)
         else:
             loss, logprobs, _ = _ops.fused_linear_dss_loss(hidden, weight, labels, weights, ref_logprobs, kl_coef,
                                                            ignore_index, chunk_rows)
@@ -130,10 +133,20 @@ class _FusedLinearDSSLossSum(torch.autograd.Function):
         return loss.sum(), loss, logprobs
 
     @staticmethod
+    def _with_grad(hidden, weight, labels, weights, ref_logprobs, kl_coef, ignore_index, chunk_rows):
+        ones = torch.ones(hidden.shape[0], dtype=_stat_dtype(hidden), device=hidden.device)
+        return _ops.fused_linear_dss_loss_with_grad(hidden, weight, labels, weights, ref_logprobs, ones, kl_coef,
+                                                    ignore_index, chunk_rows)
+
+    @staticmethod
     def backward(ctx, g_total, _g_loss, _g_logprobs):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * g_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        gw = grad_weight * g_total.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        if ctx.grads is None:  # a second backward through the same graph (retain_graph): recompute
+            _, _, grad_hidden, grad_weight = _FusedLinearDSSLossSum._with_grad(*ctx.saved_tensors, *ctx.args)
+        else:
+            grad_hidden, grad_weight = ctx.grads
+            ctx.grads = None
+        gh = grad_hidden.mul_(g_total.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None
+        gw = grad_weight.mul_(g_total.to(grad_weight.dtype)) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None, None, None, None, None
 
 
