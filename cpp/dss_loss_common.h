@@ -345,10 +345,13 @@ inline Rows fused_rows(const FusedInputs& in) {
 // (grad_hidden, grad_weight), so the logits of each chunk are computed once.
 inline void fused_pass(const DssRowKernels& k, const FusedInputs& in, Rows a, const at::Tensor* grad_hidden,
                        at::Tensor* grad_weight, bool forward, bool backward, const char* op) {
+  // One logits buffer for every chunk: a fresh one per chunk costs its page faults (or allocator churn) each time.
+  at::Tensor zbuf = at::empty({in.chunk, in.vocab}, in.hidden.options());
   for (int64_t s = 0; s < in.n; s += in.chunk) {
     const int64_t m = std::min(in.chunk, in.n - s);
     const at::Tensor h = in.hidden.narrow(0, s, m);
-    at::Tensor z = at::matmul(h, in.weight.t()).contiguous();  // [m, vocab], the only logits that exist
+    at::Tensor z = zbuf.narrow(0, 0, m);  // [m, vocab], the only logits that exist
+    at::mm_out(z, h, in.weight.t());
     Rows c = row_slice(a, s, m);
     c.logits = z.const_data_ptr();
     void* stream = k.stream(z);
@@ -358,7 +361,7 @@ inline void fused_pass(const DssRowKernels& k, const FusedInputs& in, Rows a, co
     k.check(k.backward(c, stream), op);
     at::Tensor gh = grad_hidden->narrow(0, s, m);
     at::mm_out(gh, z, in.weight);
-    grad_weight->addmm_(z.t(), h);
+    if (grad_weight) grad_weight->addmm_(z.t(), h);
   }
 }
 
@@ -404,7 +407,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss(
 inline std::tuple<at::Tensor, at::Tensor> fused_linear_dss_loss_backward(
     const DssRowKernels& k, const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& weights, const at::Tensor& ref_logprobs, const at::Tensor& logprobs,
-    const at::Tensor& logsumexp, double kl_coef, int64_t ignore_index, int64_t chunk_rows) {
+    const at::Tensor& logsumexp, double kl_coef, int64_t ignore_index, int64_t chunk_rows,
+    bool compute_grad_weight) {
   const char* op = "fused_linear_dss_loss_backward";
   const FusedInputs in = fused_inputs(hidden, weight, labels, &weights, &ref_logprobs, ignore_index, chunk_rows, op);
   check_row_vector(grad_loss, in.n, hidden, op, "grad_loss");
@@ -413,14 +417,14 @@ inline std::tuple<at::Tensor, at::Tensor> fused_linear_dss_loss_backward(
   const at::ScalarType dt = stat_dtype(in.hidden);
   const at::Tensor g = stat(grad_loss, dt), lp = stat(logprobs, dt), lse = lse_stat(logsumexp);
   at::Tensor grad_hidden = at::empty_like(in.hidden);
-  at::Tensor grad_weight = at::zeros_like(in.weight);
+  at::Tensor grad_weight = compute_grad_weight ? at::zeros_like(in.weight) : in.weight.new_empty({0});
   Rows a = fused_rows(in);
   a.grad_loss = g.const_data_ptr();
   a.logprobs = const_cast<void*>(lp.const_data_ptr());
   a.logsumexp = const_cast<double*>(lse.const_data_ptr<double>());
   a.kl_coef = kl_coef;
   a.ignore_index = ignore_index;
-  fused_pass(k, in, a, &grad_hidden, &grad_weight, false, true, op);
+  fused_pass(k, in, a, &grad_hidden, compute_grad_weight ? &grad_weight : nullptr, false, true, op);
   return {grad_hidden, grad_weight};
 }
 
@@ -429,7 +433,7 @@ inline std::tuple<at::Tensor, at::Tensor> fused_linear_dss_loss_backward(
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss_with_grad(
     const DssRowKernels& k, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const at::Tensor& weights, const at::Tensor& ref_logprobs, const at::Tensor& grad_loss, double kl_coef,
-    int64_t ignore_index, int64_t chunk_rows) {
+    int64_t ignore_index, int64_t chunk_rows, bool compute_grad_weight) {
   const char* op = "fused_linear_dss_loss_with_grad";
   const FusedInputs in = fused_inputs(hidden, weight, labels, &weights, &ref_logprobs, ignore_index, chunk_rows, op);
   check_row_vector(grad_loss, in.n, hidden, op, "grad_loss");
@@ -439,7 +443,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_d
   at::Tensor loss = at::empty({in.n}, opts), lp = at::empty({in.n}, opts);
   at::Tensor lse = at::empty({in.n}, opts.dtype(at::kDouble));
   at::Tensor grad_hidden = at::empty_like(in.hidden);
-  at::Tensor grad_weight = at::zeros_like(in.weight);
+  at::Tensor grad_weight = compute_grad_weight ? at::zeros_like(in.weight) : in.weight.new_empty({0});
   Rows a = fused_rows(in);
   a.grad_loss = g.const_data_ptr();
   a.loss = loss.mutable_data_ptr();
@@ -447,7 +451,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_d
   a.logsumexp = lse.mutable_data_ptr<double>();
   a.kl_coef = kl_coef;
   a.ignore_index = ignore_index;
-  fused_pass(k, in, a, &grad_hidden, &grad_weight, true, true, op);
+  fused_pass(k, in, a, &grad_hidden, compute_grad_weight ? &grad_weight : nullptr, true, true, op);
   return {loss, lp, grad_hidden, grad_weight};
 }
 

@@ -246,7 +246,9 @@ A at_row(const void* p, int64_t i) {
 }
 
 // c_t = w - kl_coef (1 - w) (l - l_ref): dloss/dz = c (softmax - onehot)
-inline double dss_coef(double w, double lp, double lref, double kl_coef) { return w - kl_coef * (1.0 - w) * (lp - lref); }
+inline double dss_coef(double w, double lp, double lref, double kl_coef) {
+  return w - kl_coef * (1.0 - w) * (lp - lref);
+}
 
 // Rows per task: enough work to amortise the task (about 32K elements).
 inline int64_t grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, vocab)); }
@@ -466,17 +468,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss_cpu(
 std::tuple<at::Tensor, at::Tensor> fused_linear_dss_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const at::Tensor& weights, const at::Tensor& ref_logprobs, const at::Tensor& logprobs, const at::Tensor& logsumexp,
-    double kl_coef, int64_t ignore_index, int64_t chunk_rows) {
+    double kl_coef, int64_t ignore_index, int64_t chunk_rows, bool compute_grad_weight) {
   return dss::fused_linear_dss_loss_backward(kCpu, grad_loss, hidden, weight, labels, weights, ref_logprobs, logprobs,
-                                             logsumexp, kl_coef, ignore_index, chunk_rows);
+                                             logsumexp, kl_coef, ignore_index, chunk_rows, compute_grad_weight);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss_with_grad_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& weights,
     const at::Tensor& ref_logprobs, const at::Tensor& grad_loss, double kl_coef, int64_t ignore_index,
-    int64_t chunk_rows) {
+    int64_t chunk_rows, bool compute_grad_weight) {
   return dss::fused_linear_dss_loss_with_grad(kCpu, hidden, weight, labels, weights, ref_logprobs, grad_loss, kl_coef,
-                                              ignore_index, chunk_rows);
+                                              ignore_index, chunk_rows, compute_grad_weight);
 }
 
 }  // namespace

@@ -79,19 +79,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss_cuda(
 std::tuple<at::Tensor, at::Tensor> fused_linear_dss_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const at::Tensor& weights, const at::Tensor& ref_logprobs, const at::Tensor& logprobs,
-    const at::Tensor& logsumexp, double kl_coef, int64_t ignore_index, int64_t chunk_rows) {
+    const at::Tensor& logsumexp, double kl_coef, int64_t ignore_index, int64_t chunk_rows,
+    bool compute_grad_weight) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   return dss::fused_linear_dss_loss_backward(kCuda, grad_loss, hidden, weight, labels, weights, ref_logprobs,
-                                             logprobs, logsumexp, kl_coef, ignore_index, chunk_rows);
+                                             logprobs, logsumexp, kl_coef, ignore_index, chunk_rows,
+                                             compute_grad_weight);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss_with_grad_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& weights,
     const at::Tensor& ref_logprobs, const at::Tensor& grad_loss, double kl_coef, int64_t ignore_index,
-    int64_t chunk_rows) {
+    int64_t chunk_rows, bool compute_grad_weight) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   return dss::fused_linear_dss_loss_with_grad(kCuda, hidden, weight, labels, weights, ref_logprobs, grad_loss,
-                                              kl_coef, ignore_index, chunk_rows);
+                                              kl_coef, ignore_index, chunk_rows, compute_grad_weight);
 }
 
 }  // namespace

@@ -38,16 +38,17 @@ TORCH_LIBRARY(safeshape, m) {
         "int chunk_rows) -> (Tensor, Tensor)");
   m.def("fused_linear_dss_loss(Tensor hidden, Tensor weight, Tensor labels, Tensor weights, Tensor ref_logprobs, "
         "float kl_coef, int ignore_index, int chunk_rows) -> (Tensor, Tensor, Tensor)");
-  // (grad_hidden, grad_weight); recomputes each chunk's logits.
+  // (grad_hidden, grad_weight); recomputes each chunk's logits. compute_grad_weight = false (a frozen lm_head, as
+  // in LoRA) skips that GEMM and returns grad_weight as an empty [0] tensor.
   m.def("fused_linear_dss_loss_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, "
         "Tensor weights, Tensor ref_logprobs, Tensor logprobs, Tensor logsumexp, float kl_coef, int ignore_index, "
-        "int chunk_rows) -> (Tensor, Tensor)");
+        "int chunk_rows, bool compute_grad_weight) -> (Tensor, Tensor)");
   // Forward plus the gradient of sum_t grad_loss_t loss_t in one pass over the chunks (three GEMMs, no recompute):
   // for a summed loss, whose upstream gradient is known up to a scalar. Returns (loss, logprobs, grad_hidden,
   // grad_weight).
   m.def("fused_linear_dss_loss_with_grad(Tensor hidden, Tensor weight, Tensor labels, Tensor weights, "
-        "Tensor ref_logprobs, Tensor grad_loss, float kl_coef, int ignore_index, int chunk_rows) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor ref_logprobs, Tensor grad_loss, float kl_coef, int ignore_index, int chunk_rows, "
+        "bool compute_grad_weight) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- STAR (SPEC.md section 2) ----
 }

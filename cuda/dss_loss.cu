@@ -117,7 +117,7 @@ struct Lse {
     if (x > m) {
       s = s * exp_(m - x) + A(1);
       m = x;
-    } else {
+    } else if (x > -INFINITY) {  // a masked -inf logit adds 0 (and -inf - -inf would be NaN)
       s += exp_(x - m);
     }
   }

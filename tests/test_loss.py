@@ -146,7 +146,8 @@ def test_rejection_sampling_keeps_whole_examples(device):
 def test_full_kl(device):
     hidden, weight, labels, weights, _ = make_batch(2, 9, 8, 37, device, seed=5)
     logits = (hidden @ weight.T).requires_grad_()
-    ref_logits = logits.detach() + 0.3 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    ref_logits = logits.detach() + 0.3 * noise
     out = DSSLoss(kl_coef=0.5, kl="full", fused=False)(labels=labels, weights=weights, logits=logits,
                                                         ref_logits=ref_logits)
     out.loss.backward()

@@ -204,9 +204,12 @@ def test_opcheck(dtype, device):
     torch.library.opcheck(sop.fused_linear_dss_loss.default, (h, weight, flabels, fw, fr, 0.5, IGNORE, 4))
     _, lp, lse = sop.fused_linear_dss_loss(hidden, weight, flabels, fw, fr, 0.5, IGNORE, 4)
     torch.library.opcheck(sop.fused_linear_dss_loss_backward.default,
-                          (fg, hidden, weight, flabels, fw, fr, lp, lse, 0.5, IGNORE, 4))
-    torch.library.opcheck(sop.fused_linear_dss_loss_with_grad.default,
-                          (hidden, weight, flabels, fw, fr, fg, 0.5, IGNORE, 4))
+                          (fg, hidden, weight, flabels, fw, fr, lp, lse, 0.5, IGNORE, 4, True))
+    torch.library.opcheck(sop.fused_linear_dss_loss_backward.default,
+                          (fg, hidden, weight, flabels, fw, fr, lp, lse, 0.5, IGNORE, 4, False))
+    for need_weight in (True, False):
+        torch.library.opcheck(sop.fused_linear_dss_loss_with_grad.default,
+                              (hidden, weight, flabels, fw, fr, fg, 0.5, IGNORE, 4, need_weight))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -265,6 +268,21 @@ def test_extreme_logits_stay_finite(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_minus_inf_logits(dtype, device):
+    # vocabulary masking with -inf (never at the label): zero probability, finite loss and gradient
+    logits, labels, weights, ref, g = make_case(6, 70, dtype, device, seed=8)
+    labels[:] = torch.arange(6, device=device) + 10
+    logits[:, :10] = float("-inf")
+    logits[:, 40:45] = float("-inf")
+    got, (gz,) = value_and_grads(lambda z: ops.dss_loss(z, labels, weights, ref, 0.5), [logits], g)
+    want, (wz,) = value_and_grads(lambda z: reference.dss_loss(z, labels, weights, ref, 0.5), [logits.double()], g)
+    assert torch.isfinite(got).all() and torch.isfinite(gz.float()).all()
+    assert (gz[:, :10] == 0).all()
+    assert rel(got, want) <= 1e-6 and rel(gz, wz) <= GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_logits(device):
     logits, labels, weights, ref, g = make_case(40, 30, torch.float32, device)
     z = logits.T.contiguous().T  # column-major view
@@ -291,6 +309,25 @@ def test_bad_input_names_the_argument():
         ops.fused_linear_dss_loss(hidden, weight[:, :3], labels, weights, ref, 0.5)
     with pytest.raises(RuntimeError, match="must have the same dtype"):
         ops.fused_linear_dss_loss(hidden, weight.double(), labels, weights, ref, 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_lm_head_gets_no_weight_gradient(device):
+    # LoRA: the lm_head is frozen, so the fused ops must not form (or allocate) its [V, H] gradient
+    hidden, weight, labels, weights, ref, g = make_fused(13, 6, 29, torch.float64, device, seed=3)
+    h = hidden.clone().requires_grad_()
+    (ops.fused_linear_dss_loss(h, weight, labels, weights, ref, 0.5, chunk_rows=4) * g).sum().backward()
+    h2 = hidden.clone().requires_grad_()
+    total, _, _ = ops.fused_linear_dss_loss_sum(h2, weight, labels, weights, ref, 0.5, chunk_rows=4)
+    total.backward()
+    h3 = hidden.clone().requires_grad_()
+    want = reference.fused_linear_dss_loss(h3, weight, labels, weights, ref, 0.5)
+    (gh_tok,) = torch.autograd.grad((want * g).sum(), h3, retain_graph=True)
+    (gh_sum,) = torch.autograd.grad(want.sum(), h3)
+    assert rel(h.grad, gh_tok) <= 1e-12 and rel(h2.grad, gh_sum) <= 1e-12 and weight.grad is None
+    _, _, gh, gw = torch.ops.safeshape.fused_linear_dss_loss_with_grad(hidden, weight, labels, weights, ref,
+                                                                       torch.ones_like(ref), 0.5, IGNORE, 4, False)
+    assert gw.shape == (0,) and rel(gh, gh_sum) <= 1e-12
 
 
 def test_fused_sum_second_backward_recomputes():

@@ -117,7 +117,8 @@ def fused_linear_dss_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor, we
 class _FusedLinearDSSLossSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, weights, ref_logprobs, kl_coef, ignore_index, chunk_rows):
-        ctx.args = (kl_coef, ignore_index, chunk_rows)
+        # a frozen lm_head (LoRA) gets no [V, H] gradient: that buffer and its GEMM are skipped
+        ctx.args = (kl_coef, ignore_index, chunk_rows, ctx.needs_input_grad[1])
         ctx.grads = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             loss, logprobs, grad_hidden, grad_weight = _FusedLinearDSSLossSum._with_grad(
@@ -133,10 +134,10 @@ class _FusedLinearDSSLossSum(torch.autograd.Function):
         return loss.sum(), loss, logprobs
 
     @staticmethod
-    def _with_grad(hidden, weight, labels, weights, ref_logprobs, kl_coef, ignore_index, chunk_rows):
+    def _with_grad(hidden, weight, labels, weights, ref_logprobs, kl_coef, ignore_index, chunk_rows, need_weight):
         ones = torch.ones(hidden.shape[0], dtype=_stat_dtype(hidden), device=hidden.device)
         return _ops.fused_linear_dss_loss_with_grad(hidden, weight, labels, weights, ref_logprobs, ones, kl_coef,
-                                                    ignore_index, chunk_rows)
+                                                    ignore_index, chunk_rows, need_weight)
 
     @staticmethod
     def backward(ctx, g_total, _g_loss, _g_logprobs):
@@ -234,7 +235,8 @@ def _fused_backward(ctx, g_loss, _g_logprobs, _g_lse):
     gh = gwt = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         gh, gwt = _ops.fused_linear_dss_loss_backward(g_loss, hidden, weight, labels, weights, ref, logprobs, lse,
-                                                      ctx.kl_coef, ctx.ignore_index, ctx.chunk_rows)
+                                                      ctx.kl_coef, ctx.ignore_index, ctx.chunk_rows,
+                                                      ctx.needs_input_grad[1])
         gh = gh if ctx.needs_input_grad[0] else None
         gwt = gwt if ctx.needs_input_grad[1] else None
     gw, gr = _elementwise_grads(g_loss, logprobs, weights, ref, labels != ctx.ignore_index, ctx.kl_coef,
@@ -256,7 +258,7 @@ def _fused_logprobs_backward(ctx, g_logprobs, _g_lse):
         return None, None, None, None, None
     gh, gw = _ops.fused_linear_dss_loss_backward(-g_logprobs, hidden, weight, labels, torch.ones_like(logprobs),
                                                  torch.zeros_like(logprobs), logprobs, lse, 0.0, ctx.ignore_index,
-                                                 ctx.chunk_rows)
+                                                 ctx.chunk_rows, ctx.needs_input_grad[1])
     return (gh if ctx.needs_input_grad[0] else None), (gw if ctx.needs_input_grad[1] else None), None, None, None
 
 
@@ -332,15 +334,19 @@ def _fused_dss_loss_fake(hidden, weight, labels, weights, ref_logprobs, kl_coef,
 
 @torch.library.register_fake("safeshape::fused_linear_dss_loss_backward")
 def _fused_dss_loss_backward_fake(grad_loss, hidden, weight, labels, weights, ref_logprobs, logprobs, logsumexp,
-                                  kl_coef, ignore_index, chunk_rows):
-    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format))
+                                  kl_coef, ignore_index, chunk_rows, compute_grad_weight):
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format), _grad_weight_fake(weight,
+                                                                                              compute_grad_weight)
+
+
+def _grad_weight_fake(weight, compute):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format) if compute else weight.new_empty((0,))
 
 
 @torch.library.register_fake("safeshape::fused_linear_dss_loss_with_grad")
 def _fused_dss_loss_with_grad_fake(hidden, weight, labels, weights, ref_logprobs, grad_loss, kl_coef, ignore_index,
-                                   chunk_rows):
+                                   chunk_rows, compute_grad_weight):
     _check_2d(hidden, "fused_linear_dss_loss_with_grad", "hidden")
     n = hidden.shape[0]
     return (_rows(hidden, n), _rows(hidden, n), torch.empty_like(hidden, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format))
+            _grad_weight_fake(weight, compute_grad_weight))
