@@ -53,7 +53,7 @@ def make_inputs(n, h, v, dtype, device, torch):
     return hidden, weight, labels, weights, ref
 
 
-def step_fn(impl, inputs, torch):
+def step_fn(impl, inputs, torch, frozen_lm_head=False):
     """A closure running one forward + backward; returns the gradients it produced."""
     from safeshape import ops, reference
 
@@ -74,7 +74,7 @@ def step_fn(impl, inputs, torch):
 
     def run():
         h = hidden.detach().requires_grad_()
-        w = weight.detach().requires_grad_()
+        w = weight.detach().requires_grad_(not frozen_lm_head)
         if impl == "reference":
             loss = reference.dss_loss(h @ w.T, labels, weights, ref, kl).sum() / n_valid
         elif impl == "unfused":
@@ -89,11 +89,11 @@ def step_fn(impl, inputs, torch):
         else:
             raise SystemExit(f"bench_dss_loss: unknown implementation {impl!r}")
         loss.backward()
-        return [h.grad, w.grad]
+        return [h.grad] if frozen_lm_head else [h.grad, w.grad]
     return run, None
 
 
-def measure(impl, case, dtype_name, device, repeats) -> dict:
+def measure(impl, case, dtype_name, device, repeats, frozen_lm_head=False) -> dict:
     """Runs in the child process: time (min over repeats) and peak extra memory of one implementation."""
     import torch
 
@@ -102,7 +102,7 @@ def measure(impl, case, dtype_name, device, repeats) -> dict:
     n, h, v = (int(x) for x in case.split("x"))
     dtype = getattr(torch, dtype_name)
     inputs = make_inputs(n, h, v, dtype, device, torch)
-    fn, extra_input = step_fn(impl, inputs, torch)
+    fn, _ = step_fn(impl, inputs, torch, frozen_lm_head)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     if device == "cuda":
@@ -125,12 +125,12 @@ def measure(impl, case, dtype_name, device, repeats) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"impl": impl, "case": case, "dtype": dtype_name, "device": device, "time_s": min(times),
             "times_s": times, "peak_extra_bytes": int(peak), "grad_bytes": int(out_bytes),
-            "transient_bytes": int(peak - out_bytes)}
+            "transient_bytes": int(peak - out_bytes), "frozen_lm_head": frozen_lm_head}
 
 
 def run_child(impl, case, args) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, "--cases", case, "--dtype", args.dtype, "--device", args.device,
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats)] + (["--frozen-lm-head"] if args.frozen_lm_head else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if p.returncode != 0:
@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (min is reported)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per (case, implementation)")
     ap.add_argument("--json", default=None, help="where to write the JSON results")
+    ap.add_argument("--frozen-lm-head", action="store_true",
+                    help="the lm-head weight does not require grad (LoRA): only d/d(hidden) is formed")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
     cases = (args.cases or ",".join(CUDA_CASES if cuda else CPU_CASES)).split(",")
 
     if args.child:
-        print(json.dumps(measure(args.child, cases[0], args.dtype, args.device, args.repeats)))
+        print(json.dumps(measure(args.child, cases[0], args.dtype, args.device, args.repeats, args.frozen_lm_head)))
         return 0
 
     impls = (args.impls or ",".join(IMPLS)).split(",")
@@ -190,8 +192,8 @@ def main(argv=None) -> int:
         results.append(run_child(impl, case, args))
 
     gib = 1 << 30
-    print(f"\nDSS loss fwd+bwd, {args.device}, {args.dtype}, min of {args.repeats}; ratios are ours / reference "
-          "(time) and ours / reference (peak extra memory)")
+    print(f"\nDSS loss fwd+bwd, {args.device}, {args.dtype}, min of {args.repeats}"
+          f"{', frozen lm_head' if args.frozen_lm_head else ''}; ratios are ours / reference (time, memory)")
     print(f"{'case NxHxV':>18} {'impl':>15} {'time s':>9} {'x ref':>7} {'peak GiB':>9} {'x ref':>7} "
           f"{'transient GiB':>14} {'x ref':>7}")
     for case in cases:
@@ -204,7 +206,8 @@ def main(argv=None) -> int:
             base = rows.get("rows_reference" if impl.startswith("rows_") else "reference")
             ok = base is not None and "error" not in base
             tr = f"{r['time_s'] / base['time_s']:.2f}" if ok else "-"
-            mr = f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.3f}" if ok and base["peak_extra_bytes"] > 0 else "-"
+            mr = (f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.3f}"
+                  if ok and base["peak_extra_bytes"] > 0 else "-")
             xr = (f"{r['transient_bytes'] / base['transient_bytes']:.3f}"
                   if ok and base["transient_bytes"] > 0 else "-")
             if ok:
@@ -216,7 +219,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"machine": machine(args.device), "dtype": args.dtype, "repeats": args.repeats,
-                               "results": results}, indent=2))
+                               "frozen_lm_head": args.frozen_lm_head, "results": results}, indent=2))
     tmp.replace(out)
     print(f"JSON: {out}")
     return 0
