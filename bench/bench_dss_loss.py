@@ -16,7 +16,7 @@ after the inputs. "transient" subtracts the gradients every implementation must 
 
     python bench/bench_dss_loss.py                      # CPU sizes that fit these 2-core / 24 GiB machines
     python bench/bench_dss_loss.py --device cuda        # the issue's sizes on a GPU (bf16), Liger if installed
-    python bench/bench_dss_loss.py --cases 4096x2048x32000 --impls reference,fused_sum --repeats 3
+    python bench/bench_dss_loss.py --cases 4096x2048x32000 --impls reference,fused_sum --rounds 3
 Writes JSON to bench/out/dss_loss_<device>.json (or --json PATH).
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ def measure(impl, case, dtype_name, device, repeats, frozen_lm_head=False) -> di
 
 def run_child(impl, case, args) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, "--cases", case, "--dtype", args.dtype, "--device", args.device,
-           "--repeats", "1"] + (["--frozen-lm-head"] if args.frozen_lm_head else [])
+           "--repeats", str(args.repeats)] + (["--frozen-lm-head"] if args.frozen_lm_head else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if p.returncode != 0:
@@ -161,9 +161,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=None, help="comma-separated NxHxV (default: per device)")
     ap.add_argument("--impls", default=None, help=f"comma-separated, from {IMPLS + ['liger_flce']}")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    ap.add_argument("--repeats", type=int, default=None,
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs inside each subprocess (CPU 1, CUDA 5)")
+    ap.add_argument("--rounds", type=int, default=None,
                     help="rounds; each round runs every implementation once, interleaved so that load from other "
-                         "processes spreads over all of them (min time and max peak over rounds are reported)")
+                         "processes spreads over all of them (CPU 3, CUDA 1); min time and max peak are reported")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per (case, implementation)")
     ap.add_argument("--json", default=None, help="where to write the JSON results")
     ap.add_argument("--frozen-lm-head", action="store_true",
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    args.repeats = args.repeats or (5 if cuda else 3)
+    args.repeats = args.repeats or (5 if cuda else 1)
+    args.rounds = args.rounds or (1 if cuda else 3)
     cases = (args.cases or ",".join(CUDA_CASES if cuda else CPU_CASES)).split(",")
 
     if args.child:
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
             impls.append("liger_flce")
         except ImportError:
             print("liger_kernel is not installed: no Liger comparison")
-    jobs = [(c, r, i) for c in cases for r in range(args.repeats) for i in impls]
+    jobs = [(c, r, i) for c in cases for r in range(args.rounds) for i in impls]
     try:
         from tqdm import tqdm
         jobs = tqdm(jobs, desc="bench_dss_loss", file=sys.stderr)
@@ -202,13 +204,14 @@ def main(argv=None) -> int:
             results.append(bad[0])
             continue
         best = dict(min(rs, key=lambda r: r["time_s"]))
-        best["times_s"] = [r["time_s"] for r in rs]
+        best["times_s"] = [t for r in rs for t in r["times_s"]]
         for k in ("peak_extra_bytes", "transient_bytes"):
             best[k] = max(r[k] for r in rs)
         results.append(best)
 
     gib = 1 << 30
-    print(f"\nDSS loss fwd+bwd, {args.device}, {args.dtype}, min of {args.repeats} interleaved rounds"
+    print(f"\nDSS loss fwd+bwd, {args.device}, {args.dtype}, min over {args.rounds} interleaved rounds x "
+          f"{args.repeats} runs"
           f"{', frozen lm_head' if args.frozen_lm_head else ''}; ratios are ours / reference (time, memory)")
     print(f"{'case NxHxV':>18} {'impl':>15} {'time s':>9} {'x ref':>7} {'peak GiB':>9} {'x ref':>7} "
           f"{'transient GiB':>14} {'x ref':>7}")
@@ -235,6 +238,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"machine": machine(args.device), "dtype": args.dtype, "repeats": args.repeats,
+                               "rounds": args.rounds,
                                "frozen_lm_head": args.frozen_lm_head, "results": results}, indent=2))
     tmp.replace(out)
     print(f"JSON: {out}")
