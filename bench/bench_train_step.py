@@ -4,10 +4,12 @@ with the logits formed (native unfused ops) and with a plain-torch loss (log_sof
 peak extra memory, printed as ratios to the plain-torch step, all measured in this one run.
 
 Each variant runs in its own child process so that its peak memory is its own (CPU: peak RSS over the RSS after
-set-up; CUDA: torch.cuda.max_memory_allocated over the allocation after set-up).
+set-up; CUDA: torch.cuda.max_memory_allocated over the allocation after set-up); the children of the variants are
+interleaved over --rounds; a variant's time is its best round's median step, its time ratio the median over
+rounds of its ratio to the plain-torch child of the same round.
 
     PYTHONPATH=python python bench/bench_train_step.py [--device cpu|cuda] [--steps 5] [--rows 8]
-        [--hidden 256] [--layers 2] [--vocab 32000] [--max-len 256] [--json FILE]
+        [--rounds 3] [--hidden 256] [--layers 2] [--vocab 32000] [--max-len 256] [--json FILE]
 """
 from __future__ import annotations
 
@@ -108,23 +110,30 @@ def parent(args) -> dict:
                 n_chunks = -(-len(response.split()) // 5)
                 row.update(response=response, star_values=[(k % 7) / 6 for k in range(n_chunks)])
                 f.write(json.dumps(row) + "\n")
-        results = {}
-        for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data",
-                   os.path.join(tmp, "rows.jsonl"), "--tmp", tmp, "--device", args.device, "--steps",
-                   str(args.steps), "--rows", str(args.rows), "--max-len", str(args.max_len)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                raise SystemExit(f"variant {variant} failed")
-            results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs = {v: [] for v in VARIANTS}
+        for _ in range(args.rounds):  # interleaved, so load from other jobs hits every variant alike
+            for variant in VARIANTS:
+                cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data",
+                       os.path.join(tmp, "rows.jsonl"), "--tmp", tmp, "--device", args.device, "--steps",
+                       str(args.steps), "--rows", str(args.rows), "--max-len", str(args.max_len)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stderr)
+                    raise SystemExit(f"variant {variant} failed")
+                runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    # per variant: the best round's median step time (least disturbed), the median round's peak memory; the time
+    # ratio is the median over rounds of the ratio within a round (neighbouring children see similar load)
+    results = {v: {"step_s": min(r["step_s"] for r in rs),
+                   "peak_extra_mib": statistics.median(r["peak_extra_mib"] for r in rs),
+                   "loss_tokens": rs[0]["loss_tokens"], "rounds": rs} for v, rs in runs.items()}
     ref = results["torch"]
     report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                          f"{os.cpu_count()} cores, device {args.device}",
               "shape": {"rows": args.rows, "max_len": args.max_len, "hidden": args.hidden, "layers": args.layers,
                         "vocab": args.vocab, "loss_tokens_per_step": ref["loss_tokens"]},
               "results": results,
-              "ratios_vs_plain_torch": {v: {"time": results[v]["step_s"] / ref["step_s"],
+              "ratios_vs_plain_torch": {v: {"time": statistics.median(
+                                                a["step_s"] / b["step_s"] for a, b in zip(runs[v], runs["torch"])),
                                             "peak_extra_memory": results[v]["peak_extra_mib"]
                                             / max(ref["peak_extra_mib"], 1e-9)} for v in VARIANTS}}
     print(f"train step, tiny Llama H={args.hidden} L={args.layers} V={args.vocab}, {args.rows} rows x "
@@ -142,7 +151,8 @@ def parent(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="measured steps per child (after one warm-up step)")
+    p.add_argument("--rounds", type=int, default=3, help="children per variant, interleaved")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
