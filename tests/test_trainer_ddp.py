@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -42,7 +43,13 @@ def test_two_processes_equal_one(tmp_path):
     single = train(TrainConfig(out=str(tmp_path / "one"), batch_size=4, grad_accum=1, **common))
     config = dict(out=str(tmp_path / "two"), batch_size=1, grad_accum=2, **common)
     # fork: the children inherit the imported torch/transformers/peft (spawn re-imports them, ~10 s each here)
-    mp.start_processes(_worker, args=(2, _free_port(), config), nprocs=2, join=True, start_method="fork")
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), config), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 180  # a hung collective fails the test instead of hanging the suite
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process DDP run did not finish in 180 s")
 
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert single["steps"] == 3 and len(one) == len(two) == 3
