@@ -2,11 +2,11 @@
 import json
 import os
 import socket
-import time
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from safeshape import testing
@@ -17,15 +17,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, config: dict) -> None:
-    # the environment torchrun gives each process; train() joins the group itself
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    summary = train(TrainConfig(**config))
-    assert summary["world_size"] == world and summary["rank"] == rank
 
 
 def _metrics(out):
@@ -41,15 +32,18 @@ def test_two_processes_equal_one(tmp_path):
     # global batch 4: one process 4 x 1 micro-batch, two processes 1 row x 2 micro-batches each. The last step
     # has 2 rows, so in its second micro-batch both processes have none (they still join the collectives).
     single = train(TrainConfig(out=str(tmp_path / "one"), batch_size=4, grad_accum=1, **common))
-    config = dict(out=str(tmp_path / "two"), batch_size=1, grad_accum=2, **common)
-    # fork: the children inherit the imported torch/transformers/peft (spawn re-imports them, ~10 s each here)
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), config), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 180  # a hung collective fails the test instead of hanging the suite
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process DDP run did not finish in 180 s")
+    # the real entry point, in fresh interpreters: torchrun -> `safeshape train` (a fork of this process could
+    # inherit a live OpenMP pool from earlier tests and hang in the children)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "safeshape", "train", "--model", str(model), "--data", str(data),
+           "--out", str(tmp_path / "two"), "--loss", "dss", "--lr", "5e-3", "--lora-r", "4", "--max-len", "128",
+           "--seed", "2", "--epochs", "1", "--batch-size", "1", "--grad-accum", "2", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-process DDP run did not finish in 300 s")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert single["steps"] == 3 and len(one) == len(two) == 3
