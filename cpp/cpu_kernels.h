@@ -14,6 +14,13 @@
 
 namespace safeshape::cpu {
 
+// 16 floats as one value: one zmm with AVX-512, two ymm with AVX2, four xmm otherwise. Written explicitly so the
+// compiler vectorises over the rank dimension instead of guessing (it shuffled across rows when left alone).
+typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16*>(p); }
+inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 inline float bf16_bits_to_float(uint16_t bits) {

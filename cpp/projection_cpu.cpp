@@ -73,18 +73,15 @@ void diff_row(const T* a, const T* b, float* out, int64_t n, double* ss) {
 SAFESHAPE_CLONES
 void rank_update(float* __restrict M, const float* __restrict vt, int64_t ldv, const float* __restrict bt, int64_t w,
                  int64_t rp) {
+  static_assert(kRank == 16, "the microkernels hold 16 rank columns in one vf16");
   for (int64_t j = 0; j < w; ++j) {
     float v[kRows1];
     for (int ii = 0; ii < kRows1; ++ii) v[ii] = vt[ii * ldv + j];
     float* m = M + j * rp;
     for (int64_t k0 = 0; k0 < rp; k0 += kRank) {
-      float acc[kRank];
-      for (int k = 0; k < kRank; ++k) acc[k] = m[k0 + k];
-      for (int ii = 0; ii < kRows1; ++ii) {
-        const float* brow = bt + ii * rp + k0;
-        for (int k = 0; k < kRank; ++k) acc[k] += v[ii] * brow[k];
-      }
-      for (int k = 0; k < kRank; ++k) m[k0 + k] = acc[k];
+      cpu::vf16 acc = cpu::load16(m + k0);
+      for (int ii = 0; ii < kRows1; ++ii) acc += v[ii] * cpu::load16(bt + ii * rp + k0);
+      cpu::store16(m + k0, acc);
     }
   }
 }
@@ -98,23 +95,32 @@ void add_into(float* __restrict dst, const float* __restrict src, int64_t n) {
 SAFESHAPE_CLONES
 void rows_times_m(float* __restrict out, const float* __restrict v, const float* __restrict M, int64_t d_in,
                   int64_t rp) {
+  static_assert(kRows2 == 4, "four accumulators below");
+  const float* v0 = v;
+  const float* v1 = v + d_in;
+  const float* v2 = v + 2 * d_in;
+  const float* v3 = v + 3 * d_in;
   for (int64_t k0 = 0; k0 < rp; k0 += kRank) {
-    float total[kRows2][kRank] = {};
+    cpu::vf16 t0 = {}, t1 = {}, t2 = {}, t3 = {};
     for (int64_t jb = 0; jb < d_in; jb += kColBlock) {
       const int64_t je = std::min(jb + kColBlock, d_in);
-      float acc[kRows2][kRank] = {};
+      cpu::vf16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t j = jb; j < je; ++j) {
-        const float* m = M + j * rp + k0;
-        for (int ii = 0; ii < kRows2; ++ii) {
-          const float vv = v[ii * d_in + j];
-          for (int k = 0; k < kRank; ++k) acc[ii][k] += vv * m[k];
-        }
+        const cpu::vf16 m = cpu::load16(M + j * rp + k0);
+        a0 += v0[j] * m;
+        a1 += v1[j] * m;
+        a2 += v2[j] * m;
+        a3 += v3[j] * m;
       }
-      for (int ii = 0; ii < kRows2; ++ii)
-        for (int k = 0; k < kRank; ++k) total[ii][k] += acc[ii][k];
+      t0 += a0;
+      t1 += a1;
+      t2 += a2;
+      t3 += a3;
     }
-    for (int ii = 0; ii < kRows2; ++ii)
-      for (int k = 0; k < kRank; ++k) out[ii * rp + k0 + k] = total[ii][k];
+    cpu::store16(out + k0, t0);
+    cpu::store16(out + rp + k0, t1);
+    cpu::store16(out + 2 * rp + k0, t2);
+    cpu::store16(out + 3 * rp + k0, t3);
   }
 }
 

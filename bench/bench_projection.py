@@ -1,0 +1,87 @@
+"""Per-module Safe LoRA projection cost: our op vs the reference formula (forming C) vs one read of both weights.
+
+Prints a table and writes JSON (--json). Ratios are measured in one run on the same machine, so they are what to
+compare; absolute times on shared 2-core machines are noisy.
+
+    PYTHONPATH=python python bench/bench_projection.py [--device cpu|cuda] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import safeshape  # noqa: F401
+from safeshape import ops, reference
+
+
+def timeit(fn, device, repeat):
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def read_floor(aligned, base):
+    # one read of both weights: the least any method must do (a reduction touching every element once)
+    return aligned.sum(dtype=torch.float32) + base.sum(dtype=torch.float32)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="only 4096x4096, r=16, fp32")
+    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) explicit-C reference")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = args.device
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
+    ranks = [16] if args.quick else [8, 16, 64]
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    rows = []
+    print(f"device={dev} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"{'shape':>12} {'r':>3} {'dtype':>9} {'ours ms':>9} {'ref ms':>9} {'floor ms':>9} "
+          f"{'ref/ours':>9} {'ours/floor':>10}")
+    g = torch.Generator().manual_seed(0)
+    for d_out, d_in in shapes:
+        for dtype in dtypes:
+            base = torch.randn(d_out, d_in, generator=g).to(dtype).to(dev)
+            aligned = (base.float() + 0.01 * torch.randn(d_out, d_in, generator=g)).to(dtype).to(dev)
+            floor = timeit(lambda: read_floor(aligned, base), dev, args.repeat)
+            for r in ranks:
+                b = (0.01 * torch.randn(d_out, r, generator=g)).to(dtype).to(dev)
+                ops.project_lora_b(aligned, base, b)  # warm-up
+                ours = timeit(lambda: ops.project_lora_b(aligned, base, b), dev, args.repeat)
+                ref = None
+                # the reference's cost does not depend on r (forming C dominates): time it once per shape/dtype
+                if not args.no_reference and r == ranks[0]:
+                    ref = timeit(lambda: reference.project_lora_b(aligned, base, b), dev, 1 if dev == "cpu" else 3)
+                    ref_cache = ref
+                elif not args.no_reference:
+                    ref = ref_cache
+                row = dict(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype).replace("torch.", ""), device=dev,
+                           ours_s=ours, reference_s=ref, floor_s=floor,
+                           reference_over_ours=(ref / ours) if ref else None, ours_over_floor=ours / floor)
+                rows.append(row)
+                print(f"{d_out:>5}x{d_in:<6} {r:>3} {row['dtype']:>9} {ours*1e3:9.2f} "
+                      f"{(ref or float('nan'))*1e3:9.1f} {floor*1e3:9.2f} "
+                      f"{(row['reference_over_ours'] or float('nan')):9.1f} {row['ours_over_floor']:10.2f}")
+            del base, aligned
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

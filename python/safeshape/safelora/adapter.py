@@ -1,0 +1,151 @@
+"""PEFT LoRA adapters on disk: parse, validate, and map every adapted module to its checkpoint key by name.
+
+Layout: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<path>.lora_A.weight`` (``[r, d_in]``) and ``...lora_B.weight`` (``[d_out, r]``); the checkpoint
+key is ``<path>.weight``. Anything Safe LoRA cannot handle correctly is refused with the file and key at fault.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .checkpoint import read_safetensors_header, read_tensor
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+
+
+@dataclass
+class LoraModule:
+    name: str          # module path in the model, e.g. model.layers.0.self_attn.q_proj
+    key_a: str         # adapter keys
+    key_b: str
+    weight_key: str    # checkpoint key of the adapted weight
+    r: int
+    alpha: float
+    d_out: int
+    d_in: int
+    fan_in_fan_out: bool
+
+
+def _pattern_value(name: str, pattern: dict, default):
+    # PEFT's rule: a pattern key matches a module whose name ends with it at a dot boundary (regex allowed)
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _matches_target(name: str, target_modules) -> bool:
+    if target_modules is None or target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+class Adapter:
+    """A LoRA adapter folder, fully loaded (adapters are small)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        cfg_path = self.folder / CONFIG
+        w_path = self.folder / WEIGHTS
+        if not self.folder.is_dir():
+            raise CheckpointError(f"adapter {self.folder}: not a folder")
+        if not cfg_path.exists():
+            subs = sorted(p.name for p in self.folder.iterdir() if (p / CONFIG).exists())
+            if subs:
+                raise CheckpointError(f"adapter {self.folder}: no {CONFIG} here, but several adapters below it "
+                                      f"({', '.join(subs)}): pass one adapter's folder")
+            raise CheckpointError(f"adapter {self.folder}: {CONFIG} not found")
+        if not w_path.exists():
+            hint = " (adapter_model.bin is not read: save with safe_serialization=True)" if (
+                self.folder / "adapter_model.bin").exists() else ""
+            raise CheckpointError(f"adapter {self.folder}: {WEIGHTS} not found{hint}")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from exc
+        self.config_path, self.weights_path = cfg_path, w_path
+        infos, self.metadata = read_safetensors_header(w_path)
+        self.tensors = {k: read_tensor(v, k) for k, v in infos.items()}
+        self.warnings: list[str] = []
+        self.modules = self._parse()
+
+    def _parse(self) -> list[LoraModule]:
+        cfg, wf = self.config, self.weights_path
+        peft_type = cfg.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise CheckpointError(f"{self.config_path}: peft_type is {peft_type!r}; Safe LoRA needs a LORA adapter")
+        if cfg.get("use_dora"):
+            raise CheckpointError(f"{self.config_path}: use_dora is true; DoRA adapters are not supported (the "
+                                  "magnitude vector rescales W + dW, so projecting B alone is not Safe LoRA)")
+        if cfg.get("lora_bias"):
+            raise CheckpointError(f"{self.config_path}: lora_bias is true; adapters with a lora_B bias are not "
+                                  "supported")
+        fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+        r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+        parts: dict[str, dict[str, str]] = {}
+        adapter_names = set()
+        for key in self.tensors:
+            if "lora_magnitude_vector" in key:
+                raise CheckpointError(f"{wf}: key {key!r} is a DoRA magnitude vector; DoRA is not supported")
+            if "lora_embedding_A" in key or "lora_embedding_B" in key:
+                raise CheckpointError(f"{wf}: key {key!r} is an embedding LoRA; only Linear modules are supported")
+            m = _LORA_KEY.match(key)
+            if not m:
+                continue  # modules_to_save copies and other tensors pass through unchanged
+            if m["param"] == "bias":
+                raise CheckpointError(f"{wf}: key {key!r} is a lora_{m['ab']} bias; not supported")
+            if m["adapter"]:
+                adapter_names.add(m["adapter"])
+            path = m["path"]
+            parts.setdefault(path, {})[m["ab"]] = key
+        if len(adapter_names) > 1:
+            raise CheckpointError(f"{wf}: holds several adapters ({', '.join(sorted(adapter_names))}); save them "
+                                  "to separate folders and project each")
+        modules = []
+        for path, ab in sorted(parts.items()):
+            if "A" not in ab or "B" not in ab:
+                have, miss = ("lora_A", "lora_B") if "A" in ab else ("lora_B", "lora_A")
+                raise CheckpointError(f"{wf}: key {ab.get('A') or ab.get('B')!r} ({have}) has no matching {miss}")
+            a, b = self.tensors[ab["A"]], self.tensors[ab["B"]]
+            if a.dim() != 2 or b.dim() != 2:
+                bad = ab["A"] if a.dim() != 2 else ab["B"]
+                raise CheckpointError(f"{wf}: key {bad!r} has shape {list(self.tensors[bad].shape)}; only 2-D "
+                                      "(Linear) LoRA is supported, not conv LoRA")
+            if not (a.is_floating_point() and b.is_floating_point()):
+                raise CheckpointError(f"{wf}: key {ab['A']!r} is not a floating-point tensor")
+            r = a.shape[0]
+            if b.shape[1] != r:
+                raise CheckpointError(f"{wf}: rank mismatch for {path}: {ab['A']!r} is {list(a.shape)} (r={r}) but "
+                                      f"{ab['B']!r} is {list(b.shape)}")
+            name = path[len(PREFIX):] if path.startswith(PREFIX) else path
+            want_r = _pattern_value(name, cfg.get("rank_pattern"), r_default)
+            alpha = _pattern_value(name, cfg.get("alpha_pattern"), alpha_default)
+            if want_r != r:
+                raise CheckpointError(f"{wf}: {ab['A']!r} has rank {r} but {self.config_path} gives r={want_r} for "
+                                      f"{name} (r / rank_pattern)")
+            if not _matches_target(name, cfg.get("target_modules")):
+                self.warnings.append(f"{name} is adapted but does not match target_modules "
+                                     f"{cfg.get('target_modules')!r}")
+            modules.append(LoraModule(name=name, key_a=ab["A"], key_b=ab["B"], weight_key=f"{name}.weight", r=r,
+                                      alpha=float(alpha), d_out=b.shape[0], d_in=a.shape[1],
+                                      fan_in_fan_out=fan_in_fan_out))
+        if not modules:
+            raise CheckpointError(f"{wf}: no lora_A/lora_B pairs found")
+        return modules
+
+    def lora_a(self, m: LoraModule) -> torch.Tensor:
+        return self.tensors[m.key_a]
+
+    def lora_b(self, m: LoraModule) -> torch.Tensor:
+        return self.tensors[m.key_b]

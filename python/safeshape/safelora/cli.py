@@ -1,0 +1,54 @@
+"""`safeshape project`: Safe LoRA on a PEFT adapter folder."""
+from __future__ import annotations
+
+import sys
+
+from ..errors import SafeshapeError
+
+
+def add_arguments(p):
+    p.add_argument("--base", required=True, help="unaligned base model folder (HF, safetensors)")
+    p.add_argument("--aligned", required=True, help="aligned model folder made from the base (HF, safetensors)")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder trained on the aligned model")
+    p.add_argument("--out", required=True, help="output adapter folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--select", choices=["number", "threshold"], default="number",
+                   help="number: project the --num-layers modules of lowest cosine (ties included); "
+                        "threshold: project modules with cosine <= --threshold (default: number)")
+    p.add_argument("--num-layers", type=int, default=10, help="k for --select number (default 10)")
+    p.add_argument("--threshold", type=float, default=0.5, help="tau for --select threshold (default 0.5)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--report", default=None, help="JSON report path (default OUT/safelora_report.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--table-rows", type=int, default=20, help="rows of the stdout table (lowest cosine first)")
+
+
+def print_table(report: dict, rows: int = 20, file=sys.stdout):
+    mods = sorted(report["modules"], key=lambda m: m["cosine"])
+    width = max([len("module")] + [len(m["name"]) for m in mods[:rows]])
+    print(f"{'module':<{width}}  {'cosine':>9}  {'||V||_F':>10}  projected", file=file)
+    for m in mods[:rows]:
+        print(f"{m['name']:<{width}}  {m['cosine']:9.6f}  {m['v_norm']:10.4g}  {'yes' if m['projected'] else 'no'}",
+              file=file)
+    if len(mods) > rows:
+        print(f"... {len(mods) - rows} more modules in the JSON report", file=file)
+    t = report["totals"]
+    print(f"projected {t['num_projected']} of {t['num_modules']} modules "
+          f"({100 * t['fraction_projected']:.1f}%), cosine cut {t['cosine_cut']:.6f}, {t['seconds']:.1f} s", file=file)
+    for w in report.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def main(args) -> int:
+    from .project import REPORT_NAME, project_adapter
+
+    try:
+        report = project_adapter(args.base, args.aligned, args.adapter, args.out, select=args.select,
+                                 num_layers=args.num_layers, threshold=args.threshold, device=args.device,
+                                 report=args.report, overwrite=args.overwrite, progress=not args.quiet)
+    except SafeshapeError as exc:
+        print(f"safeshape project: error: {exc}", file=sys.stderr)
+        return 2
+    print_table(report, args.table_rows)
+    print(f"wrote {args.out} and {args.report or f'{args.out}/{REPORT_NAME}'}")
+    return 0

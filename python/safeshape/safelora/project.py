@@ -1,0 +1,194 @@
+"""Safe LoRA over checkpoints: stream base/aligned weights one module at a time, project the selected lora_B."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__, ops
+from ..errors import CheckpointError, SafeshapeError
+from ..io import atomic_output_dir, check_output_path, write_json
+from .adapter import WEIGHTS, Adapter
+from .checkpoint import Checkpoint, check_same_architecture
+from .selection import select_modules
+
+REPORT_NAME = "safelora_report.json"
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    r: int
+    d_out: int
+    d_in: int
+    cosine: float
+    v_norm: float
+    projected: bool = False
+
+
+def _device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SafeshapeError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def load_weight_pair(base: Checkpoint, aligned: Checkpoint, key: str, d_out: int, d_in: int,
+                     fan_in_fan_out: bool, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read ``key`` from both checkpoints as ``[d_out, d_in]`` weights of one supported dtype."""
+    for ck in (base, aligned):
+        if key not in ck:
+            raise CheckpointError(f"{ck.role} checkpoint {ck.folder}: key {key!r} not found (needed by {where})")
+    want = (d_in, d_out) if fan_in_fan_out else (d_out, d_in)
+    shapes = {ck.role: ck.shape(key) for ck in (base, aligned)}
+    if shapes["base"] != shapes["aligned"]:
+        raise CheckpointError(f"key {key!r}: shape {list(shapes['base'])} in base {base.folder} but "
+                              f"{list(shapes['aligned'])} in aligned {aligned.folder}")
+    if len(shapes["base"]) != 2:
+        raise CheckpointError(f"key {key!r} in base {base.folder} has shape {list(shapes['base'])}: the target of a "
+                              "LoRA must be a 2-D weight")
+    if tuple(shapes["base"]) != want:
+        raise CheckpointError(f"key {key!r} has shape {list(shapes['base'])} in base {base.folder} but {where} "
+                              f"expects {list(want)}" + (" (fan_in_fan_out)" if fan_in_fan_out else ""))
+    wb, wa = base.get(key), aligned.get(key)
+    if fan_in_fan_out:
+        wb, wa = wb.T, wa.T
+    if wb.dtype != wa.dtype or wb.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        wb, wa = wb.float(), wa.float()
+    return wb, wa
+
+
+def project_module(w_base, w_aligned, lora_a, lora_b, device) -> tuple[torch.Tensor, float, float]:
+    """``(projected_b on the CPU in lora_b's dtype, cosine, ||V||_F)`` for one module.
+
+    B' is computed and used for the cosine in float32; only the returned tensor is rounded to lora_b's dtype
+    (a bf16-rounded B' would move the cosine by ~1e-4).
+    """
+    dev = _device(device) if isinstance(device, str) else device
+    wb, wa = w_base.to(dev), w_aligned.to(dev)
+    b, a = lora_b.to(dev, torch.float32), lora_a.to(dev)
+    projected, v_norm = ops.project_lora_b(wa, wb, b)
+    cosine = ops.lora_cosine(b, projected, a)
+    return projected.to("cpu", lora_b.dtype), float(cosine), float(v_norm)
+
+
+def _settings(select, num_layers, threshold, device, **paths):
+    return {"select": select, "num_layers": num_layers if select == "number" else None,
+            "threshold": threshold if select == "threshold" else None, "device": str(device),
+            **{k: str(v) for k, v in paths.items()}}
+
+
+def build_report(settings: dict, results: list[ModuleResult], cut: float, seconds: float, warnings=()) -> dict:
+    n_proj = sum(r.projected for r in results)
+    return {
+        "safeshape_version": __version__,
+        "settings": settings,
+        "modules": [asdict(r) for r in results],
+        "totals": {"num_modules": len(results), "num_projected": n_proj,
+                   "fraction_projected": n_proj / len(results) if results else 0.0,
+                   "cosine_cut": cut, "seconds": round(seconds, 3)},
+        "warnings": list(warnings),
+    }
+
+
+def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_layers: int = 10,
+                    threshold: float = 0.5, device: str = "cpu", report=None, overwrite: bool = False,
+                    progress: bool = True) -> dict:
+    """Safe LoRA on folders: write ``out`` = ``adapter`` with ``lora_B`` projected for the selected modules.
+
+    ``base``/``aligned`` are HF model folders (safetensors, single or sharded), ``adapter`` a PEFT LoRA folder.
+    The config and every tensor not projected are written byte-identical. ``out`` is written to a temporary
+    folder and renamed; an existing ``out`` is refused unless ``overwrite``. The JSON report goes to
+    ``report`` (default ``out/safelora_report.json``) and is returned.
+    """
+    t0 = time.perf_counter()
+    inputs = [("--base", base), ("--aligned", aligned), ("--adapter", adapter)]
+    check_output_path(out, overwrite, inputs)
+    if report is not None:
+        check_output_path(report, overwrite, inputs, what="--report")
+    dev = _device(device)
+    select_modules([], select, num_layers, threshold)  # validate the settings before any work
+    ck_base, ck_aligned = Checkpoint(base, "base"), Checkpoint(aligned, "aligned")
+    check_same_architecture(ck_base, ck_aligned)
+    ad = Adapter(adapter)
+
+    results, projected = [], {}
+    for m in tqdm(ad.modules, desc="safe-lora", unit="module", disable=not progress):
+        where = f"{ad.weights_path}: {m.key_b}"
+        wb, wa = load_weight_pair(ck_base, ck_aligned, m.weight_key, m.d_out, m.d_in, m.fan_in_fan_out, where)
+        projected[m.key_b], cos, vn = project_module(wb, wa, ad.lora_a(m), ad.lora_b(m), dev)
+        del wb, wa
+        results.append(ModuleResult(m.name, m.r, m.d_out, m.d_in, cos, vn))
+    mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold)
+    for r, chosen in zip(results, mask):
+        r.projected = chosen
+
+    tensors = dict(ad.tensors)
+    for m, r in zip(ad.modules, results):
+        if r.projected:
+            tensors[m.key_b] = projected[m.key_b].to(ad.lora_b(m).dtype).contiguous()
+    settings = _settings(select, num_layers, threshold, dev, base=base, aligned=aligned, adapter=adapter, out=out)
+    from safetensors.torch import save_file
+
+    with atomic_output_dir(out, overwrite, inputs) as tmp:
+        for p in Path(adapter).iterdir():
+            if p.name == WEIGHTS or p.is_dir():
+                continue
+            shutil.copy2(p, tmp / p.name)
+        save_file(tensors, str(tmp / WEIGHTS), metadata=ad.metadata or None)
+        rep = build_report(settings, results, cut, time.perf_counter() - t0, ad.warnings)
+        if report is None:
+            write_json(tmp / REPORT_NAME, rep, overwrite=True)
+    if report is not None:
+        write_json(report, rep, overwrite=overwrite, inputs=inputs, what="--report")
+    return rep
+
+
+def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_layers: int = 10,
+                    threshold: float = 0.5, device: str | None = None, adapter_name: str | None = None,
+                    progress: bool = True) -> dict:
+    """Safe LoRA on a ``peft.PeftModel`` in memory: ``lora_B`` of the selected modules is replaced in place.
+
+    ``base``/``aligned`` are HF model folders. Returns the same report as :func:`project_adapter`.
+    """
+    t0 = time.perf_counter()
+    select_modules([], select, num_layers, threshold)
+    ck_base, ck_aligned = Checkpoint(base, "base"), Checkpoint(aligned, "aligned")
+    check_same_architecture(ck_base, ck_aligned)
+    name = adapter_name or getattr(peft_model, "active_adapter", "default")
+    layers = []
+    for mod_name, mod in peft_model.named_modules():
+        if hasattr(mod, "lora_embedding_A") and name in getattr(mod, "lora_embedding_A", {}):
+            raise SafeshapeError(f"module {mod_name}: embedding LoRA is not supported")
+        if not (hasattr(mod, "lora_A") and name in mod.lora_A):
+            continue
+        if getattr(mod, "use_dora", {}).get(name, False):
+            raise SafeshapeError(f"module {mod_name}: DoRA is not supported")
+        a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
+        if a.dim() != 2:
+            raise SafeshapeError(f"module {mod_name}: lora_A has shape {list(a.shape)}; only Linear LoRA is supported")
+        clean = mod_name[len("base_model.model."):] if mod_name.startswith("base_model.model.") else mod_name
+        layers.append((clean, mod, a, b, bool(getattr(mod, "fan_in_fan_out", False))))
+    if not layers:
+        raise SafeshapeError(f"the model has no LoRA layers for adapter {name!r}")
+    results, projected = [], []
+    for clean, mod, a, b, fifo in tqdm(layers, desc="safe-lora", unit="module", disable=not progress):
+        wb, wa = load_weight_pair(ck_base, ck_aligned, f"{clean}.weight", b.shape[0], a.shape[1], fifo,
+                                  f"LoRA module {clean}")
+        dev = device or b.device
+        p, cos, vn = project_module(wb, wa, a.detach(), b.detach(), dev)
+        projected.append(p)
+        results.append(ModuleResult(clean, a.shape[0], b.shape[0], a.shape[1], cos, vn))
+    mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold)
+    with torch.no_grad():
+        for (clean, mod, a, b, _), r, p, chosen in zip(layers, results, projected, mask):
+            r.projected = chosen
+            if chosen:
+                b.copy_(p.to(device=b.device, dtype=b.dtype))
+    settings = _settings(select, num_layers, threshold, device or "model", base=base, aligned=aligned,
+                         adapter=f"<PeftModel:{name}>")
+    return build_report(settings, results, cut, time.perf_counter() - t0)
