@@ -24,3 +24,6 @@ demo: setup
 	$(VENV)/bin/python -m safeshape.safelora.example build/example --overwrite
 	$(VENV)/bin/safeshape project --base build/example/base --aligned build/example/aligned \
 	    --adapter build/example/adapter --out build/example/projected --overwrite
+
+wheels:  # CPU and CUDA wheels, repaired to manylinux and smoke-tested in fresh venvs (scripts/build_wheels.sh)
+	scripts/build_wheels.sh

@@ -43,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) explicit-C reference")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--hbm-gbps", type=float, default=None,
+                    help="GPU memory bandwidth (GB/s); adds ours / (time to read both weights twice at that speed)")
     args = ap.parse_args(argv)
     dev = args.device
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
@@ -72,10 +74,14 @@ def main(argv=None):
                 row = dict(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype).replace("torch.", ""), device=dev,
                            ours_s=ours, reference_s=ref, floor_s=floor,
                            reference_over_ours=(ref / ours) if ref else None, ours_over_floor=ours / floor)
+                if args.hbm_gbps:
+                    two_reads = 2 * 2 * aligned.numel() * aligned.element_size() / (args.hbm_gbps * 1e9)
+                    row["ours_over_two_reads_at_hbm"] = ours / two_reads
                 rows.append(row)
                 print(f"{d_out:>5}x{d_in:<6} {r:>3} {row['dtype']:>9} {ours*1e3:9.2f} "
                       f"{(ref or float('nan'))*1e3:9.1f} {floor*1e3:9.2f} "
-                      f"{(row['reference_over_ours'] or float('nan')):9.1f} {row['ours_over_floor']:10.2f}")
+                      f"{(row['reference_over_ours'] or float('nan')):9.1f} {row['ours_over_floor']:10.2f}"
+                      + (f" {row['ours_over_two_reads_at_hbm']:8.2f}x of 2 reads at HBM" if args.hbm_gbps else ""))
             del base, aligned
     if args.json:
         with open(args.json, "w") as f:

@@ -21,6 +21,23 @@ typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
 inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16*>(p); }
 inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
 
+inline double hsum(vf16 v) {
+  double s = 0.0;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+typedef uint16_t vu16x16 __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t vu32x16 __attribute__((vector_size(64)));
+
+// 16 bfloat16 values (raw bits) to float32: widen and shift into the high half.
+inline vf16 bf16x16_to_float(const uint16_t* p) {
+  const vu32x16 w = __builtin_convertvector(*reinterpret_cast<const vu16x16*>(p), vu32x16) << 16;
+  vf16 f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 inline float bf16_bits_to_float(uint16_t bits) {

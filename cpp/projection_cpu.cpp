@@ -19,33 +19,65 @@ using cpu::round_up;
 
 constexpr int64_t kRank = 16;       // rank columns held in registers at a time (lora_b padded to a multiple)
 constexpr int64_t kRows1 = 8;       // rows of V per rank-8 update in pass 1
-constexpr int64_t kCols1 = 512;     // columns of V per tile in pass 1 (the M tile stays in L1/L2)
+constexpr int64_t kCols1 = 2048;    // widest column tile of pass 1: long row segments keep the prefetchers busy
 constexpr int64_t kRowBlock = 256;  // pass 1 sums this many rows in a fresh accumulator (two-level summation)
-constexpr int64_t kRows2 = 4;       // rows of V per block in pass 2 (each M row load serves 4 rows)
+constexpr int64_t kRows2 = 8;       // rows of V per block in pass 2 (each M row load serves 8 rows)
 constexpr int64_t kColBlock = 256;  // pass 2 two-level summation block
 
-// out[j] = a[j] - b[j] in float32; adds sum(out^2) to *ss when ss is not null.
+// out[j] = a[j] - b[j] in float32; adds sum(out^2) to *ss when ss is not null. Explicit 16-wide vectors: the
+// compiler will not vectorise a float reduction on its own (it may not reorder the sum), which left this
+// loop scalar and made it the slowest part of the op.
+template <bool kSumSq>
 SAFESHAPE_CLONES
-void diff_f32(const float* __restrict a, const float* __restrict b, float* __restrict out, int64_t n, double* ss) {
-  float acc = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
+void diff_f32_impl(const float* __restrict a, const float* __restrict b, float* __restrict out, int64_t n,
+                   double* ss) {
+  cpu::vf16 acc0 = {}, acc1 = {};
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const cpu::vf16 v0 = cpu::load16(a + j) - cpu::load16(b + j);
+    const cpu::vf16 v1 = cpu::load16(a + j + 16) - cpu::load16(b + j + 16);
+    cpu::store16(out + j, v0);
+    cpu::store16(out + j + 16, v1);
+    if constexpr (kSumSq) {
+      acc0 += v0 * v0;
+      acc1 += v1 * v1;
+    }
+  }
+  float tail = 0.f;
+  for (; j < n; ++j) {
     const float v = a[j] - b[j];
     out[j] = v;
-    acc += v * v;
+    tail += v * v;
   }
-  if (ss) *ss += acc;
+  if constexpr (kSumSq) *ss += cpu::hsum(acc0 + acc1) + static_cast<double>(tail);
 }
 
+template <bool kSumSq>
 SAFESHAPE_CLONES
-void diff_bf16(const uint16_t* __restrict a, const uint16_t* __restrict b, float* __restrict out, int64_t n,
-               double* ss) {
-  float acc = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
+void diff_bf16_impl(const uint16_t* __restrict a, const uint16_t* __restrict b, float* __restrict out, int64_t n,
+                    double* ss) {
+  cpu::vf16 acc = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const cpu::vf16 v = cpu::bf16x16_to_float(a + j) - cpu::bf16x16_to_float(b + j);
+    cpu::store16(out + j, v);
+    if constexpr (kSumSq) acc += v * v;
+  }
+  float tail = 0.f;
+  for (; j < n; ++j) {
     const float v = cpu::bf16_bits_to_float(a[j]) - cpu::bf16_bits_to_float(b[j]);
     out[j] = v;
-    acc += v * v;
+    tail += v * v;
   }
-  if (ss) *ss += acc;
+  if constexpr (kSumSq) *ss += cpu::hsum(acc) + static_cast<double>(tail);
+}
+
+void diff_f32(const float* a, const float* b, float* out, int64_t n, double* ss) {
+  ss ? diff_f32_impl<true>(a, b, out, n, ss) : diff_f32_impl<false>(a, b, out, n, ss);
+}
+
+void diff_bf16(const uint16_t* a, const uint16_t* b, float* out, int64_t n, double* ss) {
+  ss ? diff_bf16_impl<true>(a, b, out, n, ss) : diff_bf16_impl<false>(a, b, out, n, ss);
 }
 
 void diff_f16(const c10::Half* a, const c10::Half* b, float* out, int64_t n, double* ss) {
@@ -70,17 +102,30 @@ void diff_row(const T* a, const T* b, float* out, int64_t n, double* ss) {
 }
 
 // M[j, :] += sum_ii vt[ii, j] * bt[ii, :] for j < w: a rank-kRows1 update of a w x rp tile.
+// Eight columns at a time: eight independent accumulator chains, each bt row load serves eight FMAs.
 SAFESHAPE_CLONES
 void rank_update(float* __restrict M, const float* __restrict vt, int64_t ldv, const float* __restrict bt, int64_t w,
                  int64_t rp) {
   static_assert(kRank == 16, "the microkernels hold 16 rank columns in one vf16");
-  for (int64_t j = 0; j < w; ++j) {
-    float v[kRows1];
-    for (int ii = 0; ii < kRows1; ++ii) v[ii] = vt[ii * ldv + j];
+  constexpr int kCols = 8;
+  int64_t j = 0;
+  for (; j + kCols <= w; j += kCols) {
+    for (int64_t k0 = 0; k0 < rp; k0 += kRank) {
+      cpu::vf16 acc[kCols];
+      for (int c = 0; c < kCols; ++c) acc[c] = cpu::load16(M + (j + c) * rp + k0);
+      for (int ii = 0; ii < kRows1; ++ii) {
+        const cpu::vf16 brow = cpu::load16(bt + ii * rp + k0);
+        const float* vr = vt + ii * ldv + j;
+        for (int c = 0; c < kCols; ++c) acc[c] += vr[c] * brow;
+      }
+      for (int c = 0; c < kCols; ++c) cpu::store16(M + (j + c) * rp + k0, acc[c]);
+    }
+  }
+  for (; j < w; ++j) {
     float* m = M + j * rp;
     for (int64_t k0 = 0; k0 < rp; k0 += kRank) {
       cpu::vf16 acc = cpu::load16(m + k0);
-      for (int ii = 0; ii < kRows1; ++ii) acc += v[ii] * cpu::load16(bt + ii * rp + k0);
+      for (int ii = 0; ii < kRows1; ++ii) acc += vt[ii * ldv + j] * cpu::load16(bt + ii * rp + k0);
       cpu::store16(m + k0, acc);
     }
   }
@@ -92,48 +137,38 @@ void add_into(float* __restrict dst, const float* __restrict src, int64_t n) {
 }
 
 // out[ii, :] = sum_j v[ii, j] * M[j, :] for ii < kRows2; v is kRows2 x d_in, M is d_in x rp, out kRows2 x rp.
+// kRows2 independent accumulator chains; each M row load serves kRows2 FMAs.
 SAFESHAPE_CLONES
 void rows_times_m(float* __restrict out, const float* __restrict v, const float* __restrict M, int64_t d_in,
                   int64_t rp) {
-  static_assert(kRows2 == 4, "four accumulators below");
-  const float* v0 = v;
-  const float* v1 = v + d_in;
-  const float* v2 = v + 2 * d_in;
-  const float* v3 = v + 3 * d_in;
   for (int64_t k0 = 0; k0 < rp; k0 += kRank) {
-    cpu::vf16 t0 = {}, t1 = {}, t2 = {}, t3 = {};
+    cpu::vf16 total[kRows2] = {};
     for (int64_t jb = 0; jb < d_in; jb += kColBlock) {
       const int64_t je = std::min(jb + kColBlock, d_in);
-      cpu::vf16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      cpu::vf16 acc[kRows2] = {};
       for (int64_t j = jb; j < je; ++j) {
         const cpu::vf16 m = cpu::load16(M + j * rp + k0);
-        a0 += v0[j] * m;
-        a1 += v1[j] * m;
-        a2 += v2[j] * m;
-        a3 += v3[j] * m;
+        for (int ii = 0; ii < kRows2; ++ii) acc[ii] += v[ii * d_in + j] * m;
       }
-      t0 += a0;
-      t1 += a1;
-      t2 += a2;
-      t3 += a3;
+      for (int ii = 0; ii < kRows2; ++ii) total[ii] += acc[ii];
     }
-    cpu::store16(out + k0, t0);
-    cpu::store16(out + rp + k0, t1);
-    cpu::store16(out + 2 * rp + k0, t2);
-    cpu::store16(out + 3 * rp + k0, t3);
+    for (int ii = 0; ii < kRows2; ++ii) cpu::store16(out + ii * rp + k0, total[ii]);
   }
 }
 
 template <typename T>
 double projection_pass1(const T* a, const T* b, const float* bt, float* M, int64_t d_out, int64_t d_in, int64_t rp) {
-  const int64_t ntiles = (d_in + kCols1 - 1) / kCols1;
+  // one tile per thread where possible (at least 256 columns, at most kCols1)
+  const int64_t width = std::clamp<int64_t>(round_up((d_in + at::get_num_threads() - 1) / at::get_num_threads(), 16),
+                                            256, kCols1);
+  const int64_t ntiles = (d_in + width - 1) / width;
   std::vector<double> tile_ss(ntiles, 0.0);
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> vt(kRows1 * kCols1, 0.f);
-    std::vector<float> part(kCols1 * rp);
+    std::vector<float> vt(kRows1 * width, 0.f);
+    std::vector<float> part(width * rp);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j0 = t * kCols1;
-      const int64_t w = std::min(kCols1, d_in - j0);
+      const int64_t j0 = t * width;
+      const int64_t w = std::min(width, d_in - j0);
       double ss = 0.0;
       for (int64_t rb = 0; rb < d_out; rb += kRowBlock) {
         const int64_t re = std::min(rb + kRowBlock, d_out);
@@ -141,10 +176,10 @@ double projection_pass1(const T* a, const T* b, const float* bt, float* M, int64
         for (int64_t i0 = rb; i0 < re; i0 += kRows1) {
           const int64_t rt = std::min(kRows1, re - i0);
           for (int64_t ii = 0; ii < rt; ++ii)
-            diff_row(a + (i0 + ii) * d_in + j0, b + (i0 + ii) * d_in + j0, vt.data() + ii * kCols1, w, &ss);
-          for (int64_t ii = rt; ii < kRows1; ++ii) std::fill_n(vt.data() + ii * kCols1, w, 0.f);
+            diff_row(a + (i0 + ii) * d_in + j0, b + (i0 + ii) * d_in + j0, vt.data() + ii * width, w, &ss);
+          for (int64_t ii = rt; ii < kRows1; ++ii) std::fill_n(vt.data() + ii * width, w, 0.f);
           // bt has kRows1 zero rows of padding past d_out, so a short last tile reads zeros.
-          rank_update(part.data(), vt.data(), kCols1, bt + i0 * rp, w, rp);
+          rank_update(part.data(), vt.data(), width, bt + i0 * rp, w, rp);
         }
         add_into(M + j0 * rp, part.data(), w * rp);
       }

@@ -1,7 +1,7 @@
 // Every native op of safeshape, in one place: the table of contents of the native code.
+// C++ callers use include/safeshape/ops.h (implemented in cpp/api.cpp), Python callers safeshape.ops.
 // Kernels register themselves next to their code (cpp/*_cpu.cpp, cpp/*_cuda.cpp); fake (meta) kernels and
 // autograd formulas are registered from Python in python/safeshape/ops/.
-#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(safeshape, m) {
@@ -17,23 +17,4 @@ TORCH_LIBRARY(safeshape, m) {
   // ---- DSS loss (SPEC.md section 3) ----
 
   // ---- STAR (SPEC.md section 2) ----
-}
-
-namespace py = pybind11;
-
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "safeshape native extension: registers torch.ops.safeshape.*";
-  m.def("build_info", []() {
-    py::dict info;
-    info["torch_version"] = SAFESHAPE_TORCH_VERSION;
-#ifdef SAFESHAPE_WITH_CUDA
-    info["cuda"] = true;
-    info["cuda_version"] = SAFESHAPE_CUDA_VERSION;
-#else
-    info["cuda"] = false;
-    info["cuda_version"] = py::none();
-#endif
-    info["cuda_archs"] = SAFESHAPE_CUDA_ARCHS;
-    return info;
-  }, "What this build was compiled against: torch version, CUDA on/off, CUDA version and arch list.");
 }

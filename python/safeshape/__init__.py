@@ -33,6 +33,16 @@ from . import _C  # noqa: E402  registers torch.ops.safeshape.*
 from . import ops  # noqa: E402,F401  registers fake kernels and autograd formulas
 
 
+def _cmake_prefix_path() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(_C.__file__), "share", "cmake")
+
+
+#: Put this on CMAKE_PREFIX_PATH for ``find_package(safeshape)`` (C++ consumers; see examples/cpp).
+cmake_prefix_path = _cmake_prefix_path()
+
+
 def build_info() -> dict:
     """What this build was compiled against: ``torch_version``, ``cuda`` (bool), ``cuda_version``, ``cuda_archs``."""
     info = dict(_C.build_info())
@@ -41,4 +51,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["build_info", "cmake_prefix_path", "ops", "__version__"]

@@ -1,0 +1,20 @@
+// The Python extension module safeshape._C: loading it loads libsafeshape_ops, which registers
+// torch.ops.safeshape.*; the module itself only reports what the library was built against.
+#include <pybind11/pybind11.h>
+
+#include "safeshape/ops.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "safeshape native extension: registers torch.ops.safeshape.*";
+  m.def("build_info", []() {
+    const safeshape::BuildInfo b = safeshape::build_info();
+    py::dict info;
+    info["torch_version"] = b.torch_version;
+    info["cuda"] = b.cuda;
+    info["cuda_version"] = b.cuda ? py::object(py::str(b.cuda_version)) : py::object(py::none());
+    info["cuda_archs"] = b.cuda_archs;
+    return info;
+  }, "What this build was compiled against: torch version, CUDA on/off, CUDA version and arch list.");
+}

@@ -1,0 +1,57 @@
+// Calls safeshape's ops from C++ and checks them against values computed here with plain ATen.
+// Exit code 0 and "safeshape C++ example: OK" when every check passes.
+#include <ATen/ATen.h>
+#include <safeshape/ops.h>
+
+#include <cmath>
+#include <cstdio>
+
+namespace {
+
+int failures = 0;
+
+void check(bool ok, const char* what, double got, double want) {
+  std::printf("%-48s got %.9g want %.9g %s\n", what, got, want, ok ? "ok" : "FAILED");
+  if (!ok) ++failures;
+}
+
+}  // namespace
+
+int main() {
+  const safeshape::BuildInfo info = safeshape::build_info();
+  std::printf("safeshape built against torch %s, CUDA %s\n", info.torch_version.c_str(), info.cuda ? "on" : "off");
+
+  at::manual_seed(0);
+  const int64_t d_out = 96, d_in = 80, r = 8;
+  const at::Tensor base = at::randn({d_out, d_in});
+  const at::Tensor aligned = base + 0.05 * at::randn({d_out, d_in});
+  const at::Tensor lora_b = at::randn({d_out, r});
+  const at::Tensor lora_a = at::randn({r, d_in});
+
+  // Safe LoRA projection: B' = V (V^T B) / ||V||_F, against the explicit C = V V^T / ||V||_F in float64.
+  auto [projected, v_norm] = safeshape::project_lora_b(aligned, base, lora_b);
+  const at::Tensor V = (aligned - base).to(at::kDouble);
+  const double norm = V.norm().item<double>();
+  const at::Tensor want = at::mm(at::mm(V, V.t()) / norm, lora_b.to(at::kDouble));
+  const double rel = ((projected.to(at::kDouble) - want).norm() / want.norm()).item<double>();
+  check(rel < 1e-5, "project_lora_b relative error", rel, 0.0);
+  check(std::abs(v_norm.item<double>() - norm) < 1e-4 * norm, "project_lora_b ||V||_F", v_norm.item<double>(), norm);
+
+  // Cosine between C dW and dW, against the direct float64 formula.
+  const double cos = safeshape::lora_cosine(lora_b, projected, lora_a).item<double>();
+  const at::Tensor dw = at::mm(lora_b.to(at::kDouble), lora_a.to(at::kDouble));
+  const at::Tensor cdw = at::mm(projected.to(at::kDouble), lora_a.to(at::kDouble));
+  const double cos_want = ((dw * cdw).sum() / (dw.norm() * cdw.norm())).item<double>();
+  check(std::abs(cos - cos_want) < 1e-6, "lora_cosine", cos, cos_want);
+
+  const at::Tensor C = safeshape::alignment_projection_matrix(aligned, base);
+  const double c_err = (C.to(at::kDouble) - at::mm(V, V.t()) / norm).abs().max().item<double>();
+  check(c_err < 1e-4, "alignment_projection_matrix max abs error", c_err, 0.0);
+
+  if (failures) {
+    std::printf("safeshape C++ example: %d FAILED\n", failures);
+    return 1;
+  }
+  std::printf("safeshape C++ example: OK\n");
+  return 0;
+}
