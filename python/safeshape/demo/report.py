@@ -24,6 +24,10 @@ def table(report: dict) -> str:
     w = report["world"]
     lines += ["", f"safety  = {w['safety']} ({w['eval_harmful']} requests)",
               f"utility = {w['utility']} ({w['eval_benign']} requests)"]
+    g = report.get("guard")
+    if g:
+        lines.append(f"guard   = flags {_pct(g['unsafe_flagged']).strip()} of held-out harmful compliance, passes "
+                     f"{_pct(g['safe_passed']).strip()} of refusals and task answers")
     if notes:
         lines += ["", "not run:"] + notes
     return "\n".join(lines)
