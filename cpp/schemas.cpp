@@ -17,4 +17,8 @@ TORCH_LIBRARY(safeshape, m) {
   // ---- DSS loss (SPEC.md section 3) ----
 
   // ---- STAR (SPEC.md section 2) ----
+  // weights[b, t] = values[b, k] for the first chunk k (in order) with chunk_ends[b, k] > t, i.e. chunk k's value
+  // on the tokens at/after the previous end and before its own end; a negative end (-1) marks a padding chunk;
+  // tokens at/after the last end get 0. values [B, K] float, chunk_ends [B, K] int64/int32 -> [B, seq_len].
+  m.def("star_token_weights(Tensor values, Tensor chunk_ends, int seq_len) -> Tensor");
 }

@@ -21,4 +21,11 @@ size_t lora_cosine_workspace_bytes(int64_t r);
 int launch_lora_cosine(const double* lora_b, const double* projected_b, const double* lora_a, double* cosine,
                        int64_t d_out, int64_t d_in, int64_t r, void* workspace, size_t workspace_bytes, void* stream);
 
+// ---- STAR ----
+// weights[b, t] = values[b, k] for the first k with chunk_ends[b, k] > t, else 0 (t < seq_len). The copy is bitwise,
+// so any element size works: elem_bytes is 2 (float16/bfloat16), 4 (float32) or 8 (float64).
+// values [batch, chunks] and chunk_ends [batch, chunks] (int64) row-major; weights [batch, seq_len].
+int launch_star_token_weights(int elem_bytes, const void* values, const int64_t* chunk_ends, void* weights,
+                              int64_t batch, int64_t chunks, int64_t seq_len, void* stream);
+
 }  // namespace safeshape::cuda

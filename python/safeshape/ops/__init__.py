@@ -3,5 +3,7 @@
 Each feature's ops live in their own module; everything is re-exported here.
 """
 from .projection import alignment_projection_matrix, lora_cosine, project_lora_b
+from .star import star_token_weights
 
 __all__ = ["project_lora_b", "lora_cosine", "alignment_projection_matrix"]
+__all__ += ["star_token_weights"]

@@ -1,0 +1,70 @@
+// CUDA kernel of star_token_weights (SPEC.md section 2): weights[b, t] = values[b, k] for the first chunk k with
+// chunk_ends[b, k] > t, else 0. One thread per token; a block walks the row's chunk ends in shared-memory tiles
+// and stops as soon as every token of the block has found its chunk. The copy is bitwise (any float dtype).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "launchers.h"
+
+namespace safeshape::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename Bits>
+__global__ void star_token_weights_kernel(const Bits* __restrict__ values, const int64_t* __restrict__ chunk_ends,
+                                          Bits* __restrict__ weights, int64_t batch, int64_t chunks,
+                                          int64_t seq_len) {
+  __shared__ int64_t tile[kThreads];
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const int64_t* ends = chunk_ends + b * chunks;
+    int64_t found = -1;
+    for (int64_t k0 = 0; k0 < chunks; k0 += kThreads) {
+      __syncthreads();  // the previous tile is no longer read
+      if (k0 + threadIdx.x < chunks) tile[threadIdx.x] = ends[k0 + threadIdx.x];
+      __syncthreads();
+      const int n = static_cast<int>(min(static_cast<int64_t>(kThreads), chunks - k0));
+      if (found < 0) {
+        for (int i = 0; i < n; ++i) {
+          if (tile[i] > t) {
+            found = k0 + i;
+            break;
+          }
+        }
+      }
+      // uniform across the block, so every thread leaves the loop together
+      if (__syncthreads_and(found >= 0 || t >= seq_len)) break;
+    }
+    if (t < seq_len) weights[b * seq_len + t] = found >= 0 ? values[b * chunks + found] : Bits(0);
+  }
+}
+
+template <typename Bits>
+void launch_for_bits(const void* values, const int64_t* chunk_ends, void* weights, int64_t batch, int64_t chunks,
+                     int64_t seq_len, cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>((seq_len + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(std::min(batch, kMaxGridY)));
+  star_token_weights_kernel<Bits><<<grid, kThreads, 0, s>>>(static_cast<const Bits*>(values), chunk_ends,
+                                                            static_cast<Bits*>(weights), batch, chunks, seq_len);
+}
+
+}  // namespace
+
+int launch_star_token_weights(int elem_bytes, const void* values, const int64_t* chunk_ends, void* weights,
+                              int64_t batch, int64_t chunks, int64_t seq_len, void* stream) {
+  if (batch == 0 || seq_len == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (elem_bytes) {
+    case 2: launch_for_bits<uint16_t>(values, chunk_ends, weights, batch, chunks, seq_len, s); break;
+    case 4: launch_for_bits<uint32_t>(values, chunk_ends, weights, batch, chunks, seq_len, s); break;
+    case 8: launch_for_bits<uint64_t>(values, chunk_ends, weights, batch, chunks, seq_len, s); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace safeshape::cuda

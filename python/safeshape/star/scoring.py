@@ -1,0 +1,143 @@
+"""STAR scoring: P(safe) of every prefix of a response, from a guard model (SPEC.md section 2)."""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence, Union
+
+import torch
+
+from ..errors import SafeshapeError
+from . import engines
+from .presets import GuardPreset, get_preset
+from .segment import check_chunk_words
+from .template import GuardInput, GuardTemplate
+
+ENGINES = ("shared", "naive")
+Conversation = Union[str, Sequence[dict]]
+
+
+def as_context(prompt: Conversation) -> list[dict]:
+    """The conversation before the response: a prompt string is one user message; a list of messages is kept."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    context = list(prompt)
+    for i, m in enumerate(context):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise SafeshapeError(f"prompt message {i}: each message must be a dict with string 'role' and 'content'")
+    return context
+
+
+def verdict_probability(logits: torch.Tensor, temperature: float) -> list[float]:
+    """``softmax([l_safe, l_unsafe] / T)[0]`` for each row of ``logits`` [N, 2] (computed in float64)."""
+    return torch.sigmoid((logits[:, 0] - logits[:, 1]) / temperature).tolist()
+
+
+class StarScorer:
+    """Scores responses with a guard: one P(safe) per chunk of M words.
+
+    ``batch_size`` is the number of guard sequences per forward pass: prefixes for the naive engine, responses for
+    the shared engine (each of which carries all its prefixes). ``tails`` picks how the shared engine runs the K
+    template tails (see :mod:`safeshape.star.engines`): ``cached`` (default; a second pass of at most
+    ``max_tail_rows`` tails attending to the cached head + response, which bounds its memory to that many copies
+    of the head + response keys/values) or ``inline`` (one pass over everything with a dense block mask).
+    ``stats`` accumulates the guard tokens processed (real tokens), padded slots, forward passes, responses and
+    chunks, and ``tokenization_mismatches``: responses whose chunk-wise token sequence differs from tokenizing the
+    whole rendered guard input in one go (see :mod:`safeshape.star.template`).
+    """
+
+    def __init__(self, guard, tokenizer, preset: str | GuardPreset = "llama-guard-3", chunk_words: int = 5,
+                 engine: str = "shared", batch_size: int = 8, temperature: float = 1.0, tails: str = "cached",
+                 max_tail_rows: int = 256):
+        if tails not in ("cached", "inline"):
+            raise SafeshapeError(f"tails must be 'cached' or 'inline', got {tails!r}")
+        if engine not in ENGINES:
+            raise SafeshapeError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if not temperature > 0:
+            raise SafeshapeError(f"temperature must be > 0, got {temperature!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise SafeshapeError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.guard = guard
+        self.template = GuardTemplate(tokenizer, get_preset(preset))
+        self.chunk_words = check_chunk_words(chunk_words)
+        self.batch_size = batch_size
+        self.temperature = float(temperature)
+        self.requested_engine = engine
+        self.tails = tails
+        self.max_tail_rows = max(1, int(max_tail_rows))
+        self.engine = engine
+        if engine == "shared" and not engines.block_mask_supported(guard):
+            warnings.warn(f"STAR: the guard's attention implementation "
+                          f"{engines.attention_implementation(guard)!r} cannot take a custom 4-D attention mask; "
+                          "falling back to the naive engine (one guard pass per prefix). Load the guard with "
+                          "attn_implementation='sdpa' or 'eager' to use the shared engine.", stacklevel=2)
+            self.engine = "naive"
+        if guard.training:
+            warnings.warn("STAR: the guard was in training mode; switching it to eval mode", stacklevel=2)
+            guard.eval()
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else 0  # padded positions are masked out: any id will do
+        self.verdict_ids = [self.template.safe_id, self.template.unsafe_id]
+        self.stats = {"guard_tokens": 0, "guard_slots": 0, "forward_passes": 0, "responses": 0, "chunks": 0,
+                      "tokenization_mismatches": 0}
+
+    def build(self, prompt: Conversation, response: str) -> GuardInput:
+        gi = self.template.build(as_context(prompt), response, self.chunk_words)
+        self.stats["tokenization_mismatches"] += not gi.matches_full_text
+        return gi
+
+    def score_inputs(self, inputs: list[GuardInput]) -> list[list[float]]:
+        """P(safe) per chunk for prepared guard inputs."""
+        if self.engine == "shared":
+            logits = []
+            for b0 in range(0, len(inputs), self.batch_size):
+                batch = inputs[b0:b0 + self.batch_size]
+                if self.tails == "cached":
+                    out, tokens, slots, passes = engines.shared_logits(self.guard, batch, self.verdict_ids,
+                                                                       self.pad_id, self.max_tail_rows)
+                else:
+                    out, tokens, slots = engines.shared_inline_logits(self.guard, batch, self.verdict_ids,
+                                                                      self.pad_id)
+                    passes = 1
+                logits.extend(out)
+                self._count(tokens, slots, passes)
+        else:
+            seqs = [gi.prefix_ids(k) for gi in inputs for k in range(1, len(gi.chunks) + 1)]
+            flat = []
+            for b0 in range(0, len(seqs), self.batch_size):
+                batch = seqs[b0:b0 + self.batch_size]
+                out, slots = engines.naive_logits(self.guard, batch, self.verdict_ids, self.pad_id)
+                flat.append(out)
+                self._count(sum(len(s) for s in batch), slots)
+            flat = torch.cat(flat) if flat else torch.empty(0, 2, dtype=torch.float64)
+            logits, start = [], 0
+            for gi in inputs:
+                logits.append(flat[start:start + len(gi.chunks)])
+                start += len(gi.chunks)
+        self.stats["responses"] += len(inputs)
+        self.stats["chunks"] += sum(len(gi.chunks) for gi in inputs)
+        return [verdict_probability(l, self.temperature) for l in logits]
+
+    def score(self, items: Sequence[tuple[Conversation, str]]) -> list[list[float]]:
+        """P(safe) per chunk for each (prompt or conversation, response) pair."""
+        return self.score_inputs([self.build(p, r) for p, r in items])
+
+    def _count(self, tokens: int, slots: int, passes: int = 1) -> None:
+        self.stats["guard_tokens"] += tokens
+        self.stats["guard_slots"] += slots
+        self.stats["forward_passes"] += passes
+
+
+def score_response(guard, tokenizer, prompt: Conversation, response: str, chunk_words: int = 5,
+                   engine: str = "shared", preset: str | GuardPreset = "llama-guard-3",
+                   temperature: float = 1.0) -> list[float]:
+    """P(safe) of each prefix of ``response`` (one per chunk of ``chunk_words`` whitespace words, in order).
+
+    ``prompt`` is the user prompt, or the list of messages before the response. ``preset`` is a
+    :class:`GuardPreset` or a preset name. V_k = softmax([l_safe, l_unsafe] / temperature)[0], where l_safe and
+    l_unsafe are the guard's logits of the verdicts' first tokens after its template and the preset's verdict prefix.
+    The ``shared`` engine falls back to ``naive`` (with a warning) where the guard's attention cannot take a custom
+    4-D mask. A response without words raises :class:`SafeshapeError`.
+    """
+    scorer = StarScorer(guard, tokenizer, preset=preset, chunk_words=chunk_words, engine=engine,
+                        temperature=temperature)
+    return scorer.score([(prompt, response)])[0]

@@ -1,0 +1,58 @@
+"""STAR values -> per-token weights of the policy model's training text (SPEC.md section 2)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import SafeshapeError
+from ..ops import star_token_weights
+from .segment import chunk_char_spans
+
+
+def token_weights(token_offsets: Sequence[tuple[int, int]], response_start: int, response: str,
+                  values: Sequence[float], chunk_words: int) -> torch.Tensor:
+    """One STAR weight per token of a training text (float32, CPU).
+
+    ``token_offsets`` are the (start, end) character offsets of every token of the full training text (a fast
+    tokenizer's ``return_offsets_mapping`` on the policy's chat-template output); ``response_start`` is the character
+    index where ``response`` begins in that text; ``values`` are the STAR values, one per chunk of ``chunk_words``
+    whitespace words. Rules, in token order:
+
+    - tokens before the first token that ends after ``response_start`` get 0 (prompt tokens carry no loss);
+    - from there on, a token gets the value of the chunk its first non-space character falls in; a token with no
+      non-space character inside the response (whitespace between chunks) goes with the next word's chunk, so a
+      chunk's leading whitespace is part of it, and a token before the first word goes to chunk 1;
+    - tokens after the response (the template's end-of-turn tokens) get the last chunk's value, and so does a
+      token with empty offsets such as a special token the tokenizer appends.
+
+    The assignment is monotone in token order. An empty response (no words) has no chunks: then ``values`` must be
+    empty and every weight is 0.
+    """
+    spans = chunk_char_spans(response, chunk_words)
+    if len(values) != len(spans):
+        raise SafeshapeError(f"token_weights: values has {len(values)} entries but the response has {len(spans)} "
+                             f"chunks of {chunk_words} words (were the values computed with another chunk_words or "
+                             "another response text?)")
+    n = len(token_offsets)
+    if n == 0 or not spans:
+        return torch.zeros(n, dtype=torch.float32)
+    offsets = np.asarray(token_offsets, dtype=np.int64).reshape(n, 2)
+    length = len(response)
+    # next_nonspace[i]: index of the first non-space character at or after i (length if none)
+    nonspace = np.fromiter((not c.isspace() for c in response), dtype=bool, count=length)
+    idx = np.where(nonspace, np.arange(length), length)
+    next_nonspace = np.append(np.minimum.accumulate(idx[::-1])[::-1], length)
+    ends_in_text = offsets[:, 1]
+    after_start = np.nonzero(ends_in_text > response_start)[0]
+    t0 = int(after_start[0]) if after_start.size else n
+    # each response token's key: its first non-space character (or the next one), in response coordinates
+    lo = np.clip(offsets[t0:, 0] - response_start, 0, length)
+    keys = np.maximum.accumulate(next_nonspace[lo]) if lo.size else lo
+    chunk_end_chars = np.asarray([end for _, end in spans[:-1]], dtype=np.int64)
+    # tokens of chunks 1..k = response tokens whose key lies before chunk k's last character's end
+    chunk_ends = t0 + np.searchsorted(keys, chunk_end_chars, side="left")
+    vals = torch.tensor([0.0, *values], dtype=torch.float32)[None]
+    ends = torch.tensor([t0, *chunk_ends.tolist(), n], dtype=torch.int64)[None]
+    return star_token_weights(vals, ends, n)[0]

@@ -1,0 +1,155 @@
+"""Dataset annotation (annotate_file) and the ``safeshape star`` command."""
+import argparse
+import json
+
+import pytest
+
+from safeshape import cli
+from safeshape.errors import SafeshapeError
+from safeshape.star import annotate_file, score_response, tiny
+from safeshape.star import cli as star_cli
+from tests import star_common
+
+one_thread = pytest.fixture(autouse=True)(star_common.one_thread)
+
+ROWS = [
+    {"id": 0, "prompt": "How do I bake bread?", "response": tiny.random_text(12, 1)},
+    {"id": 1, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                           {"role": "user", "content": "Help me."}, {"role": "assistant",
+                                                                     "content": tiny.random_text(7, 2)}]},
+    {"id": 2, "prompt": "Tell me a story.", "response": tiny.random_text(16, 3), "extra": {"kept": [1, 2]}},
+    {"id": 3, "prompt": "Ok?", "response": "Yes."},
+    {"id": 4, "prompt": "More?", "response": tiny.random_text(9, 4)},
+]
+
+
+def write_jsonl(path, rows, blank_after=None):
+    with open(path, "w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps(r) + "\n")
+            if i == blank_after:
+                f.write("\n")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def assert_same_rows(got, want):
+    """Same rows; STAR values equal up to float noise (padding differs with the batch a row was scored in)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert {k: v for k, v in g.items() if k != "star_values"} == {k: v for k, v in w.items() if k != "star_values"}
+        assert len(g["star_values"]) == len(w["star_values"])
+        assert max(abs(a - b) for a, b in zip(g["star_values"], w["star_values"])) <= 1e-5
+
+
+def expected_values(model, tok, row):
+    if "messages" in row:
+        return score_response(model, tok, row["messages"][:-1], row["messages"][-1]["content"], chunk_words=3)
+    return score_response(model, tok, row["prompt"], row["response"], chunk_words=3)
+
+
+def test_annotate_keeps_fields_and_adds_values(tmp_path):
+    model, tok = star_common.guard("sdpa")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, ROWS, blank_after=1)
+    report = annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, batch_size=2, progress=False)
+    assert report["rows_scored"] == 5 and report["rows_skipped"] == 0 and report["guard_tokens"] > 0
+    assert report["engine"] == "shared"
+    got = read_jsonl(out)
+    assert len(got) == 5
+    for row, o in zip(ROWS, got):
+        assert {k: v for k, v in o.items() if not k.startswith("star_")} == row
+        assert o["star_chunk_words"] == 3
+        want = expected_values(model, tok, row)
+        assert len(o["star_values"]) == len(want)
+        assert max(abs(a - b) for a, b in zip(o["star_values"], want)) <= 1e-4
+    assert src.read_text().count("\n") == 6  # the input is untouched
+
+
+def test_resume_skips_done_rows_and_repairs_a_torn_line(tmp_path):
+    model, tok = star_common.guard("sdpa")
+    src, out, full = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "full.jsonl"
+    write_jsonl(src, ROWS)
+    annotate_file(model, tok, src, full, "llama-guard-3", chunk_words=3, progress=False)
+    lines = full.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]) + lines[2][:25])  # two rows, then a crash in mid-write
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        report = annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, progress=False)
+    assert report["rows_skipped"] == 2 and report["rows_scored"] == 3
+    assert_same_rows(read_jsonl(out), read_jsonl(full))
+    report = annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, progress=False)
+    assert report["rows_skipped"] == 5 and report["rows_scored"] == 0 and report["guard_tokens"] == 0
+    # an output made with other settings or from other data is not resumed
+    with pytest.raises(SafeshapeError, match="not a partial annotation"):
+        annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=4, progress=False)
+    write_jsonl(tmp_path / "other.jsonl", ROWS[1:])
+    with pytest.raises(SafeshapeError, match="not a partial annotation"):
+        annotate_file(model, tok, tmp_path / "other.jsonl", out, "llama-guard-3", chunk_words=3, progress=False)
+    report = annotate_file(model, tok, tmp_path / "other.jsonl", out, "llama-guard-3", chunk_words=3,
+                           progress=False, overwrite=True)
+    assert report["rows_scored"] == 4
+    assert_same_rows(read_jsonl(out), read_jsonl(full)[1:])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps([1, 2]), "must be a JSON object"),
+    (json.dumps({"prompt": "x"}), "needs 'prompt' and 'response', or 'messages'"),
+    (json.dumps({"prompt": "x", "response": 3}), "must be strings"),
+    (json.dumps({"prompt": "x", "response": "   "}), "no words"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}),
+     "last message must be the assistant"),
+])
+def test_malformed_row_stops_with_its_line_number(tmp_path, bad, message):
+    model, tok = star_common.guard("sdpa")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps(r) for r in ROWS[:3]] + [bad] + [json.dumps(ROWS[3])]
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SafeshapeError, match=f"in.jsonl:4: .*{message}"):
+        annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, batch_size=8, progress=False)
+    assert [r["id"] for r in read_jsonl(out)] == [0, 1, 2]  # rows before it written whole, none for it
+
+
+def test_output_may_not_be_the_input(tmp_path):
+    model, tok = star_common.guard("sdpa")
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, ROWS[:1])
+    with pytest.raises(SafeshapeError, match="is the input file"):
+        annotate_file(model, tok, src, src, "llama-guard-3", progress=False)
+    with pytest.raises(SafeshapeError, match="no such file"):
+        annotate_file(model, tok, tmp_path / "nope.jsonl", tmp_path / "o.jsonl", "llama-guard-3", progress=False)
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser()
+    star_cli.add_arguments(parser)
+    return star_cli.main(parser.parse_args(argv))
+
+
+def test_cli(tmp_path, capsys):
+    assert any(name == "star" and module == "safeshape.star.cli" for name, module, _ in cli.SUBCOMMANDS)
+    tiny.save_tiny_guard(tmp_path / "guard")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, ROWS)
+    argv = ["--guard", str(tmp_path / "guard"), "--data", str(src), "--out", str(out), "--chunk-words", "3",
+            "--batch-size", "2", "--no-progress", "--json", str(tmp_path / "report.json")]
+    assert run_cli(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(printed[-1])
+    assert printed[0].startswith("STAR: scored 5 rows") and report["rows_scored"] == 5
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    model, tok = star_common.guard("sdpa")  # same seed: same weights as the saved guard
+    for row, o in zip(ROWS, read_jsonl(out)):
+        want = expected_values(model, tok, row)
+        assert max(abs(a - b) for a, b in zip(o["star_values"], want)) <= 1e-5
+    # rerun: everything already done; the report file is not silently replaced
+    assert run_cli(argv) == 2
+    assert "exists" in capsys.readouterr().err
+    assert run_cli(argv[:-2]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows_skipped"] == 5
+    assert run_cli(argv[:-2] + ["--preset", "generic"]) == 2
+    assert "generic" in capsys.readouterr().err
+    assert run_cli(["--guard", str(tmp_path / "missing")] + argv[2:-2]) == 2
+    assert "does not exist" in capsys.readouterr().err
