@@ -469,6 +469,7 @@ class Demo:
                 self.score(run)
         report = self._report(runs, time.perf_counter() - t0)
         report["guard"] = self.score_guard()
+        report = json.loads(json.dumps(report))  # what the file holds (tuples become lists)
         _write_json(self.dir / "demo_report.json", report)
         from .report import plot
 
