@@ -65,7 +65,8 @@ class Profile:
 
 PROFILES = {
     "full": Profile("full"),
-    "fast": Profile("fast", base_steps=600, align_steps=250, guard_steps=250, finetune_rows=160, finetune_epochs=3),
+    # fast: smaller base/aligned/guard budgets; the fine-tuning runs (a few seconds each) are the same as full
+    "fast": Profile("fast", base_steps=600, align_steps=250, guard_steps=250),
 }
 
 
@@ -95,86 +96,6 @@ def _write_json(path: Path, obj) -> None:
 
 def _write_jsonl(path: Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows), overwrite=True)
-
-
-def count_lora_modules(adapter: Path) -> int:
-    """How many modules a PEFT adapter adapts (its lora_A tensors)."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
-        return sum(1 for k in f.keys() if ".lora_A." in k)
-
-
-def number_k(adapter: Path) -> int:
-    """Safe LoRA's k = 10 of Llama-2-7B's 64 q/v modules, scaled to this adapter's module count, at least 1."""
-    return max(1, round(SAFELORA_K_PER_64 / 64 * count_lora_modules(adapter)))
-
-
-@dataclass
-class Profile:
-    """Sizes and steps; ``fast`` trades model quality for a run under two minutes."""
-    name: str
-    hidden: int = 64
-    layers: int = 2
-    base_steps: int = 2000
-    align_steps: int = 1000
-    guard_steps: int = 800
-    batch_size: int = 32
-    base_lr: float = 3e-3
-    align_lr: float = 1e-3
-    guard_lr: float = 3e-3
-    # the fine-tuning task (the same for every method): rows, share of harmful-compliance rows, LoRA schedule
-    finetune_rows: int = 400
-    harmful_share: float = 0.1
-    finetune_epochs: int = 10
-    finetune_lr: float = 3e-3
-    finetune_batch_size: int = 8
-    lora_r: int = 8
-    lora_alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-
-
-PROFILES = {
-    "full": Profile("full"),
-    "fast": Profile("fast", base_steps=600, align_steps=250, guard_steps=250, finetune_rows=160, finetune_epochs=3),
-}
-
-
-@dataclass
-class Run:
-    """One row of the results table."""
-    name: str
-    method: str
-    model: str  # the folder scored: a full model, or a PEFT adapter on the aligned model
-    adapter: str | None = None
-    status: str = "ok"
-    safety: float | None = None
-    utility: float | None = None
-    modules_projected: str = ""
-    details: dict = field(default_factory=dict)
-
-
-def _atomic_dir(final: Path, fill) -> None:
-    """Build a folder in a temporary sibling with ``fill(tmp)``, then rename it into place."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    os.replace(tmp, final)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 class Demo:
