@@ -166,6 +166,15 @@ def test_rerun_uses_the_cache_and_other_settings_are_refused(fast_demo):
         Demo(workdir, fast=True, seed=1, progress=False, log=lambda m: None)
 
 
+def test_workdir_that_is_not_a_demo_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SafeshapeError, match="not a demo work folder"):
+        Demo(tmp_path, fast=True, progress=False, log=lambda m: None)
+    with pytest.raises(SafeshapeError, match="not a folder"):
+        Demo(tmp_path / "notes.txt", fast=True, progress=False, log=lambda m: None)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_cli_prints_table_and_json(fast_demo, capsys):
     from safeshape.cli import main
 

@@ -112,6 +112,11 @@ class Demo:
         self._resolved: set[str] = set()  # stages already done or found in this run
         settings = {"profile": asdict(self.profile), "seed": seed, "format": 1}
         settings_path = self.dir / "demo_settings.json"
+        if self.dir.exists() and not self.dir.is_dir():
+            raise SafeshapeError(f"--workdir {self.dir}: exists and is not a folder")
+        if self.dir.is_dir() and any(self.dir.iterdir()) and not settings_path.exists():
+            raise SafeshapeError(f"--workdir {self.dir}: a non-empty folder that is not a demo work folder (it has no "
+                                 "demo_settings.json); choose a new or empty folder")
         if settings_path.exists():
             old = json.loads(settings_path.read_text())
             if old != json.loads(json.dumps(settings)):
