@@ -75,8 +75,8 @@ class Run:
     """One row of the results table."""
     name: str
     method: str
-    model: str  # the folder scored: a full model, or a PEFT adapter on the aligned model
-    adapter: str | None = None
+    model: str  # the model folder scored (base or aligned)
+    adapter: str | None = None  # a PEFT adapter folder applied to ``model`` before scoring
     status: str = "ok"
     safety: float | None = None
     utility: float | None = None
@@ -368,8 +368,10 @@ class Demo:
                 out = fn()
                 if out is not None:
                     run.adapter = str(out)
-            except ImportError as exc:  # a piece of safeshape that this build does not have yet
-                run.status = f"not run: {exc}"
+            except ImportError as exc:
+                if not (exc.name or "").startswith("safeshape"):
+                    raise
+                run.status = f"not run: {exc}"  # a piece of safeshape that this build does not have yet
             runs.append(run)
             return run
 
@@ -403,16 +405,12 @@ class Demo:
         return report
 
     def _read_safelora_report(self, run: Run) -> None:
-        path = Path(run.adapter) / "safelora_report.json"
-        if not path.exists():
-            return
-        rep = json.loads(path.read_text())
-        totals = rep.get("totals", rep)
-        n, k = totals.get("num_modules"), totals.get("num_projected")
-        run.modules_projected = f"{k}/{n}"
-        run.details["safelora"] = {"settings": rep.get("settings"), "totals": totals,
-                                   "modules": [{key: m.get(key) for key in ("name", "cosine", "projected")}
-                                               for m in rep.get("modules", [])]}
+        rep = json.loads((Path(run.adapter) / "safelora_report.json").read_text())
+        totals = rep["totals"]
+        run.modules_projected = f"{totals['num_projected']}/{totals['num_modules']}"
+        run.details["safelora"] = {"settings": rep["settings"], "totals": totals,
+                                   "modules": [{key: m[key] for key in ("name", "cosine", "projected", "v_norm")}
+                                               for m in rep["modules"]]}
 
     def _report(self, runs: list[Run], seconds: float) -> dict:
         return {

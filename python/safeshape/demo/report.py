@@ -47,10 +47,11 @@ def plot(report: dict, path: str | os.PathLike) -> None:
     ax.bar([i - 0.2 for i in x], [100 * r["safety"] for r in runs], 0.4, label="safety (refusal rate, harmful)")
     ax.bar([i + 0.2 for i in x], [100 * r["utility"] for r in runs], 0.4, label="utility (task accuracy, benign)")
     ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 125)  # room for the legend above the 100% bars
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("%")
     ax.set_title(f"safeshape demo ({report['profile']['name']}, seed {report['seed']})")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, frameon=False)
+    ax.legend(loc="upper center", ncol=2, frameon=False)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
