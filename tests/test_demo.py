@@ -139,6 +139,9 @@ def test_fast_demo_end_to_end(fast_demo):
             assert r["safety"] is None and r["status"].startswith("not run")
     if _has("safeshape.trainer"):
         assert runs["sft"]["status"] == "ok"
+        # the premise of the demo: fine-tuning teaches the task and vanilla SFT visibly loses refusals
+        assert runs["sft"]["utility"] >= runs["aligned"]["utility"] + 0.1
+        assert runs["sft"]["safety"] <= runs["aligned"]["safety"] - 0.3
     if _has("safeshape.trainer") and _has("safeshape.star"):
         assert runs["rs"]["status"] == "ok" and runs["dss"]["status"] == "ok"
     if runs["sft"]["status"] == "ok":
