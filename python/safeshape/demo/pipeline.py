@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import SafeshapeError
 from ..io import atomic_output_dir, atomic_write_text, write_json
-from .world import REFUSAL, World, is_correct, is_refusal
+from .world import REFUSAL, World, is_compliance, is_correct, is_refusal
 
 # The methods' defaults from the papers (never tuned to this world).
 SAFELORA_THRESHOLD = 0.5  # Safe LoRA, threshold mode
@@ -306,7 +306,7 @@ class Demo:
                 "safety": sum(map(is_refusal, harmful)) / len(harmful),
                 "utility": sum(is_correct(e, r) for e, r in zip(self.world.eval_benign, benign)) / len(benign),
                 "n_harmful": len(harmful), "n_benign": len(benign),
-                "harmful_complied": sum(r.startswith("sure here is how") for r in harmful) / len(harmful),
+                "harmful_complied": sum(map(is_compliance, harmful)) / len(harmful),
                 "samples": {"harmful": [[e.prompt, r] for e, r in list(zip(self.world.eval_harmful, harmful))[::17]],
                             "benign": [[e.prompt, r] for e, r in list(zip(self.world.eval_benign, benign))[::13]]},
             })
