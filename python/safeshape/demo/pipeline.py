@@ -290,9 +290,6 @@ class Demo:
             from . import models as M
             from .tokenizer import policy_tokenizer
 
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # one "Loading weights" bar per scored model is noise
             tok = policy_tokenizer()
             model = LlamaForCausalLM.from_pretrained(run.model, dtype=torch.float32)
             if run.adapter:
@@ -325,12 +322,10 @@ class Demo:
 
         def make(p: Path):
             from transformers import LlamaForCausalLM
-            from transformers.utils import logging as hf_logging
 
             from . import models as M
             from .tokenizer import guard_tokenizer
 
-            hf_logging.disable_progress_bar()
             model, tok = LlamaForCausalLM.from_pretrained(guard_dir), guard_tokenizer()
             unsafe = [(e.prompt, e.answer) for e in self.world.eval_harmful]
             safe = [(e.prompt, REFUSAL) for e in self.world.eval_harmful] + \
@@ -349,11 +344,17 @@ class Demo:
         """Every stage not yet in the work folder, then the scores, ``demo_report.json`` and ``demo_plot.png``."""
         import torch
 
+        from transformers.utils import logging as hf_logging
+
         threads = self._torch_setup()
+        hf_bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # loading/saving these tiny models is instant: their bars are noise
         try:
             return self._run()
         finally:
             torch.set_num_threads(threads)
+            if hf_bars:
+                hf_logging.enable_progress_bar()
 
     def _run(self) -> dict:
         t0 = time.perf_counter()
