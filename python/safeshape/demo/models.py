@@ -5,7 +5,6 @@ LoRA fine-tuning is not done here: the demo's runs go through :mod:`safeshape.tr
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator
 
 import torch
@@ -115,6 +114,3 @@ def guard_p_safe(model, tokenizer: PreTrainedTokenizerFast, rows: list[tuple[str
     logits = model(**enc).logits[:, -1, [safe, unsafe]].float()
     return torch.softmax(logits, -1)[:, 0].tolist()
 
-
-def seeded_stream(gen_fn, seed: int):
-    return gen_fn(random.Random(seed))
