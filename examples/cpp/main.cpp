@@ -48,6 +48,30 @@ int main() {
   const double c_err = (C.to(at::kDouble) - at::mm(V, V.t()) / norm).abs().max().item<double>();
   check(c_err < 1e-4, "alignment_projection_matrix max abs error", c_err, 0.0);
 
+  // DSS loss and its backward against plain ATen (log_softmax, gather) on random logits.
+  const int64_t n = 12, vocab = 50;
+  const double kl_coef = 0.5;
+  const at::Tensor logits = 3.0 * at::randn({n, vocab});
+  at::Tensor labels = at::randint(0, vocab, {n}, at::kLong);
+  labels[3] = -100;  // an ignored row
+  const at::Tensor w = at::rand({n});
+  const at::Tensor ref_lp = -at::rand({n}) * 5.0;
+  auto [loss, logprobs, lse] = safeshape::dss_loss(logits, labels, w, ref_lp, kl_coef);
+  const at::Tensor valid = labels.ne(-100);
+  const at::Tensor lp_all = at::log_softmax(logits.to(at::kDouble), 1);
+  const at::Tensor l = lp_all.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1) * valid;
+  const at::Tensor wd = w.to(at::kDouble), rd = ref_lp.to(at::kDouble);
+  const at::Tensor loss_want = (wd * -l + kl_coef * (1 - wd) * 0.5 * (l - rd).pow(2)) * valid;
+  const double loss_err = (loss.to(at::kDouble) - loss_want).abs().max().item<double>();
+  check(loss_err < 1e-5, "dss_loss max abs error", loss_err, 0.0);
+  const at::Tensor g = at::rand({n});  // a different upstream gradient per token
+  const at::Tensor grad = safeshape::dss_loss_backward(g, logits, labels, w, ref_lp, logprobs, lse, kl_coef);
+  const at::Tensor c = (wd - kl_coef * (1 - wd) * (l - rd)) * g.to(at::kDouble) * valid;
+  const at::Tensor onehot = at::one_hot(labels.clamp_min(0), vocab).to(at::kDouble);
+  const at::Tensor grad_want = c.unsqueeze(1) * (lp_all.exp() - onehot);
+  const double grad_err = (grad.to(at::kDouble) - grad_want).abs().max().item<double>();
+  check(grad_err < 1e-6, "dss_loss_backward max abs error", grad_err, 0.0);
+
   if (failures) {
     std::printf("safeshape C++ example: %d FAILED\n", failures);
     return 1;

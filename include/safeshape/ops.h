@@ -26,4 +26,27 @@ at::Tensor lora_cosine(const at::Tensor& lora_b, const at::Tensor& projected_b, 
 // C = V V^T / ||V||_F, float32.
 at::Tensor alignment_projection_matrix(const at::Tensor& aligned, const at::Tensor& base);
 
+// ---- DSS loss (SPEC.md section 3) ----
+// Per row t of logits [N, V]: loss_t = w_t (-l_t) + kl_coef (1 - w_t) 0.5 (l_t - l_ref_t)^2, l_t = log softmax(z_t)[y_t];
+// rows with label == ignore_index give 0. Returns (loss [N], logprobs [N], logsumexp [N] float64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dss_loss(const at::Tensor& logits, const at::Tensor& labels,
+                                                        const at::Tensor& weights, const at::Tensor& ref_logprobs,
+                                                        double kl_coef, int64_t ignore_index = -100);
+// grad_logits = grad_loss_t c_t (softmax(z_t) - onehot(y_t)), reusing dss_loss's logprobs and logsumexp.
+at::Tensor dss_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                             const at::Tensor& weights, const at::Tensor& ref_logprobs, const at::Tensor& logprobs,
+                             const at::Tensor& logsumexp, double kl_coef, int64_t ignore_index = -100);
+// (logprobs [N], logsumexp [N]).
+std::tuple<at::Tensor, at::Tensor> token_logprobs(const at::Tensor& logits, const at::Tensor& labels,
+                                                  int64_t ignore_index = -100);
+// lm-head-fused DSS loss: logits = hidden [N, H] @ weight [V, H]^T one chunk of rows at a time (chunk_rows = 0:
+// automatic). Returns (loss, logprobs, logsumexp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& weights,
+    const at::Tensor& ref_logprobs, double kl_coef, int64_t ignore_index = -100, int64_t chunk_rows = 0);
+
+// ---- STAR (SPEC.md section 2) ----
+// weights [B, seq_len]: chunk k's value on the tokens before chunk_ends[b, k] and at/after the previous end.
+at::Tensor star_token_weights(const at::Tensor& values, const at::Tensor& chunk_ends, int64_t seq_len);
+
 }  // namespace safeshape
