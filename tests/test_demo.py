@@ -144,7 +144,14 @@ def test_fast_demo_end_to_end(fast_demo):
         assert runs["sft"]["safety"] <= runs["aligned"]["safety"] - 0.3
     if _has("safeshape.trainer") and _has("safeshape.star"):
         assert runs["rs"]["status"] == "ok" and runs["dss"]["status"] == "ok"
+    spectrum = report["alignment_spectrum"]
+    assert len(spectrum) == 2 * report["profile"]["layers"]
+    for m in spectrum:  # sigma_1^2 / ||V|| <= ||V||, and the aligned model really differs from the base
+        assert 0 < m["c_max_eigenvalue"] <= m["v_norm"] * (1 + 1e-9) and 1 <= m["rank_95"] <= m["shape"][0]
     if runs["sft"]["status"] == "ok":
+        v_norms = {m["name"]: m["v_norm"] for m in spectrum}
+        for m in runs["sft+safelora-number"]["details"]["safelora"]["modules"]:
+            assert m["v_norm"] == pytest.approx(v_norms[m["name"]], rel=1e-5)  # safeshape.safelora agrees
         for mode in ("number", "threshold"):
             r = runs[f"sft+safelora-{mode}"]
             assert r["status"] == "ok"

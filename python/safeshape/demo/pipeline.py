@@ -339,6 +339,27 @@ class Demo:
         self._stage("score guard", path, make)
         return json.loads(path.read_text())
 
+    def alignment_spectrum(self) -> list[dict]:
+        """Per LoRA target module: ``||V||_F`` of ``V = W_aligned - W_base``, the largest eigenvalue of Safe LoRA's
+        ``C = V V^T / ||V||_F`` (what a projected ``lora_B`` is scaled by at most), and how many singular directions
+        hold 95% of ``||V||^2`` (how wide the alignment subspace is). Read to explain the Safe LoRA rows."""
+        import torch
+        from safetensors.torch import load_file
+
+        base = load_file(str(self.make_base() / "model.safetensors"))
+        aligned = load_file(str(self.make_aligned() / "model.safetensors"))
+        out = []
+        for key in sorted(base):
+            if not any(key.endswith(f".{m}.weight") for m in self.profile.target_modules):
+                continue
+            v = (aligned[key].double() - base[key].double())
+            sv2 = torch.linalg.svdvals(v) ** 2
+            norm = float(sv2.sum().sqrt())
+            out.append({"name": key[:-len(".weight")], "shape": list(v.shape), "v_norm": norm,
+                        "c_max_eigenvalue": float(sv2[0]) / norm if norm else 0.0,
+                        "rank_95": int((sv2.cumsum(0) / sv2.sum() < 0.95).sum()) + 1 if norm else 0})
+        return out
+
     # ---- everything -------------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Every stage not yet in the work folder, then the scores, ``demo_report.json`` and ``demo_plot.png``."""
@@ -398,6 +419,7 @@ class Demo:
                 self.score(run)
         report = self._report(runs, time.perf_counter() - t0)
         report["guard"] = self.score_guard()
+        report["alignment_spectrum"] = self.alignment_spectrum()
         report = json.loads(json.dumps(report))  # what the file holds (tuples become lists)
         _write_json(self.dir / "demo_report.json", report)
         from .report import plot

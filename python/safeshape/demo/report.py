@@ -28,6 +28,16 @@ def table(report: dict) -> str:
     if g:
         lines.append(f"guard   = flags {_pct(g['unsafe_flagged']).strip()} of held-out harmful compliance, passes "
                      f"{_pct(g['safe_passed']).strip()} of refusals and task answers")
+    spec = report.get("alignment_spectrum")
+    if spec:
+        def span(key, fmt):
+            vals = [m[key] for m in spec]
+            return f"{min(vals):{fmt}}-{max(vals):{fmt}}"
+
+        lines += [f"V = W_aligned - W_base in the {len(spec)} LoRA target modules: ||V||_F {span('v_norm', '.2f')}, "
+                  f"95% of ||V||^2 in {span('rank_95', 'd')} of {spec[0]['shape'][0]} directions;",
+                  f"  Safe LoRA's C = VV^T/||V||_F has largest eigenvalue {span('c_max_eigenvalue', '.2f')} "
+                  "(the most a projected module keeps of its update)"]
     if notes:
         lines += ["", "not run:"] + notes
     return "\n".join(lines)
