@@ -1,0 +1,192 @@
+"""Training rows: read and validate JSONL, render the policy's chat template, tokenise with prompt-masked labels
+and per-token weights (SFT: 1, RS: the row's ``safe`` flag, DSS: STAR values mapped to tokens).
+
+Row layouts (one JSON object per line):
+- ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}`` whose last message is the
+  assistant's response (loss only on that last message; earlier turns are prompt);
+- ``loss="rs"`` rows add ``"safe": true|false``;
+- ``loss="dss"`` rows add ``"star_values": [float, ...]`` (one per chunk of the response) and
+  ``"star_chunk_words": int``, as written by ``safeshape star``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SafeshapeError
+
+IGNORE_INDEX = -100
+LOSSES = ("dss", "sft", "rs")
+
+
+@dataclass
+class Example:
+    """One tokenised row. ``labels`` and ``weights`` are aligned with ``input_ids`` (not shifted)."""
+
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
+    weights: list[float]  # 0 on prompt tokens
+    line: int  # 1-based line in the data file
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line_number, row)`` for every non-blank line; a line that is not a JSON object is an error naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SafeshapeError(f"{path}: data file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SafeshapeError(f"{path} line {i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise SafeshapeError(f"{path} line {i}: a row must be a JSON object, not {type(row).__name__}")
+            rows.append((i, row))
+    if not rows:
+        raise SafeshapeError(f"{path}: no rows")
+    return rows
+
+
+def split_row(row: dict, where: str) -> tuple[list[dict], str]:
+    """``(prompt_messages, response)`` of a ``prompt``/``response`` or ``messages`` row."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if (not isinstance(msgs, list) or len(msgs) < 2
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                           for m in msgs)):
+            raise SafeshapeError(f"{where}: `messages` must be a list of at least two {{role, content}} objects "
+                                 "with string values")
+        if msgs[-1]["role"] != "assistant":
+            raise SafeshapeError(f"{where}: the last message must be the assistant's response (role "
+                                 f"'assistant'), not {msgs[-1]['role']!r}")
+        return [dict(m) for m in msgs[:-1]], msgs[-1]["content"]
+    if "prompt" in row and "response" in row:
+        prompt, response = row["prompt"], row["response"]
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise SafeshapeError(f"{where}: `prompt` and `response` must be strings")
+        return [{"role": "user", "content": prompt}], response
+    raise SafeshapeError(f"{where}: a row needs `prompt` and `response`, or `messages`; it has {sorted(row)}")
+
+
+def _check_star(row: dict, response: str, where: str) -> tuple[list[float], int]:
+    from .star.segment import chunk_char_spans
+
+    if "star_values" not in row or "star_chunk_words" not in row:
+        missing = [k for k in ("star_values", "star_chunk_words") if k not in row]
+        raise SafeshapeError(f"{where}: --loss dss needs STAR fields, missing {missing}; annotate the data with "
+                             "`safeshape star` first (or train with --loss sft)")
+    values, m = row["star_values"], row["star_chunk_words"]
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise SafeshapeError(f"{where}: `star_chunk_words` must be a positive integer, not {m!r}")
+    if (not isinstance(values, list)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values)):
+        raise SafeshapeError(f"{where}: `star_values` must be a list of numbers in [0, 1]")
+    n_chunks = len(chunk_char_spans(response, m))
+    if len(values) != n_chunks:
+        raise SafeshapeError(f"{where}: `star_values` has {len(values)} values but the response has {n_chunks} "
+                             f"chunks of {m} words; the STAR annotation does not belong to this response")
+    return [float(v) for v in values], m
+
+
+def check_chat_tokenizer(tokenizer, source: str) -> None:
+    """The trainer renders rows with the policy's chat template and needs character offsets (a fast tokenizer)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SafeshapeError(f"{source}: the tokenizer has no chat template (tokenizer_config.json "
+                             "`chat_template` or chat_template.jinja); the trainer renders rows with the policy's "
+                             "own template, so use the aligned chat model's tokenizer")
+    if not getattr(tokenizer, "is_fast", False):
+        raise SafeshapeError(f"{source}: a fast tokenizer (tokenizer.json) is needed for token offsets")
+
+
+def _render(tokenizer, prompt_msgs: list[dict], response: str, where: str) -> tuple[str, int, int, str]:
+    """``(text, prompt_chars, response_start, response_as_rendered)`` of the templated conversation."""
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(prompt_msgs + [{"role": "assistant", "content": response}],
+                                             tokenize=False)
+    except Exception as exc:  # jinja errors (e.g. role alternation) name nothing about the row
+        raise SafeshapeError(f"{where}: the chat template failed on this row: {exc}") from None
+    if not text.startswith(prompt_text):
+        raise SafeshapeError(f"{where}: the chat template does not render the prompt (with the generation prompt) as "
+                             "a prefix of the full conversation, so prompt tokens cannot be masked")
+    # templates may trim the content; the rendered response keeps the same whitespace words
+    for candidate in (response, response.strip()):
+        start = text.find(candidate, len(prompt_text))
+        if start >= 0:
+            return text, len(prompt_text), start, candidate
+    raise SafeshapeError(f"{where}: the response does not appear verbatim in the chat-templated text")
+
+
+def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: int = 0) -> Example | None:
+    """Tokenise one row; ``None`` when truncation to ``max_len`` leaves no response token."""
+    from . import star
+
+    prompt_msgs, response = split_row(row, where)
+    if loss == "dss":
+        values, chunk_words = _check_star(row, response, where)
+    elif loss == "rs":
+        if not isinstance(row.get("safe"), bool):
+            raise SafeshapeError(f"{where}: --loss rs needs a boolean `safe` flag on every row "
+                                 f"({'missing' if 'safe' not in row else 'got ' + repr(row['safe'])})")
+    elif loss != "sft":
+        raise SafeshapeError(f"loss must be one of {LOSSES}, not {loss!r}")
+    text, prompt_chars, response_start, rendered = _render(tokenizer, prompt_msgs, response, where)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    # a token that straddles the prompt/response boundary is prompt: it carries no loss
+    is_response = [start >= prompt_chars for start, _ in offsets]
+    labels = [t if r else IGNORE_INDEX for t, r in zip(ids, is_response)]
+    if loss == "dss":
+        w = star.token_weights(offsets, response_start, rendered, values, chunk_words)
+        weights = [float(x) if r else 0.0 for x, r in zip(torch.as_tensor(w).tolist(), is_response)]
+    else:
+        value = 1.0 if loss == "sft" or row["safe"] else 0.0
+        weights = [value if r else 0.0 for r in is_response]
+    ids, labels, weights = ids[:max_len], labels[:max_len], weights[:max_len]
+    # row t predicts token t+1, so token 0 never carries loss
+    if not any(lab != IGNORE_INDEX for lab in labels[1:]):
+        return None
+    return Example(ids, labels, weights, line)
+
+
+def load_examples(path: str | os.PathLike, tokenizer, loss: str, max_len: int, progress: bool = False
+                  ) -> tuple[list[Example], int]:
+    """Tokenise every row of a JSONL file: ``(examples, dropped)``, ``dropped`` = rows whose response was cut off
+    entirely by ``max_len``. Every row is validated before any is used; an error names the file and line."""
+    from tqdm.auto import tqdm
+
+    rows = read_jsonl(path)
+    examples, dropped = [], 0
+    for line, row in tqdm(rows, desc="tokenise", unit="row", disable=not progress, leave=False):
+        ex = encode_row(tokenizer, row, loss, max_len, f"{os.fspath(path)} line {line}", line)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    if not examples:
+        raise SafeshapeError(f"{os.fspath(path)}: no row has a response token within --max-len {max_len}")
+    return examples, dropped
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: ``input_ids``, ``attention_mask``, ``labels``, ``weights`` (``[B, T]``)."""
+    width = max(len(e.input_ids) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    weights = torch.zeros((n, width), dtype=torch.float32)
+    for i, e in enumerate(examples):
+        k = len(e.input_ids)
+        input_ids[i, :k] = torch.tensor(e.input_ids)
+        attention_mask[i, :k] = 1
+        labels[i, :k] = torch.tensor(e.labels)
+        weights[i, :k] = torch.tensor(e.weights)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights}

@@ -1,0 +1,291 @@
+"""The training loop. One optimizer step:
+
+1. take the step's rows from the epoch's seeded permutation (a pure function of the step, which makes --resume
+   exact) and split them into ``grad_accum`` micro-batches per process;
+2. count the valid (shifted) label tokens of the whole step over all micro-batches and processes: every
+   micro-batch loss is divided by that count (SPEC.md section 3), so k micro-batches give the update one batch of
+   the same rows would;
+3. per micro-batch: reference log-probs from the same model with the adapter disabled (DSS only, no_grad, fused
+   lm-head op), then the policy's final hidden states through DDP and the fused DSS loss; backward;
+4. clip, step, log a JSONL line, checkpoint every ``save_every`` steps and at the end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..data import IGNORE_INDEX, Example, collate, load_examples
+from ..errors import SafeshapeError
+from . import checkpoint as ckpt_io
+from .config import TrainConfig
+from .distributed import Dist, setup
+from .model import PolicyHidden, apply_lora, body_and_head, load_model, load_tokenizer, reference_hidden
+
+METRICS = "metrics.jsonl"
+
+
+def check_out(config: TrainConfig) -> str:
+    """Absolute ``out``; refuses to write over an input or an existing output that was not meant to be replaced."""
+    from ..io import check_output_path
+
+    # overwrite=True here: only the overlap with the inputs is checked; an existing `out` is judged below
+    out = str(check_output_path(config.out, True, [("--model", config.model), ("--data", config.data)]))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SafeshapeError(f"--out {config.out}: exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not (config.resume or config.overwrite):
+        raise SafeshapeError(f"--out {config.out}: exists and is not empty; pass --resume to continue that run or "
+                             "--overwrite to replace it")
+    return out
+
+
+def lr_lambda(config: TrainConfig, total_steps: int):
+    warm, decay = config.warmup_steps, config.schedule == "linear"
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if not decay:
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return factor
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """Everything one training run holds; ``train_step(step)`` is one optimizer step."""
+
+    def __init__(self, config: TrainConfig, dist: Dist):
+        self.config, self.dist = config, dist
+        progress = config.progress and dist.is_main
+        seed_all(config.seed)  # identical LoRA initialisation on every process
+        self.tokenizer = load_tokenizer(config.model)
+        self.examples, self.dropped = load_examples(config.data, self.tokenizer, config.loss, config.max_len,
+                                                    progress=progress)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        model = load_model(config.model, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
+        self.peft_model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                     config.target_modules)
+        self.peft_model.train()
+        seed_all(config.seed + dist.rank)  # distinct dropout streams per process
+        self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.global_batch = config.batch_size * config.grad_accum * dist.world_size
+        self.steps_per_epoch = math.ceil(len(self.examples) / self.global_batch)
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.total_steps))
+        self.policy = PolicyHidden(self.peft_model)
+        self.ddp = self.policy
+        self.lm_head_weight = body_and_head(self.peft_model)[1]
+        self.use_reference = config.loss == "dss" and config.kl_coef > 0
+        from ..loss import DSSLoss
+
+        self.loss_module = DSSLoss(kl_coef=config.kl_coef if self.use_reference else 0.0, kl="k2",
+                                   fused=config.fused)
+        # a rank with no rows in a micro-batch (last, partial step) still joins the collectives: one ignored token
+        first = self.examples[0]
+        self.empty_row = Example(first.input_ids[:2], [IGNORE_INDEX] * len(first.input_ids[:2]),
+                                 [0.0] * len(first.input_ids[:2]), 0)
+
+    def wrap_ddp(self) -> None:
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.dist.device] if self.dist.device.type == "cuda" else None
+            self.ddp = DDP(self.policy, device_ids=ids)
+
+    def step_rows(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.examples), generator=g)
+        return perm[k * self.global_batch:(k + 1) * self.global_batch].tolist()
+
+    def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
+        rows, b, w, r = self.step_rows(step), self.config.batch_size, self.dist.world_size, self.dist.rank
+        batches = []
+        for j in range(self.config.grad_accum):
+            mine = rows[(j * w + r) * b:(j * w + r + 1) * b]
+            examples = [self.examples[i] for i in mine] or [self.empty_row]
+            batches.append({k: v.to(self.dist.device) for k, v in collate(examples, self.pad_id).items()})
+        return batches
+
+    def micro_loss(self, batch: dict[str, Tensor], num_items: int):
+        """Loss of one micro-batch, normalised by the step's valid-token count ``num_items``."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = batch["labels"][:, 1:].reshape(-1)  # row t predicts token t + 1
+        weights = batch["weights"][:, 1:].reshape(-1)
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            rows = rows.new_zeros(1)  # keeps the graph connected (zero gradient) for DDP
+        labels, weights = labels[rows], weights[rows]
+        w_head = self.lm_head_weight
+
+        def pick(h: Tensor) -> Tensor:
+            return h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
+
+        ref = None
+        if self.use_reference:
+            with torch.no_grad():
+                ref = self.reference_logprobs(pick(reference_hidden(self.peft_model, ids, mask)), labels)
+        hidden = pick(self.ddp(ids, mask))
+        if self.config.fused:
+            return self.loss_module(hidden=hidden, lm_head_weight=w_head, labels=labels, weights=weights,
+                                    ref_logprobs=ref, num_items_in_batch=num_items)
+        return self.loss_module(logits=F.linear(hidden, w_head), labels=labels, weights=weights,
+                                ref_logprobs=ref, num_items_in_batch=num_items)
+
+    def reference_logprobs(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """log p_ref(y_t) from the adapter-disabled model's final hidden states ``[N, H]``."""
+        if self.config.fused:
+            return ops.fused_linear_token_logprobs(hidden, self.lm_head_weight, labels)
+        return ops.token_logprobs(F.linear(hidden, self.lm_head_weight), labels)
+
+    def train_step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        batches = self.micro_batches(step)
+        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        num_items = int(self.dist.sum([local]).item())
+        # [loss, sft, kl, tokens, weight * tokens, input tokens]
+        stats = torch.zeros(6, dtype=torch.float64)
+        for j, batch in enumerate(batches):
+            last = j == len(batches) - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.ddp.no_sync()
+            with sync:
+                out = self.micro_loss(batch, num_items)
+                # DDP averages gradients over processes; the loss is already a share of the global sum
+                (out.loss * self.dist.world_size).backward()
+            n = float(out.num_tokens)
+            stats += torch.tensor([float(out.loss.detach()), float(out.sft_loss.detach()),
+                                   float(out.kl_loss.detach()), n, float(out.mean_weight) * n,
+                                   float(batch["attention_mask"].sum())], dtype=torch.float64)
+        if self.dist.enabled:
+            stats = self.dist.sum(stats).cpu()
+        clip = self.config.max_grad_norm
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, clip) if clip > 0
+                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params])))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        loss, sft, kl, tokens, wsum, seen = stats.tolist()
+        return {"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 6), "loss": loss,
+                "sft_loss": sft, "kl_loss": kl, "mean_weight": wsum / tokens if tokens else 0.0,
+                "tokens": int(tokens), "grad_norm": float(grad_norm), "lr": lr,
+                "tokens_per_s": seen / seconds if seconds > 0 else 0.0}
+
+    def rng_states(self) -> list[dict]:
+        return self.dist.gather_objects(ckpt_io.rng_state())
+
+
+def _prepare_out(out: str, config: TrainConfig, dist: Dist) -> str | None:
+    """Rank 0 creates/cleans ``out``; returns the checkpoint to resume from, if any."""
+    ckpt = ckpt_io.latest_checkpoint(out) if config.resume else None
+    if dist.is_main:
+        if config.overwrite and os.path.isdir(out):
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+        ckpt_io.remove_stale_temporaries(out)
+    dist.barrier()
+    return ckpt
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """On resume, keep the metric lines up to the checkpoint so the file reads like one uninterrupted run."""
+    kept = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= last_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break  # a torn last line from a crash
+    tmp = path + f".{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig) -> dict:
+    """Run LoRA fine-tuning as ``config`` says; returns a summary (``steps``, ``final_loss``, ``out``, ...).
+
+    Under ``torchrun --nproc_per_node=N`` every process calls this; rank 0 writes the outputs.
+    """
+    dist = setup(config.device)
+    try:
+        return _train(config, dist)
+    finally:
+        dist.close()
+
+
+def _train(config: TrainConfig, dist: Dist) -> dict:
+    from tqdm.auto import tqdm
+
+    out = check_out(config)
+    data_sha = ckpt_io.file_sha256(config.data)
+    run = Run(config, dist)
+    ckpt = _prepare_out(out, config, dist)
+    start = 0
+    if ckpt is not None:
+        ckpt_io.check_resumable(ckpt, config, data_sha, dist.world_size)
+        start = ckpt_io.load_checkpoint(ckpt, run.peft_model, run.optimizer, run.scheduler, dist.rank)
+    run.wrap_ddp()
+    metrics_path = os.path.join(out, METRICS)
+    if dist.is_main:
+        _truncate_metrics(metrics_path, start)
+    is_main = dist.is_main
+
+    def save(step: int) -> None:
+        states = run.rng_states()  # a collective: every rank joins
+        if is_main:
+            ckpt_io.save_checkpoint(out, step, run.peft_model, run.optimizer, run.scheduler, states, config,
+                                    data_sha, step / run.steps_per_epoch)
+        dist.barrier()
+
+    last = None
+    bar = tqdm(total=run.total_steps, initial=start, desc="train", unit="step",
+               disable=not (config.progress and is_main))
+    with bar:
+        for step in range(start, run.total_steps):
+            last = run.train_step(step)
+            if is_main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            bar.update(1)
+            done = step + 1
+            if config.save_every and done % config.save_every == 0 and done != run.total_steps:
+                save(done)
+    save(run.total_steps)
+    if is_main:
+        ckpt_io.save_final_adapter(out, run.peft_model)
+    if last is None and dist.is_main and os.path.getsize(metrics_path):  # resumed a finished run
+        with open(metrics_path, encoding="utf-8") as f:
+            last = json.loads(f.readlines()[-1])
+    summary = {"steps": run.total_steps, "resumed_from": start if ckpt else None,
+               "final_loss": last["loss"] if last else None, "out": out, "metrics": metrics_path,
+               "examples": len(run.examples), "dropped_rows": run.dropped, "world_size": dist.world_size, "rank": dist.rank,
+               "global_batch": run.global_batch, "config": asdict(config)}
+    if is_main:
+        ckpt_io.write_json_atomic(os.path.join(out, "train_summary.json"), summary)
+    dist.barrier()
+    return summary

@@ -1,0 +1,114 @@
+"""Policy model plumbing: load a local causal LM and its chat tokenizer, attach LoRA through PEFT, and get the
+final hidden states + lm_head weight the fused loss ops take (so full logits are never materialised)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ..data import check_chat_tokenizer
+from ..errors import SafeshapeError
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise SafeshapeError(f"--model {model_dir}: cannot load a tokenizer ({exc})") from None
+    check_chat_tokenizer(tokenizer, f"--model {model_dir}")
+    return tokenizer
+
+
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise SafeshapeError(f"--model {model_dir}: no config.json (a local Hugging Face model folder is needed)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise SafeshapeError(f"--model {model_dir}: cannot load the model ({exc})") from None
+    check_fused_head(model, f"--model {model_dir}")
+    return model.to(device)
+
+
+def check_fused_head(model: nn.Module, source: str) -> None:
+    """The fused ops compute ``logits = h W^T`` from the final hidden states; refuse heads that do more."""
+    config = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise SafeshapeError(f"{source}: config.{attr}={value}; the fused loss takes logits = hidden @ "
+                                 "lm_head.weight^T and cannot apply logit scaling or soft-capping")
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise SafeshapeError(f"{source}: the output embedding must be a Linear without bias for the fused loss")
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the Linear layers (what ``--target-modules`` can name)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...]) -> nn.Module:
+    """Wrap ``model`` in a PEFT LoRA adapter on the named modules (leaf names, as PEFT matches a list)."""
+    from peft import LoraConfig, get_peft_model
+
+    linear_names = linear_module_names(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    matched = [n for n in names if n.rsplit(".", 1)[-1] in target_modules or n in target_modules]
+    if not matched:
+        raise SafeshapeError(f"--target-modules {','.join(target_modules)}: matches no Linear layer of the model; "
+                             f"its Linear layers are named {linear_names}")
+    if head_name in matched:
+        raise SafeshapeError(f"--target-modules: `{head_name}` is the output head; the fused loss reads the head's "
+                             "frozen weight directly, so it cannot carry LoRA")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP/PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def body_and_head(model: nn.Module) -> tuple[nn.Module, Tensor]:
+    """``(decoder body, lm_head weight [V, H])``: the body returns the final (normed) hidden states."""
+    inner = hf_model(model)
+    body = getattr(inner, inner.base_model_prefix, None)
+    if body is None or body is inner:
+        raise SafeshapeError(f"{type(inner).__name__}: cannot find the decoder body "
+                             f"(`{inner.base_model_prefix}` attribute)")
+    return body, inner.get_output_embeddings().weight
+
+
+class PolicyHidden(nn.Module):
+    """Forward = final hidden states of the (LoRA-wrapped) policy; the module DDP wraps, so gradient sync hooks
+    see every trainable parameter while the loss runs outside on the fused ops."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.body, _ = body_and_head(model)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def reference_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Final hidden states of the same model with the LoRA adapter disabled (no second copy of the weights)."""
+    body, _ = body_and_head(model)
+    peft_model = model
+    while hasattr(peft_model, "module") and isinstance(peft_model.module, nn.Module):
+        peft_model = peft_model.module
+    with torch.no_grad(), peft_model.disable_adapter():
+        return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
