@@ -125,7 +125,11 @@ def fast_demo(tmp_path_factory):
 def test_fast_demo_end_to_end(fast_demo):
     workdir, report, _ = fast_demo
     assert json.loads((workdir / "demo_report.json").read_text()) == report
-    assert (workdir / "demo_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if _has("matplotlib"):
+        assert report["plot"] == "demo_plot.png"
+        assert (workdir / "demo_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert report["plot"] is None
     runs = {r["name"]: r for r in report["runs"]}
     assert list(runs) == ["base", "aligned", "sft", "rs", "dss", "sft+safelora-number", "sft+safelora-threshold",
                           "dss+safelora-number", "dss+safelora-threshold"]

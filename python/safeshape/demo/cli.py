@@ -36,6 +36,6 @@ def main(args: argparse.Namespace) -> int:
     else:
         print()
         print(table(report))
-        print(f"\nreport: {demo.dir / 'demo_report.json'}   plot: {demo.dir / 'demo_plot.png'}   "
-              f"({report['wall_s']:.0f}s)")
+        plot = f"   plot: {demo.dir / report['plot']}" if report["plot"] else ""
+        print(f"\nreport: {demo.dir / 'demo_report.json'}{plot}   ({report['wall_s']:.0f}s)")
     return 0

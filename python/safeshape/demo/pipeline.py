@@ -421,10 +421,15 @@ class Demo:
         report["guard"] = self.score_guard()
         report["alignment_spectrum"] = self.alignment_spectrum()
         report = json.loads(json.dumps(report))  # what the file holds (tuples become lists)
-        _write_json(self.dir / "demo_report.json", report)
         from .report import plot
 
-        plot(report, self.dir / "demo_plot.png")
+        try:
+            plot(report, self.dir / "demo_plot.png")
+            report["plot"] = "demo_plot.png"
+        except ImportError:  # matplotlib is optional: the table and the JSON report say everything
+            self.log("[demo] matplotlib is not installed: no plot (pip install matplotlib)")
+            report["plot"] = None
+        _write_json(self.dir / "demo_report.json", report)
         return report
 
     def _read_safelora_report(self, run: Run) -> None:
