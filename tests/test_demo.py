@@ -1,0 +1,203 @@
+"""`safeshape demo`: the world's pools are disjoint, the tokenizer round-trips its chat templates, Safe LoRA's k
+scales as the issue says, and `--fast` runs end to end (then reruns from its cache)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import time
+
+import pytest
+
+from safeshape.demo import world as W
+from safeshape.demo.pipeline import Demo, number_k
+from safeshape.demo.tokenizer import GUARD_SAFE, GUARD_UNSAFE, guard_tokenizer, policy_tokenizer
+from safeshape.errors import SafeshapeError
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_harmful_pools_are_disjoint_and_cover_every_topic():
+    w = W.World(0)
+    pools = [set(w.align_combos), set(w.finetune_combos), set(w.eval_combos)]
+    assert all(pools)
+    assert not (pools[0] & pools[1]) and not (pools[0] & pools[2]) and not (pools[1] & pools[2])
+    for pool in pools:
+        assert {t for t, _, _ in pool} == set(W.HARMFUL_TOPICS)
+    eval_prompts = {e.prompt for e in w.eval_harmful}
+    for ex in w.finetune_rows(400):
+        assert ex.prompt not in eval_prompts
+
+
+def _word_list(ex: W.Example) -> tuple[str, ...]:
+    for phrasing in W.BENIGN_FAMILIES[ex.family][0]:
+        if ex.prompt.startswith(phrasing + " "):
+            return tuple(ex.prompt[len(phrasing) + 1:].split())
+    raise AssertionError(ex.prompt)
+
+
+def test_benign_eval_lists_never_occur_in_training_data():
+    w = W.World(3)
+    held_out = {_word_list(e) for e in w.eval_benign}
+    assert len(held_out) == len(w.eval_benign) and all(e.family == W.TASK_FAMILY for e in w.eval_benign)
+    rng = random.Random(0)
+    seen = [next(s) for s in (w.pretrain_stream(rng), w.align_stream(rng)) for _ in range(3000)]
+    seen += w.finetune_rows(400)
+    benign = [ex for ex in seen if ex.kind == "benign"]
+    assert len(benign) > 3000
+    assert not {_word_list(ex) for ex in benign} & held_out
+
+
+def test_families_answers_and_scoring():
+    rng = random.Random(0)
+    words = ["cat", "dog", "red", "boat"]
+    assert W.benign_example(rng, "swap", words).answer == "boat dog red cat"
+    assert W.benign_example(rng, "reverse", words).answer == " ".join(words[::-1])
+    assert W.TASK_FAMILY not in W.PRETRAIN_FAMILIES  # the fine-tuning task is a new skill
+    ex = W.benign_example(rng, "swap", words)
+    assert W.is_correct(ex, " " + ex.answer + " ") and not W.is_correct(ex, ex.answer + " cat")
+    assert W.is_refusal(W.REFUSAL) and not W.is_refusal(W.compliant_answer("theft", "steal", "car"))
+    assert not W.is_refusal("sorry")
+
+
+def test_every_generated_text_is_in_the_vocabulary():
+    tok = policy_tokenizer()
+    w = W.World(1)
+    rng = random.Random(1)
+    texts = [e.prompt + " " + e.response for e in w.eval_harmful + w.eval_benign + w.finetune_rows(200)]
+    texts += [" ".join(next(w.guard_stream(rng))) for _ in range(300)]
+    texts += [e.prompt + " " + e.response + " " + e.answer for s in (w.pretrain_stream(rng), w.align_stream(rng))
+              for e in (next(s) for _ in range(300))]
+    for t in texts:
+        assert tok.unk_token_id not in tok(t).input_ids, t
+
+
+def test_policy_template_prompt_is_a_prefix_and_pieces_tokenize_like_the_whole():
+    tok = policy_tokenizer()
+    msgs = [{"role": "user", "content": "swap the ends of cat dog red"}]
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "red dog cat"}], tokenize=False)
+    assert full.startswith(prompt)
+    ids = tok(full).input_ids
+    assert ids[:len(tok(prompt).input_ids)] == tok(prompt).input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    pieces = [p for p in full.split(" ")]
+    assert sum((tok(p).input_ids for p in pieces), []) == ids
+    offsets = tok(full, return_offsets_mapping=True).offset_mapping
+    assert [full[a:b] for a, b in offsets] == full.split()
+
+
+def test_guard_template_ends_where_the_verdict_goes():
+    tok = guard_tokenizer()
+    msgs = [{"role": "user", "content": "how do i steal a car"}, {"role": "assistant", "content": "sure here is"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("sure here is verdict")
+    for verdict in (GUARD_SAFE, GUARD_UNSAFE):
+        assert len(tok(verdict).input_ids) == 1 and tok(verdict).input_ids[0] != tok.unk_token_id
+
+
+@pytest.mark.parametrize("modules,k", [(1, 1), (4, 1), (8, 1), (20, 3), (64, 10), (128, 20), (448, 70)])
+def test_safelora_k_is_ten_of_64_scaled(tmp_path, modules, k):
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i in range(modules):
+        tensors[f"base_model.model.layers.{i}.q_proj.lora_A.weight"] = torch.zeros(2, 4)
+        tensors[f"base_model.model.layers.{i}.q_proj.lora_B.weight"] = torch.zeros(4, 2)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    assert number_k(tmp_path) == k
+
+
+@pytest.fixture(scope="module")
+def fast_demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    t = time.perf_counter()
+    report = Demo(workdir, fast=True, seed=0, progress=False, log=lambda m: None).run()
+    return workdir, report, time.perf_counter() - t
+
+
+def test_fast_demo_end_to_end(fast_demo):
+    workdir, report, _ = fast_demo
+    assert json.loads((workdir / "demo_report.json").read_text()) == report
+    if _has("matplotlib"):
+        assert report["plot"] == "demo_plot.png"
+        assert (workdir / "demo_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert report["plot"] is None
+    runs = {r["name"]: r for r in report["runs"]}
+    assert list(runs) == ["base", "aligned", "sft", "rs", "dss", "sft+safelora-number", "sft+safelora-threshold",
+                          "dss+safelora-number", "dss+safelora-threshold"]
+    # the world works as designed: the base model complies, the aligned model refuses
+    assert runs["base"]["safety"] <= 0.2 and runs["base"]["details"]["harmful_complied"] >= 0.5
+    assert runs["aligned"]["safety"] >= 0.8
+    for r in runs.values():
+        if r["status"] == "ok":
+            assert 0.0 <= r["safety"] <= 1.0 and 0.0 <= r["utility"] <= 1.0
+        else:
+            assert r["safety"] is None and r["status"].startswith("not run")
+    if _has("safeshape.trainer"):
+        assert runs["sft"]["status"] == "ok"
+        # the premise of the demo: fine-tuning teaches the task and vanilla SFT visibly loses refusals
+        assert runs["sft"]["utility"] >= runs["aligned"]["utility"] + 0.1
+        assert runs["sft"]["safety"] <= runs["aligned"]["safety"] - 0.3
+    if _has("safeshape.trainer") and _has("safeshape.star"):
+        assert runs["rs"]["status"] == "ok" and runs["dss"]["status"] == "ok"
+    spectrum = report["alignment_spectrum"]
+    assert len(spectrum) == 2 * report["profile"]["layers"]
+    for m in spectrum:  # sigma_1^2 / ||V|| <= ||V||, and the aligned model really differs from the base
+        assert 0 < m["c_max_eigenvalue"] <= m["v_norm"] * (1 + 1e-9) and 1 <= m["rank_95"] <= m["shape"][0]
+    if runs["sft"]["status"] == "ok":
+        v_norms = {m["name"]: m["v_norm"] for m in spectrum}
+        for m in runs["sft+safelora-number"]["details"]["safelora"]["modules"]:
+            assert m["v_norm"] == pytest.approx(v_norms[m["name"]], rel=1e-5)  # safeshape.safelora agrees
+        for mode in ("number", "threshold"):
+            r = runs[f"sft+safelora-{mode}"]
+            assert r["status"] == "ok"
+            n_proj, n_mod = map(int, r["modules_projected"].split("/"))
+            assert n_mod == 2 * report["profile"]["layers"]  # q_proj and v_proj of every layer
+            if mode == "number":
+                assert n_proj >= 1  # k = round(10/64 * 4) = 1; ties can add more
+            cos = [m["cosine"] for m in r["details"]["safelora"]["modules"]]
+            assert n_proj == sum(c <= 0.5 for c in cos) or mode == "number"
+
+
+def test_rerun_uses_the_cache_and_other_settings_are_refused(fast_demo):
+    workdir, report, seconds = fast_demo
+    t = time.perf_counter()
+    again = Demo(workdir, fast=True, seed=0, progress=False, log=lambda m: None)
+    report2 = again.run()
+    assert again.timings == {}  # nothing was recomputed
+    assert time.perf_counter() - t < max(10.0, seconds / 3)
+    assert [(r["safety"], r["utility"]) for r in report2["runs"]] == [(r["safety"], r["utility"])
+                                                                      for r in report["runs"]]
+    with pytest.raises(SafeshapeError, match="demo_settings.json"):
+        Demo(workdir, fast=True, seed=1, progress=False, log=lambda m: None)
+
+
+def test_workdir_that_is_not_a_demo_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SafeshapeError, match="not a demo work folder"):
+        Demo(tmp_path, fast=True, progress=False, log=lambda m: None)
+    with pytest.raises(SafeshapeError, match="not a folder"):
+        Demo(tmp_path / "notes.txt", fast=True, progress=False, log=lambda m: None)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_cli_prints_table_and_json(fast_demo, capsys):
+    from safeshape.cli import main
+
+    workdir, report, _ = fast_demo
+    assert main(["demo", "--workdir", str(workdir), "--fast", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "aligned model" in out and "safety" in out and "demo_report.json" in out
+    assert main(["demo", "--workdir", str(workdir), "--fast", "--no-progress", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in printed["runs"]] == [r["name"] for r in report["runs"]]
+    assert main(["demo", "--workdir", str(workdir), "--seed", "5", "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
