@@ -20,10 +20,8 @@ setup: $(VENV)/.deps
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
-demo: setup
-	$(VENV)/bin/python -m safeshape.safelora.example build/example --overwrite
-	$(VENV)/bin/safeshape project --base build/example/base --aligned build/example/aligned \
-	    --adapter build/example/adapter --out build/example/projected --overwrite
+demo: setup  # the toy world: base/aligned/guard models built in code, then SFT, RS, DSS and Safe LoRA compared
+	$(VENV)/bin/safeshape demo --workdir build/demo
 
 wheels:  # CPU and CUDA wheels, repaired to manylinux and smoke-tested in fresh venvs (scripts/build_wheels.sh)
 	scripts/build_wheels.sh
