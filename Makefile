@@ -8,7 +8,6 @@ TORCH_SPEC ?= torch==2.14.1
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26,<4" ninja \
 	    safetensors numpy tqdm pytest psutil "transformers>=4.45" "peft>=0.12" tokenizers matplotlib

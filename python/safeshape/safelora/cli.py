@@ -23,7 +23,8 @@ def add_arguments(p):
     p.add_argument("--table-rows", type=int, default=20, help="rows of the stdout table (lowest cosine first)")
 
 
-def print_table(report: dict, rows: int = 20, file=sys.stdout):
+def print_table(report: dict, rows: int = 20, file=None):
+    file = file or sys.stdout  # looked up per call: a default bound at import time could be a closed stream
     mods = sorted(report["modules"], key=lambda m: m["cosine"])
     width = max([len("module")] + [len(m["name"]) for m in mods[:rows]])
     print(f"{'module':<{width}}  {'cosine':>9}  {'||V||_F':>10}  projected", file=file)
