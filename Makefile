@@ -24,3 +24,6 @@ demo: setup  # the toy world: base/aligned/guard models built in code, then SFT,
 
 wheels:  # CPU and CUDA wheels, repaired to manylinux and smoke-tested in fresh venvs (scripts/build_wheels.sh)
 	scripts/build_wheels.sh
+
+clean:  # build outputs only (keeps .venv)
+	rm -rf build wheelhouse
