@@ -187,3 +187,19 @@ def test_all_tokens_ignored(fused, device):
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.num_tokens == 0 and out.mean_weight.item() == 0.0
     assert (h.grad == 0).all() and (W.grad == 0).all()
+
+
+def test_num_items_in_batch_zero_gives_zero_loss_not_nan():
+    from safeshape.loss import DSSLoss
+
+    logits = torch.randn(4, 7, requires_grad=True)
+    labels = torch.full((4,), -100)
+    for n in (0, torch.tensor(0)):
+        out = DSSLoss(kl_coef=0.5, fused=False)(labels=labels, weights=torch.ones(4), ref_logprobs=torch.zeros(4),
+                                                logits=logits, num_items_in_batch=n)
+        assert out.loss.item() == 0.0
+        out.loss.backward()
+        assert torch.count_nonzero(logits.grad) == 0
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 0"):
+        DSSLoss(fused=False)(labels=labels, weights=torch.ones(4), ref_logprobs=torch.zeros(4), logits=logits,
+                             num_items_in_batch=-3)

@@ -92,9 +92,14 @@ class DSSLoss(nn.Module):
         if num_items_in_batch is None:
             denom = max(num_tokens, 1)
         else:
+            # a step with no valid token at all gives loss 0 (as the num_items_in_batch=None path does), not 0/0
             denom = num_items_in_batch
             if isinstance(denom, Tensor):
-                denom = denom.to(device=labels.device, dtype=torch.float32)
+                denom = denom.to(device=labels.device, dtype=torch.float32).clamp_min(1)
+            else:
+                if denom < 0:
+                    raise ValueError(f"DSSLoss: num_items_in_batch must be >= 0, got {denom}")
+                denom = max(denom, 1)
 
         if self.kl == "full":
             if logits is None or ref_logits is None:
