@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "block_reduce.cuh"
 #include "launchers.h"
 
 namespace safeshape::cuda {
@@ -31,6 +32,15 @@ template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
+
+// A float64 logsumexp as hi + lo in the accumulation dtype (as the CPU kernels' Split): (x - hi) - lo keeps the
+// digits of x - lse that a float32 lse of |z| ~ 1e4 would lose.
+template <typename A>
+struct Split {
+  A hi, lo;
+  __device__ explicit Split(double v) : hi(static_cast<A>(v)), lo(static_cast<A>(v - static_cast<double>(hi))) {}
+  __device__ __forceinline__ A log_prob(A x) const { return (x - hi) - lo; }
+};
 
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
@@ -134,18 +144,13 @@ struct Lse {
   }
 };
 
-template <typename A>
-__device__ __forceinline__ A shfl(A v, int o) {
-  return __shfl_xor_sync(0xffffffffu, v, o);
-}
-
 // Block-wide merge of the threads' Lse; every thread gets m + log(s) in float64 (m is a logit, log(s) is small:
 // their float64 sum keeps the digits a float32 lse of |z| ~ 1e4 would lose).
 template <typename A>
 __device__ double block_lse(Lse<A> st) {
   __shared__ A sm[kThreads / 32], ss[kThreads / 32];
   __shared__ double result;
-  for (int o = 16; o > 0; o >>= 1) st.merge(shfl(st.m, o), shfl(st.s, o));
+  for (int o = 16; o > 0; o >>= 1) st.merge(warp_shfl_xor(st.m, o), warp_shfl_xor(st.s, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     sm[warp] = st.m;
@@ -157,22 +162,6 @@ __device__ double block_lse(Lse<A> st) {
     t.init();
     for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) t.merge(sm[w], ss[w]);
     result = static_cast<double>(t.m) + static_cast<double>(log_(t.s));
-  }
-  __syncthreads();
-  return result;
-}
-
-template <typename A>
-__device__ A block_sum(A v) {
-  __shared__ A part[kThreads / 32];
-  __shared__ A result;
-  for (int o = 16; o > 0; o >>= 1) v += shfl(v, o);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    A t = A(0);
-    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) t += part[w];
-    result = t;
   }
   __syncthreads();
   return result;
@@ -229,13 +218,12 @@ __global__ void backward_kernel(DssRows a) {
     return;
   }
   const A l = static_cast<const A*>(a.logprobs)[i];
-  const double lse = a.logsumexp[i];
-  const A hi = static_cast<A>(lse), lo = static_cast<A>(lse - static_cast<double>(hi));
+  const Split<A> lse(a.logsumexp[i]);
   const A w = row_value<A>(a.weights, i, A(1));
   const A c = w - static_cast<A>(a.kl_coef) * (A(1) - w) * (l - row_value<A>(a.ref_logprobs, i, A(0)));
   const A coef = static_cast<const A*>(a.grad_loss)[i] * c;
   const A at_label = coef * expm1_(l);  // p_y - 1 from the saved log-probability, no cancellation
-  row_map(row, out, V, [&](int64_t j, A x) { return j == y ? at_label : coef * exp_((x - hi) - lo); });
+  row_map(row, out, V, [&](int64_t j, A x) { return j == y ? at_label : coef * exp_(lse.log_prob(x)); });
 }
 
 template <typename T>
@@ -265,17 +253,19 @@ __global__ void full_kl_forward_kernel(DssRows a) {
   row_visit(r, V, [&](int64_t, A x) { sr.add(x); });
   const double lse_d = block_lse(sz);
   const double rlse_d = block_lse(sr);
-  const A hi = static_cast<A>(lse_d), lo = static_cast<A>(lse_d - static_cast<double>(hi));
-  const A rhi = static_cast<A>(rlse_d), rlo = static_cast<A>(rlse_d - static_cast<double>(rhi));
+  const Split<A> lse(lse_d), rlse(rlse_d);
   // KL = sum_j p_j ((z_j - lse) - (r_j - rlse)); r_j is read with the same split as z_j (same row offsets)
+  auto kl_term = [&](A zj, A rj) {
+    const A lz = lse.log_prob(zj);
+    return exp_(lz) * (lz - rlse.log_prob(rj));
+  };
   A part = A(0);
   const RowSplit<T> sp(z, V);
   constexpr int kN = Pack<T>::kN;
   const bool same = ((reinterpret_cast<uintptr_t>(z) ^ reinterpret_cast<uintptr_t>(r)) & 15) == 0;
   if (same) {
     for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x) {
-      const A lz = (to_acc(z[j]) - hi) - lo;
-      part += exp_(lz) * (lz - ((to_acc(r[j]) - rhi) - rlo));
+      part += kl_term(to_acc(z[j]), to_acc(r[j]));
     }
     const Pack<T>* vz = reinterpret_cast<const Pack<T>*>(z + sp.head);
     const Pack<T>* vr = reinterpret_cast<const Pack<T>*>(r + sp.head);
@@ -283,18 +273,15 @@ __global__ void full_kl_forward_kernel(DssRows a) {
       const Pack<T> pz = vz[q], pr = vr[q];
 #pragma unroll
       for (int k = 0; k < kN; ++k) {
-        const A lz = (to_acc(pz.v[k]) - hi) - lo;
-        part += exp_(lz) * (lz - ((to_acc(pr.v[k]) - rhi) - rlo));
+        part += kl_term(to_acc(pz.v[k]), to_acc(pr.v[k]));
       }
     }
     for (int64_t j = sp.tail_begin + threadIdx.x; j < V; j += blockDim.x) {
-      const A lz = (to_acc(z[j]) - hi) - lo;
-      part += exp_(lz) * (lz - ((to_acc(r[j]) - rhi) - rlo));
+      part += kl_term(to_acc(z[j]), to_acc(r[j]));
     }
   } else {
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-      const A lz = (to_acc(z[j]) - hi) - lo;
-      part += exp_(lz) * (lz - ((to_acc(r[j]) - rhi) - rlo));
+      part += kl_term(to_acc(z[j]), to_acc(r[j]));
     }
   }
   const A klv = block_sum(part);
@@ -325,17 +312,15 @@ __global__ void full_kl_backward_kernel(DssRows a) {
   const A g = static_cast<const A*>(a.grad_loss)[i];
   const A w = row_value<A>(a.weights, i, A(1));
   const A ca = g * w, cb = g * static_cast<A>(a.kl_coef) * (A(1) - w);
-  const double lse_d = a.logsumexp[i], rlse_d = a.ref_logsumexp[i];
-  const A hi = static_cast<A>(lse_d), lo = static_cast<A>(lse_d - static_cast<double>(hi));
-  const A rhi = static_cast<A>(rlse_d), rlo = static_cast<A>(rlse_d - static_cast<double>(rhi));
+  const Split<A> lse(a.logsumexp[i]), rlse(a.ref_logsumexp[i]);
   const A klv = static_cast<const A*>(a.kl)[i];
   // the label column: w (p_y - 1) by expm1, no cancellation
-  const A ly = (to_acc(z[y]) - hi) - lo;
-  const A at_label = ca * expm1_(ly) + cb * exp_(ly) * (ly - ((to_acc(r[y]) - rhi) - rlo) - klv);
+  const A ly = lse.log_prob(to_acc(z[y]));
+  const A at_label = ca * expm1_(ly) + cb * exp_(ly) * (ly - rlse.log_prob(to_acc(r[y])) - klv);
   row_map(z, out, V, [&](int64_t j, A x) {
     if (j == y) return at_label;
-    const A lz = (x - hi) - lo;
-    return exp_(lz) * (ca + cb * (lz - ((to_acc(r[j]) - rhi) - rlo) - klv));
+    const A lz = lse.log_prob(x);
+    return exp_(lz) * (ca + cb * (lz - rlse.log_prob(to_acc(r[j])) - klv));
   });
 }
 

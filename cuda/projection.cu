@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "block_reduce.cuh"
 #include "launchers.h"
 
 namespace safeshape::cuda {
@@ -20,22 +21,12 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ double warp_sum(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // grid (ceil(d_in / kThreads), nsplit, ceil(r / R)); each thread owns column j and R rank columns.
 template <typename T, int R>
 __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ lora_b,
                              float* __restrict__ partial, float* __restrict__ block_ss, int64_t d_out, int64_t d_in,
                              int64_t r, int64_t rows_per_split) {
   __shared__ float bs[kRowsPerTile][R];
-  __shared__ float red[kThreads / 32];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t k0 = static_cast<int64_t>(blockIdx.z) * R;
   const int64_t i_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
@@ -69,15 +60,9 @@ __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, c
       if (k0 + k < r) p[k] = acc[k];
   }
   // only the first rank chunk counts V^2, so each element is counted once
-  if (blockIdx.z == 0) {
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float t = 0.f;
-      for (int w = 0; w < kThreads / 32; ++w) t += red[w];
-      block_ss[blockIdx.y * gridDim.x + blockIdx.x] = t;
-    }
+  if (blockIdx.z == 0) {  // uniform across the block, as block_sum needs
+    const float t = block_sum(ss);
+    if (threadIdx.x == 0) block_ss[blockIdx.y * gridDim.x + blockIdx.x] = t;
   }
 }
 
@@ -92,15 +77,10 @@ __global__ void reduce_kernel(const float* __restrict__ partial, float* __restri
 
 __global__ void norm_kernel(const float* __restrict__ block_ss, int64_t n, double* __restrict__ norm64,
                             float* __restrict__ v_norm) {
-  __shared__ double red[kThreads / 32];
   double s = 0.0;
   for (int64_t e = threadIdx.x; e < n; e += kThreads) s += block_ss[e];
-  s = warp_sum(s);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
-  __syncthreads();
+  const double t = block_sum(s);
   if (threadIdx.x == 0) {
-    double t = 0.0;
-    for (int w = 0; w < kThreads / 32; ++w) t += red[w];
     const double nrm = sqrt(t);
     norm64[0] = nrm;
     v_norm[0] = static_cast<float>(nrm);
@@ -201,22 +181,14 @@ void launch_for_dtype(const void* a, const void* b, const float* lora_b, float* 
 // out[k * r + l] = sum_t X[t * sxt + k * sxk] * Y[t * syt + l * syk]; one block per (k, l).
 __global__ void gram_kernel(const double* __restrict__ X, int64_t sxt, int64_t sxk, const double* __restrict__ Y,
                             int64_t syt, int64_t syk, int64_t n, int64_t r, double* __restrict__ out) {
-  __shared__ double red[kThreads / 32];
   const int64_t k = blockIdx.x / r, l = blockIdx.x % r;
   double s = 0.0;
   for (int64_t t = threadIdx.x; t < n; t += kThreads) s += X[t * sxt + k * sxk] * Y[t * syt + l * syk];
-  s = warp_sum(s);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double t = 0.0;
-    for (int w = 0; w < kThreads / 32; ++w) t += red[w];
-    out[blockIdx.x] = t;
-  }
+  const double total = block_sum(s);
+  if (threadIdx.x == 0) out[blockIdx.x] = total;
 }
 
 __global__ void cosine_kernel(const double* __restrict__ grams, int64_t r, double* __restrict__ cosine) {
-  __shared__ double red[3][kThreads / 32];
   const int64_t rr = r * r;
   const double* G = grams;
   double tr[3] = {0.0, 0.0, 0.0};
@@ -225,15 +197,9 @@ __global__ void cosine_kernel(const double* __restrict__ grams, int64_t r, doubl
     const double g = G[l * r + k];
     for (int q = 0; q < 3; ++q) tr[q] += grams[(q + 1) * rr + e] * g;
   }
-  for (int q = 0; q < 3; ++q) {
-    const double s = warp_sum(tr[q]);
-    if ((threadIdx.x & 31) == 0) red[q][threadIdx.x >> 5] = s;
-  }
-  __syncthreads();
+  double t[3];
+  for (int q = 0; q < 3; ++q) t[q] = block_sum(tr[q]);
   if (threadIdx.x == 0) {
-    double t[3] = {0.0, 0.0, 0.0};
-    for (int q = 0; q < 3; ++q)
-      for (int w = 0; w < kThreads / 32; ++w) t[q] += red[q][w];
     double c = 0.0;
     if (t[1] > 0.0 && t[2] > 0.0) c = fmin(fmax(t[0] / sqrt(t[1] * t[2]), 0.0), 1.0);
     cosine[0] = c;
