@@ -79,8 +79,7 @@ def read_tensor(info: TensorInfo, name: str = "?") -> torch.Tensor:
     numel = 1
     for s in info.shape:
         numel *= s
-    itemsize = torch.empty((), dtype=info.dtype).element_size()
-    if numel * itemsize != nbytes:
+    if numel * info.dtype.itemsize != nbytes:
         raise CheckpointError(f"{info.file}: tensor {name!r} has {nbytes} bytes for shape {list(info.shape)} "
                               f"of {info.dtype}")
     if nbytes == 0:

@@ -46,14 +46,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def save_adapter_files(peft_model, folder: str) -> None:
     """PEFT ``save_pretrained`` into ``folder`` (which must exist)."""
     peft_model.save_pretrained(folder, safe_serialization=True)

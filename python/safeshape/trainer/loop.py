@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import ops
 from ..data import IGNORE_INDEX, Example, collate, load_examples
 from ..errors import SafeshapeError
+from ..io import write_json
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
@@ -286,6 +287,6 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
                "examples": len(run.examples), "dropped_rows": run.dropped, "world_size": dist.world_size, "rank": dist.rank,
                "global_batch": run.global_batch, "config": asdict(config)}
     if is_main:
-        ckpt_io.write_json_atomic(os.path.join(out, "train_summary.json"), summary)
+        write_json(os.path.join(out, "train_summary.json"), summary, overwrite=True)
     dist.barrier()
     return summary
