@@ -7,9 +7,10 @@ JSONL dataset; ``chunk_char_spans`` and ``token_weights`` map them onto a policy
 from .annotate import annotate_file
 from .guard import load_guard
 from .presets import PRESET_NAMES, PRESETS, GuardPreset, get_preset
-from .scoring import ENGINES, StarScorer, score_response
+from .scoring import ENGINES, StarScorer, score_full_responses, score_response
 from .segment import chunk_char_spans, word_spans
 from .weights import token_weights
 
 __all__ = ["GuardPreset", "PRESETS", "PRESET_NAMES", "get_preset", "ENGINES", "StarScorer", "score_response",
+           "score_full_responses",
            "chunk_char_spans", "word_spans", "token_weights", "load_guard", "annotate_file"]

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import SafeshapeError
 from .presets import GuardPreset
 from .scoring import StarScorer
+from .segment import chunk_char_spans
 
 STAR_FIELDS = ("star_values", "star_chunk_words")
 
@@ -51,24 +54,107 @@ def _strip_star(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in STAR_FIELDS}
 
 
-def _done_rows(out_path: Path) -> list[dict]:
-    """The complete rows already in OUT. A torn last line (a crash in mid-write) is cut off first."""
+def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """``(where, row)`` for the non-blank lines of a JSONL file, ``where`` = ``path:line``. A line that is not UTF-8
+    or not JSON raises SafeshapeError naming it, when it is reached (so the rows before it can be handled first)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SafeshapeError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line: "
+                                     f"{raw[exc.start:exc.start + 1]!r}); JSONL files must be UTF-8") from exc
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SafeshapeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+
+
+def _annotated_line(row: dict, values, chunk_words: int) -> str:
+    return json.dumps({**row, "star_values": values, "star_chunk_words": chunk_words}, ensure_ascii=False) + "\n"
+
+
+_MARK = "\u0000STAR-VALUES\u0000"
+_TORN_VALUES = re.compile(r"\[[-+0-9.eE, NaIfinty]*(\].*)?", re.S)
+
+
+def _is_torn_annotation(torn: bytes, row: dict, chunk_words: int) -> bool:
+    """Whether ``torn`` (a last line without its newline) can be the start of the annotated copy of ``row``."""
+    for cut in range(4):  # the write may have stopped inside a multi-byte character
+        try:
+            text = torn[:len(torn) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return False
+    before, after = _annotated_line(row, _MARK, chunk_words)[:-1].split(json.dumps(_MARK))
+    if len(text) <= len(before):
+        return before.startswith(text)
+    if not text.startswith(before):
+        return False
+    m = _TORN_VALUES.fullmatch(text[len(before):])
+    return m is not None and (m.group(1) is None or after.startswith(m.group(1)[1:]))
+
+
+def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int) -> int:
+    """How many rows of an existing OUT to keep. OUT is validated before anything is changed: every complete line
+    must be the annotated copy (same fields, chunk_words, one value per chunk) of the next input row, and a torn
+    last line (a crash in mid-write) the start of one; only then is the torn line cut off. Anything else is
+    refused (SafeshapeError), the file untouched."""
+    if not out_path.exists():
+        return 0
+    if not out_path.is_file():
+        raise SafeshapeError(f"output {out_path} exists and is not a regular file; choose another output")
     data = out_path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
+    keep = data.rfind(b"\n") + 1
+
+    def refuse(why: str):
+        raise SafeshapeError(f"output {out_path} exists and is not a partial STAR annotation of {in_path} with "
+                             f"chunk_words={chunk_words} ({why}); it was left untouched: choose another output, or "
+                             "pass --overwrite (overwrite=True) to replace it")
+
+    inputs = jsonl_rows(in_path)
+
+    def next_input(n: int):
+        try:
+            return next(inputs)
+        except StopIteration:
+            refuse(f"its line {n} has no input row to match: the input has fewer rows")
+        except SafeshapeError as exc:
+            refuse(f"its line {n} would be the annotation of a bad input row: {exc}")
+
+    lines = data[:keep].split(b"\n")[:-1]
+    for n, raw in enumerate(lines, 1):
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            refuse(f"its line {n} is not a UTF-8 JSON row")
+        if not isinstance(row, dict) or row.get("star_chunk_words") != chunk_words or \
+                not isinstance(row.get("star_values"), list):
+            refuse(f"its line {n} is not a row annotated with chunk_words={chunk_words}")
+        where, source = next_input(n)
+        if not isinstance(source, dict) or _strip_star(row) != _strip_star(source):
+            refuse(f"its line {n} is not the annotated copy of {where}")
+        try:
+            chunks = len(chunk_char_spans(row_conversation(source, where)[1], chunk_words))
+        except SafeshapeError as exc:
+            refuse(f"its line {n} would be the annotation of a bad input row: {exc}")
+        values = row["star_values"]
+        if len(values) != chunks or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            refuse(f"its line {n} does not hold {chunks} numeric STAR values")
+    if keep < len(data):
+        where, source = next_input(len(lines) + 1)
+        if not isinstance(source, dict) or not _is_torn_annotation(data[keep:], source, chunk_words):
+            refuse(f"its last line (no newline) is not the start of the annotated copy of {where}")
         warnings.warn(f"{out_path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "
                       "interrupted run", stacklevel=3)
         with open(out_path, "r+b") as f:
             f.truncate(keep)
-        data = data[:keep]
-    rows = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise SafeshapeError(f"{out_path}:{n}: not valid JSON ({exc}); this is not a partial STAR annotation: "
-                                 "choose another output or overwrite it") from exc
-    return rows
+    return len(lines)
 
 
 def _count_rows(path: Path) -> int:
@@ -78,15 +164,18 @@ def _count_rows(path: Path) -> int:
 
 def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset, chunk_words: int = 5,
                   engine: str = "shared", batch_size: int = 8, temperature: float = 1.0, progress: bool = True,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, guard_date=None) -> dict:
     """Add ``star_values`` and ``star_chunk_words`` to every row of the JSONL file ``in_path``, into ``out_path``.
 
     Resumable: rows already in ``out_path`` (which must be the first rows of ``in_path``, annotated with the same
-    ``chunk_words``) are skipped, and new rows are appended, each in one write, ``batch_size`` rows at a time and
-    synced to disk; a torn last line from a crash is removed on the next run. ``overwrite=True`` starts afresh.
-    A malformed row stops the run with its line number, after the rows before it are written; nothing is written
-    for it. Blank lines are skipped. Returns counts: ``rows_scored``, ``rows_skipped`` (already done),
-    ``guard_tokens`` (guard tokens processed in this run), with the engine used, seconds and more statistics.
+    ``chunk_words``; anything else is refused untouched) are skipped, and new rows are appended, each in one write,
+    ``batch_size`` rows at a time and synced to disk; a torn last line from a crash is removed on the next run.
+    ``overwrite=True`` starts afresh. A malformed row (bad UTF-8, bad JSON, bad fields) stops the run with its line
+    number, after the rows before it are written; nothing is written for it. Blank lines are skipped.
+    ``guard_date`` pins the date a guard template prints (default today; reported). Returns counts:
+    ``rows_scored``, ``rows_skipped`` (already done), ``rows_with_system`` (system messages not shown to the
+    guard), ``shared_fallbacks``, ``guard_tokens`` (guard tokens processed in this run), with the engine used,
+    seconds and more statistics.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
@@ -95,22 +184,21 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
         raise SafeshapeError(f"output {out_path} is the input file: choose another output path")
     if not out_path.parent.is_dir():
         raise SafeshapeError(f"output {out_path}: folder {out_path.parent} does not exist")
+    if out_path.exists() and not out_path.is_file():
+        raise SafeshapeError(f"output {out_path} exists and is not a regular file; choose another output")
     scorer = StarScorer(guard, tokenizer, preset=preset, chunk_words=chunk_words, engine=engine,
-                        batch_size=batch_size, temperature=temperature)
+                        batch_size=batch_size, temperature=temperature, guard_date=guard_date)
     if out_path.exists() and overwrite:
         out_path.write_bytes(b"")
-    done = _done_rows(out_path) if out_path.exists() else []
+    done = _resumable_rows(out_path, in_path, scorer.chunk_words)
     total = _count_rows(in_path)
-    if len(done) > total:
-        raise SafeshapeError(f"output {out_path} has {len(done)} rows but input {in_path} has only {total}: it is "
-                             "not a partial annotation of this input (overwrite it or choose another output)")
 
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     counts = {"rows_scored": 0, "rows_skipped": 0}
-    bar = tqdm(total=total, initial=len(done), unit="row", desc="STAR", disable=not progress, dynamic_ncols=True)
-    with open(in_path, "r", encoding="utf-8") as fin, open(out_path, "ab") as fout:
+    bar = tqdm(total=total, initial=done, unit="row", desc="STAR", disable=not progress, dynamic_ncols=True)
+    with open(out_path, "ab") as fout:
         pending: list[tuple[dict, object]] = []
 
         def flush():
@@ -118,9 +206,7 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
                 return
             values = scorer.score_inputs([gi for _, gi in pending])
             for (row, _), v in zip(pending, values):
-                line = json.dumps({**row, "star_values": v, "star_chunk_words": scorer.chunk_words},
-                                  ensure_ascii=False) + "\n"
-                fout.write(line.encode("utf-8"))  # one write per row
+                fout.write(_annotated_line(row, v, scorer.chunk_words).encode("utf-8"))  # one write per row
             fout.flush()
             os.fsync(fout.fileno())
             counts["rows_scored"] += len(pending)
@@ -129,25 +215,18 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
             bar.set_postfix(guard_tok_s=f"{scorer.stats['guard_tokens'] / elapsed:.0f}")
             pending.clear()
 
-        index = 0
+        rows = jsonl_rows(in_path)
         try:
-            for lineno, line in enumerate(fin, 1):
-                if not line.strip():
-                    continue
-                where = f"{in_path}:{lineno}"
+            while True:
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    flush()
-                    raise SafeshapeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-                if index < len(done):
-                    if not isinstance(row, dict) or _strip_star(done[index]) != _strip_star(row) or \
-                            done[index].get("star_chunk_words") != scorer.chunk_words:
-                        raise SafeshapeError(
-                            f"{out_path}:{index + 1} does not match {where} annotated with chunk_words="
-                            f"{scorer.chunk_words}: the output is not a partial annotation of this input with these "
-                            "settings (overwrite it or choose another output)")
-                    index += 1
+                    item = next(rows, None)
+                except SafeshapeError:
+                    flush()  # the rows before a bad line are kept
+                    raise
+                if item is None:
+                    break
+                where, row = item
+                if counts["rows_skipped"] < done:  # validated by _resumable_rows
                     counts["rows_skipped"] += 1
                     continue
                 try:
@@ -157,16 +236,16 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
                     flush()
                     raise SafeshapeError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from exc
                 pending.append((row, gi))
-                index += 1
                 if len(pending) >= scorer.batch_size:
                     flush()
             flush()
         finally:
             bar.close()
     stats = scorer.stats
-    return {**counts, "guard_tokens": stats["guard_tokens"], "guard_slots": stats["guard_slots"],
-            "forward_passes": stats["forward_passes"], "chunks": stats["chunks"],
-            "tokenization_mismatches": stats["tokenization_mismatches"], "engine": scorer.engine,
+    guard_date = scorer.template.guard_date
+    return {**counts, "rows_with_system": stats["system_dropped"], "shared_fallbacks": stats["shared_fallbacks"],
+            "guard_tokens": stats["guard_tokens"], "guard_slots": stats["guard_slots"],
+            "forward_passes": stats["forward_passes"], "chunks": stats["chunks"], "engine": scorer.engine,
             "chunk_words": scorer.chunk_words, "temperature": scorer.temperature,
-            "preset": scorer.template.preset.name, "input": str(in_path), "output": str(out_path),
-            "seconds": time.perf_counter() - start}
+            "preset": scorer.template.preset.name, "guard_date": guard_date.isoformat() if guard_date else None,
+            "input": str(in_path), "output": str(out_path), "seconds": time.perf_counter() - start}

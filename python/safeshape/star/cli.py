@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
 
 from ..errors import SafeshapeError
+from ..io import write_json
 from .presets import PRESET_NAMES, get_preset
 from .scoring import ENGINES
 
@@ -34,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="guard dtype (default: float32)")
     parser.add_argument("--temperature", type=float, default=1.0, help="verdict softmax temperature (default: 1)")
+    parser.add_argument("--guard-date", default=None, metavar="YYYY-MM-DD",
+                        help="the date a guard template prints (Granite Guardian 3.1 puts today's date in its system "
+                             "block); default today; reported, so a rerun can pin it")
     parser.add_argument("--overwrite", action="store_true", help="start OUT afresh instead of resuming it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the JSON report to PATH")
@@ -49,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
         if args.preset != "generic" and (args.safe or args.unsafe):
             print(f"note: --safe/--unsafe override the {args.preset} preset's verdict strings", file=sys.stderr)
         preset = get_preset(args.preset, safe=args.safe, unsafe=args.unsafe, verdict_prefix=args.verdict_prefix)
+        guard_date = _parse_date(args.guard_date)
         if args.json and Path(args.json).exists() and not args.overwrite:
             raise SafeshapeError(f"--json {args.json} exists; pass --overwrite to replace it")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -56,20 +62,38 @@ def main(args: argparse.Namespace) -> int:
         guard, tokenizer = load_guard(args.guard, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
         report = annotate_file(guard, tokenizer, args.data, args.out, preset, chunk_words=args.chunk_words,
                                engine=args.engine, batch_size=args.batch_size, temperature=args.temperature,
-                               progress=not args.no_progress, overwrite=args.overwrite)
+                               progress=not args.no_progress, overwrite=args.overwrite, guard_date=guard_date)
     except SafeshapeError as exc:
         print(f"safeshape star: error: {exc}", file=sys.stderr)
         return 2
     report["guard"] = str(args.guard)
-    rate = report["guard_tokens"] / report["seconds"] if report["seconds"] > 0 else 0.0
+    seconds = report["seconds"] if report["seconds"] > 0 else float("inf")
+    report["responses_per_s"] = report["rows_scored"] / seconds
+    report["guard_tokens_per_s"] = report["guard_tokens"] / seconds
     print(f"STAR: scored {report['rows_scored']} rows ({report['rows_skipped']} already done) -> {report['output']}; "
-          f"{report['guard_tokens']} guard tokens, {report['seconds']:.1f} s ({rate:.0f} tokens/s), "
-          f"engine {report['engine']}, M = {report['chunk_words']}")
-    line = json.dumps(report, sort_keys=True)
-    print(line)
+          f"{report['guard_tokens']} guard tokens, {report['seconds']:.1f} s ({report['responses_per_s']:.2f} "
+          f"responses/s, {report['guard_tokens_per_s']:.0f} guard tokens/s), engine {report['engine']}, "
+          f"M = {report['chunk_words']}")
+    notes = []
+    if report["rows_with_system"]:
+        notes.append(f"{report['rows_with_system']} rows had a system message (not shown to the guard)")
+    if report["shared_fallbacks"]:
+        notes.append(f"{report['shared_fallbacks']} responses scored one prefix at a time (their prefixes' tokens "
+                     "share too little with the response's)")
+    if report["guard_date"]:
+        notes.append(f"guard template date {report['guard_date']} (pin it with --guard-date to reproduce)")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps(report, sort_keys=True))
     if args.json:
-        target = Path(args.json)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(line + "\n")
-        tmp.replace(target)
+        write_json(args.json, report, overwrite=True)
     return 0
+
+
+def _parse_date(text: str | None) -> datetime.date | None:
+    if text is None:
+        return None
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise SafeshapeError(f"--guard-date {text!r}: expected a date as YYYY-MM-DD") from None
