@@ -19,7 +19,7 @@ from .presets import GuardPreset
 from .scoring import StarScorer
 from .segment import chunk_char_spans
 
-STAR_FIELDS = ("star_values", "star_chunk_words")
+STAR_FIELDS = ("star_values", "star_chunk_words", "star_recipe")
 
 
 def row_conversation(row, where: str) -> tuple[list[dict], str]:
@@ -73,15 +73,19 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
                 raise SafeshapeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
 
 
-def _annotated_line(row: dict, values, chunk_words: int) -> str:
-    return json.dumps({**row, "star_values": values, "star_chunk_words": chunk_words}, ensure_ascii=False) + "\n"
+def _annotated_line(row: dict, values, chunk_words: int, recipe: str = "exact") -> str:
+    """A row's annotated copy; ``star_recipe`` is written only for the authors' recipe (the trainer then maps values
+    to tokens with their boundaries)."""
+    extra = {"star_recipe": recipe} if recipe != "exact" else {}
+    return json.dumps({**row, "star_values": values, "star_chunk_words": chunk_words, **extra},
+                      ensure_ascii=False) + "\n"
 
 
 _MARK = "\u0000STAR-VALUES\u0000"
 _TORN_VALUES = re.compile(r"\[[-+0-9.eE, NaIfinty]*(\].*)?", re.S)
 
 
-def _is_torn_annotation(torn: bytes, row: dict, chunk_words: int) -> bool:
+def _is_torn_annotation(torn: bytes, row: dict, chunk_words: int, recipe: str) -> bool:
     """Whether ``torn`` (a last line without its newline) can be the start of the annotated copy of ``row``."""
     for cut in range(4):  # the write may have stopped inside a multi-byte character
         try:
@@ -91,7 +95,7 @@ def _is_torn_annotation(torn: bytes, row: dict, chunk_words: int) -> bool:
             continue
     else:
         return False
-    before, after = _annotated_line(row, _MARK, chunk_words)[:-1].split(json.dumps(_MARK))
+    before, after = _annotated_line(row, _MARK, chunk_words, recipe)[:-1].split(json.dumps(_MARK))
     if len(text) <= len(before):
         return before.startswith(text)
     if not text.startswith(before):
@@ -100,7 +104,7 @@ def _is_torn_annotation(torn: bytes, row: dict, chunk_words: int) -> bool:
     return m is not None and (m.group(1) is None or after.startswith(m.group(1)[1:]))
 
 
-def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int) -> int:
+def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int, recipe: str) -> int:
     """How many rows of an existing OUT to keep. OUT is validated before anything is changed: every complete line
     must be the annotated copy (same fields, chunk_words, one value per chunk) of the next input row, and a torn
     last line (a crash in mid-write) the start of one; only then is the torn line cut off. Anything else is
@@ -134,8 +138,8 @@ def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int) -> int:
         except (UnicodeDecodeError, json.JSONDecodeError):
             refuse(f"its line {n} is not a UTF-8 JSON row")
         if not isinstance(row, dict) or row.get("star_chunk_words") != chunk_words or \
-                not isinstance(row.get("star_values"), list):
-            refuse(f"its line {n} is not a row annotated with chunk_words={chunk_words}")
+                row.get("star_recipe", "exact") != recipe or not isinstance(row.get("star_values"), list):
+            refuse(f"its line {n} is not a row annotated with chunk_words={chunk_words} and the {recipe} recipe")
         where, source = next_input(n)
         if not isinstance(source, dict) or _strip_star(row) != _strip_star(source):
             refuse(f"its line {n} is not the annotated copy of {where}")
@@ -148,7 +152,7 @@ def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int) -> int:
             refuse(f"its line {n} does not hold {chunks} numeric STAR values")
     if keep < len(data):
         where, source = next_input(len(lines) + 1)
-        if not isinstance(source, dict) or not _is_torn_annotation(data[keep:], source, chunk_words):
+        if not isinstance(source, dict) or not _is_torn_annotation(data[keep:], source, chunk_words, recipe):
             refuse(f"its last line (no newline) is not the start of the annotated copy of {where}")
         warnings.warn(f"{out_path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "
                       "interrupted run", stacklevel=3)
@@ -164,7 +168,7 @@ def _count_rows(path: Path) -> int:
 
 def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset, chunk_words: int = 5,
                   engine: str = "shared", batch_size: int = 8, temperature: float = 1.0, progress: bool = True,
-                  overwrite: bool = False, guard_date=None) -> dict:
+                  overwrite: bool = False, guard_date=None, recipe: str = "exact") -> dict:
     """Add ``star_values`` and ``star_chunk_words`` to every row of the JSONL file ``in_path``, into ``out_path``.
 
     Resumable: rows already in ``out_path`` (which must be the first rows of ``in_path``, annotated with the same
@@ -172,7 +176,8 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
     ``batch_size`` rows at a time and synced to disk; a torn last line from a crash is removed on the next run.
     ``overwrite=True`` starts afresh. A malformed row (bad UTF-8, bad JSON, bad fields) stops the run with its line
     number, after the rows before it are written; nothing is written for it. Blank lines are skipped.
-    ``guard_date`` pins the date a guard template prints (default today; reported). Returns counts:
+    ``guard_date`` pins the date a guard template prints (default today; reported). ``recipe="authors"`` scores
+    with the STAR authors' recipe (SPEC.md 2b) and marks the rows ``star_recipe``. Returns counts:
     ``rows_scored``, ``rows_skipped`` (already done), ``rows_with_system`` (system messages not shown to the
     guard), ``shared_fallbacks``, ``guard_tokens`` (guard tokens processed in this run), with the engine used,
     seconds and more statistics.
@@ -187,10 +192,10 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
     if out_path.exists() and not out_path.is_file():
         raise SafeshapeError(f"output {out_path} exists and is not a regular file; choose another output")
     scorer = StarScorer(guard, tokenizer, preset=preset, chunk_words=chunk_words, engine=engine,
-                        batch_size=batch_size, temperature=temperature, guard_date=guard_date)
+                        batch_size=batch_size, temperature=temperature, guard_date=guard_date, recipe=recipe)
     if out_path.exists() and overwrite:
         out_path.write_bytes(b"")
-    done = _resumable_rows(out_path, in_path, scorer.chunk_words)
+    done = _resumable_rows(out_path, in_path, scorer.chunk_words, scorer.recipe)
     total = _count_rows(in_path)
 
     from tqdm.auto import tqdm
@@ -206,7 +211,7 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
                 return
             values = scorer.score_inputs([gi for _, gi in pending])
             for (row, _), v in zip(pending, values):
-                fout.write(_annotated_line(row, v, scorer.chunk_words).encode("utf-8"))  # one write per row
+                fout.write(_annotated_line(row, v, scorer.chunk_words, scorer.recipe).encode("utf-8"))  # one write
             fout.flush()
             os.fsync(fout.fileno())
             counts["rows_scored"] += len(pending)
@@ -246,6 +251,7 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
     return {**counts, "rows_with_system": stats["system_dropped"], "shared_fallbacks": stats["shared_fallbacks"],
             "guard_tokens": stats["guard_tokens"], "guard_slots": stats["guard_slots"],
             "forward_passes": stats["forward_passes"], "chunks": stats["chunks"], "engine": scorer.engine,
+            "recipe": scorer.recipe, "verdicts_both_masked": stats["both_masked"],
             "chunk_words": scorer.chunk_words, "temperature": scorer.temperature,
             "preset": scorer.template.preset.name, "guard_date": guard_date.isoformat() if guard_date else None,
             "input": str(in_path), "output": str(out_path), "seconds": time.perf_counter() - start}

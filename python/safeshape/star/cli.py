@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import SafeshapeError
 from ..io import write_json
 from .presets import PRESET_NAMES, get_preset
+from .recipe import RECIPES
 from .scoring import ENGINES
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="guard dtype (default: float32)")
     parser.add_argument("--temperature", type=float, default=1.0, help="verdict softmax temperature (default: 1)")
+    parser.add_argument("--recipe", default="exact", choices=RECIPES,
+                        help="exact: P(safe) from the guard's verdict logits on the exact prefix text (default); "
+                             "authors: the STAR authors' scripts (whitespace-normalised prefixes, their sampling "
+                             "processors; SPEC.md 2b)")
     parser.add_argument("--guard-date", default=None, metavar="YYYY-MM-DD",
                         help="the date a guard template prints (Granite Guardian 3.1 puts today's date in its system "
                              "block); default today; reported, so a rerun can pin it")
@@ -62,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
         guard, tokenizer = load_guard(args.guard, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
         report = annotate_file(guard, tokenizer, args.data, args.out, preset, chunk_words=args.chunk_words,
                                engine=args.engine, batch_size=args.batch_size, temperature=args.temperature,
-                               progress=not args.no_progress, overwrite=args.overwrite, guard_date=guard_date)
+                               progress=not args.no_progress, overwrite=args.overwrite, guard_date=guard_date,
+                               recipe=args.recipe)
     except SafeshapeError as exc:
         print(f"safeshape star: error: {exc}", file=sys.stderr)
         return 2
@@ -80,6 +86,9 @@ def main(args: argparse.Namespace) -> int:
     if report["shared_fallbacks"]:
         notes.append(f"{report['shared_fallbacks']} responses scored one prefix at a time (their prefixes' tokens "
                      "share too little with the response's)")
+    if report["verdicts_both_masked"]:
+        notes.append(f"{report['verdicts_both_masked']} prefixes had both verdict tokens masked by the authors' "
+                     "top-k/top-p (NaN in their scripts; here the softmax of the two unmasked scores)")
     if report["guard_date"]:
         notes.append(f"guard template date {report['guard_date']} (pin it with --guard-date to reproduce)")
     for note in notes:

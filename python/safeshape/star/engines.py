@@ -67,7 +67,9 @@ def _verdict_logits(model, ids, attention_mask, position_ids, rows, cols, verdic
     extra = {_cache_kwarg(model): cache, "use_cache": True} if cache is not None else {"use_cache": False}
     with _output_head_on(model, rows, cols), torch.inference_mode():
         out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, **extra)
-    return out.logits[0][:, verdict_ids].double()  # [N, 2]: (safe, unsafe)
+    logits = out.logits[0]
+    # [N, 2]: (safe, unsafe); or every column [N, vocab] when verdict_ids is None (the authors' recipe)
+    return (logits if verdict_ids is None else logits[:, verdict_ids]).double()
 
 
 def _key_values(model, ids, attention_mask, position_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:

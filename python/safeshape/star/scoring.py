@@ -9,6 +9,7 @@ import torch
 from ..errors import SafeshapeError
 from . import engines
 from .presets import GuardPreset, get_preset
+from .recipe import RECIPES, authors_p_safe
 from .segment import check_chunk_words
 from .template import GuardInput, GuardTemplate, guard_context
 
@@ -52,13 +53,19 @@ class StarScorer:
 
     def __init__(self, guard, tokenizer, preset: str | GuardPreset = "llama-guard-3", chunk_words: int = 5,
                  engine: str = "shared", batch_size: int = 8, temperature: float = 1.0, tails: str = "cached",
-                 max_tail_rows: int = 256, guard_date=None):
+                 max_tail_rows: int = 256, guard_date=None, recipe: str = "exact"):
         if tails not in ("cached", "inline"):
             raise SafeshapeError(f"tails must be 'cached' or 'inline', got {tails!r}")
         if engine not in ENGINES:
             raise SafeshapeError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         if not temperature > 0:
             raise SafeshapeError(f"temperature must be > 0, got {temperature!r}")
+        if recipe not in RECIPES:
+            raise SafeshapeError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        if recipe == "authors" and temperature != 1.0:
+            raise SafeshapeError("the authors' recipe has its own processors (temperature 0.2 among them); do not "
+                                 "give a temperature with it")
+        self.recipe = recipe
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise SafeshapeError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.guard = guard
@@ -82,11 +89,14 @@ class StarScorer:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0  # padded positions are masked out: any id will do
         self.verdict_ids = [self.template.safe_id, self.template.unsafe_id]
+        # the authors' processors need every logit (repetition penalty, top-k, top-p); the exact recipe two
+        self.columns = None if recipe == "authors" else self.verdict_ids
         self.stats = {"guard_tokens": 0, "guard_slots": 0, "forward_passes": 0, "responses": 0, "chunks": 0,
-                      "shared_fallbacks": 0, "system_dropped": 0}
+                      "shared_fallbacks": 0, "system_dropped": 0, "both_masked": 0}
 
     def build(self, prompt: Conversation, response: str) -> GuardInput:
-        gi = self.template.build(as_context(prompt), response, self.chunk_words)
+        gi = self.template.build(as_context(prompt), response, self.chunk_words,
+                                 normalize_whitespace=self.recipe == "authors")
         self.stats["system_dropped"] += gi.had_system
         return gi
 
@@ -106,10 +116,10 @@ class StarScorer:
                 idx = rest[b0:b0 + self.batch_size]
                 batch = [inputs[i] for i in idx]
                 if self.tails == "cached":
-                    out, tokens, slots, passes = engines.shared_logits(self.guard, batch, self.verdict_ids,
+                    out, tokens, slots, passes = engines.shared_logits(self.guard, batch, self.columns,
                                                                        self.pad_id, self.max_tail_rows)
                 else:
-                    out, tokens, slots = engines.shared_inline_logits(self.guard, batch, self.verdict_ids,
+                    out, tokens, slots = engines.shared_inline_logits(self.guard, batch, self.columns,
                                                                       self.pad_id)
                     passes = 1
                 for i, l in zip(idx, out):
@@ -117,7 +127,14 @@ class StarScorer:
                 self._count(tokens, slots, passes)
         self.stats["responses"] += len(inputs)
         self.stats["chunks"] += sum(gi.num_prefixes for gi in inputs)
-        return [verdict_probability(l, self.temperature) for l in logits]
+        if self.recipe == "exact":
+            return [verdict_probability(l, self.temperature) for l in logits]
+        values = []
+        for gi, l in zip(inputs, logits):
+            v, both = authors_p_safe(l, [gi.prefix_ids(k) for k in range(1, gi.num_prefixes + 1)], *self.verdict_ids)
+            self.stats["both_masked"] += both
+            values.append(v)
+        return values
 
     def _naive_logits(self, inputs: list[GuardInput]) -> list[torch.Tensor]:
         """Verdict logits [K, 2] per response, one guard sequence per prefix (``batch_size`` per pass)."""
@@ -132,7 +149,7 @@ class StarScorer:
         flat = []
         for b0 in range(0, len(seqs), self.batch_size):
             batch = seqs[b0:b0 + self.batch_size]
-            out, slots = engines.naive_logits(self.guard, batch, self.verdict_ids, self.pad_id)
+            out, slots = engines.naive_logits(self.guard, batch, self.columns, self.pad_id)
             flat.append(out)
             self._count(sum(len(s) for s in batch), slots)
         return torch.cat(flat) if flat else torch.empty(0, 2, dtype=torch.float64)
@@ -148,9 +165,14 @@ class StarScorer:
 
     def score_full(self, items: Sequence[tuple[Conversation, str]]) -> list[float]:
         """P(safe) of each whole response (one guard pass each; no prefixes)."""
-        logits = self._sequence_logits([self.full_response_ids(p, r) for p, r in items])
+        seqs = [self.full_response_ids(p, r) for p, r in items]
+        logits = self._sequence_logits(seqs)
         self.stats["responses"] += len(items)
-        return verdict_probability(logits, self.temperature)
+        if self.recipe == "exact":
+            return verdict_probability(logits, self.temperature)
+        values, both = authors_p_safe(logits, seqs, *self.verdict_ids)
+        self.stats["both_masked"] += both
+        return values
 
     def score(self, items: Sequence[tuple[Conversation, str]]) -> list[list[float]]:
         """P(safe) per chunk for each (prompt or conversation, response) pair."""
@@ -164,7 +186,7 @@ class StarScorer:
 
 def score_response(guard, tokenizer, prompt: Conversation, response: str, chunk_words: int = 5,
                    engine: str = "shared", preset: str | GuardPreset = "llama-guard-3",
-                   temperature: float = 1.0, guard_date=None) -> list[float]:
+                   temperature: float = 1.0, guard_date=None, recipe: str = "exact") -> list[float]:
     """P(safe) of each prefix of ``response`` (one per chunk of ``chunk_words`` whitespace words, in order).
 
     ``prompt`` is the user prompt, or the list of messages before the response. ``preset`` is a
@@ -174,19 +196,20 @@ def score_response(guard, tokenizer, prompt: Conversation, response: str, chunk_
     4-D mask. A response without words raises :class:`SafeshapeError`.
     """
     scorer = StarScorer(guard, tokenizer, preset=preset, chunk_words=chunk_words, engine=engine,
-                        temperature=temperature, guard_date=guard_date)
+                        temperature=temperature, guard_date=guard_date, recipe=recipe)
     return scorer.score([(prompt, response)])[0]
 
 
 def score_full_responses(guard, tokenizer, items: Sequence[tuple[Conversation, str]],
                          preset: str | GuardPreset = "llama-guard-3", batch_size: int = 8, temperature: float = 1.0,
-                         guard_date=None) -> list[float]:
+                         guard_date=None, recipe: str = "exact") -> list[float]:
     """P(safe) the guard gives each whole response (``1 - value`` is P(unsafe)), for ``(prompt, response)`` pairs.
 
     The guard sees exactly what Hugging Face would feed it: its chat template on the conversation (system messages
     dropped; Granite Guardian: the last user message) + the verbatim response, tokenized, then the preset's verdict
-    prefix; V = softmax([l_safe, l_unsafe] / temperature)[0]. ``guard_date`` pins the date a template prints.
+    prefix; V = softmax([l_safe, l_unsafe] / temperature)[0] (``recipe="authors"``: after the STAR authors' logits
+    processors, :mod:`safeshape.star.recipe`). ``guard_date`` pins the date a template prints.
     """
     scorer = StarScorer(guard, tokenizer, preset=preset, engine="naive", batch_size=batch_size,
-                        temperature=temperature, guard_date=guard_date)
+                        temperature=temperature, guard_date=guard_date, recipe=recipe)
     return scorer.score_full(items)

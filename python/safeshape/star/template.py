@@ -198,14 +198,23 @@ class GuardTemplate:
         raise SafeshapeError("the guard's chat template must put every message of the conversation into its "
                              "output, and the assistant message once, verbatim; tried " + "; ".join(errors))
 
-    def build(self, context: list[dict], response: str, chunk_words: int) -> GuardInput:
-        """Token ids for every prefix of ``response`` after the conversation ``context`` (messages before it)."""
+    def build(self, context: list[dict], response: str, chunk_words: int, normalize_whitespace: bool = False
+              ) -> GuardInput:
+        """Token ids for every prefix of ``response`` after the conversation ``context`` (messages before it).
+
+        Prefix k is the response from its first word to the end of chunk k; with ``normalize_whitespace`` (the STAR
+        authors' recipe, SPEC.md 2b) it is ``" ".join(response.split()[:k * chunk_words])``.
+        """
         spans = chunk_char_spans(response, chunk_words)
         if not spans:
             raise SafeshapeError("the response has no words: there is nothing to score")
         context, had_system = guard_context(context, self.preset)
         head, tail = self._split(context)
-        prefixes = [prefix_text(response, spans, k) for k in range(1, len(spans) + 1)]
+        if normalize_whitespace:
+            words = response.split()
+            prefixes = [" ".join(words[:k * chunk_words]) for k in range(1, len(spans) + 1)]
+        else:
+            prefixes = [prefix_text(response, spans, k) for k in range(1, len(spans) + 1)]
         for k in sorted({1, len(spans)}):
             if self.render(context, prefixes[k - 1]) != head + prefixes[k - 1] + tail:
                 raise SafeshapeError(
