@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import SafeshapeError
+from ..io import atomic_write_bytes
 from .presets import GuardPreset
 from .scoring import StarScorer
 from .segment import chunk_char_spans
@@ -73,6 +74,14 @@ def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
                 raise SafeshapeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
 
 
+def shard_rows(rows: Iterator[tuple[str, object]], shard: tuple[int, int]) -> Iterator[tuple[str, object]]:
+    """The rows of shard ``(rank, world)``: rows ``rank, rank + world, ...`` (counting non-blank lines from 0)."""
+    rank, world = shard
+    for i, item in enumerate(rows):
+        if i % world == rank:
+            yield item
+
+
 def _annotated_line(row: dict, values, chunk_words: int, recipe: str = "exact") -> str:
     """A row's annotated copy; ``star_recipe`` is written only for the authors' recipe (the trainer then maps values
     to tokens with their boundaries)."""
@@ -104,7 +113,7 @@ def _is_torn_annotation(torn: bytes, row: dict, chunk_words: int, recipe: str) -
     return m is not None and (m.group(1) is None or after.startswith(m.group(1)[1:]))
 
 
-def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int, recipe: str) -> int:
+def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int, recipe: str, shard=(0, 1)) -> int:
     """How many rows of an existing OUT to keep. OUT is validated before anything is changed: every complete line
     must be the annotated copy (same fields, chunk_words, one value per chunk) of the next input row, and a torn
     last line (a crash in mid-write) the start of one; only then is the torn line cut off. Anything else is
@@ -121,7 +130,7 @@ def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int, recipe: str
                              f"chunk_words={chunk_words} ({why}); it was left untouched: choose another output, or "
                              "pass --overwrite (overwrite=True) to replace it")
 
-    inputs = jsonl_rows(in_path)
+    inputs = shard_rows(jsonl_rows(in_path), shard)
 
     def next_input(n: int):
         try:
@@ -168,7 +177,8 @@ def _count_rows(path: Path) -> int:
 
 def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset, chunk_words: int = 5,
                   engine: str = "shared", batch_size: int = 8, temperature: float = 1.0, progress: bool = True,
-                  overwrite: bool = False, guard_date=None, recipe: str = "exact") -> dict:
+                  overwrite: bool = False, guard_date=None, recipe: str = "exact", shard: tuple[int, int] = (0, 1)
+                  ) -> dict:
     """Add ``star_values`` and ``star_chunk_words`` to every row of the JSONL file ``in_path``, into ``out_path``.
 
     Resumable: rows already in ``out_path`` (which must be the first rows of ``in_path``, annotated with the same
@@ -177,7 +187,8 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
     ``overwrite=True`` starts afresh. A malformed row (bad UTF-8, bad JSON, bad fields) stops the run with its line
     number, after the rows before it are written; nothing is written for it. Blank lines are skipped.
     ``guard_date`` pins the date a guard template prints (default today; reported). ``recipe="authors"`` scores
-    with the STAR authors' recipe (SPEC.md 2b) and marks the rows ``star_recipe``. Returns counts:
+    with the STAR authors' recipe (SPEC.md 2b) and marks the rows ``star_recipe``. ``shard=(rank, world)``
+    annotates only rows ``rank, rank + world, ...`` (one process of a multi-process run). Returns counts:
     ``rows_scored``, ``rows_skipped`` (already done), ``rows_with_system`` (system messages not shown to the
     guard), ``shared_fallbacks``, ``guard_tokens`` (guard tokens processed in this run), with the engine used,
     seconds and more statistics.
@@ -195,8 +206,11 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
                         batch_size=batch_size, temperature=temperature, guard_date=guard_date, recipe=recipe)
     if out_path.exists() and overwrite:
         out_path.write_bytes(b"")
-    done = _resumable_rows(out_path, in_path, scorer.chunk_words, scorer.recipe)
-    total = _count_rows(in_path)
+    rank, world = shard
+    if not (isinstance(rank, int) and isinstance(world, int) and 0 <= rank < world):
+        raise SafeshapeError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    done = _resumable_rows(out_path, in_path, scorer.chunk_words, scorer.recipe, shard)
+    total = len(range(rank, _count_rows(in_path), world))
 
     from tqdm.auto import tqdm
 
@@ -220,7 +234,7 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
             bar.set_postfix(guard_tok_s=f"{scorer.stats['guard_tokens'] / elapsed:.0f}")
             pending.clear()
 
-        rows = jsonl_rows(in_path)
+        rows = shard_rows(jsonl_rows(in_path), shard)
         try:
             while True:
                 try:
@@ -255,3 +269,29 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
             "chunk_words": scorer.chunk_words, "temperature": scorer.temperature,
             "preset": scorer.template.preset.name, "guard_date": guard_date.isoformat() if guard_date else None,
             "input": str(in_path), "output": str(out_path), "seconds": time.perf_counter() - start}
+
+
+def merge_shards(in_path, parts: list[Path], out_path: Path, overwrite: bool = False) -> int:
+    """Interleave the parts of a sharded run (part r holds rows r, r + N, ...) into ``out_path`` in input order,
+    atomically; every part must be complete. Returns the number of rows."""
+    total = _count_rows(Path(in_path))
+    world = len(parts)
+    expected = [len(range(r, total, world)) for r in range(world)]
+    handles = []
+    try:
+        for p, n in zip(parts, expected):
+            with open(p, "rb") as f:
+                have = sum(1 for _ in f)
+            if have != n:
+                raise SafeshapeError(f"part {p} has {have} rows, expected {n}: the run did not finish")
+            handles.append(open(p, "rb"))
+
+        def lines():
+            for i in range(total):
+                yield handles[i % world].readline()
+
+        atomic_write_bytes(out_path, lines(), overwrite=overwrite, inputs=[("--data", in_path)])
+    finally:
+        for h in handles:
+            h.close()
+    return total

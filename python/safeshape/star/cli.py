@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,11 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-    from .annotate import annotate_file
-    from .guard import load_guard
-
+    """One process, or (under ``torchrun``) one rank of a sharded run: rank r annotates rows r, r + N, ... into
+    its own resumable part ``OUT.part-r-of-N``; rank 0 then merges the parts into OUT in input order."""
     try:
         if args.preset != "generic" and (args.safe or args.unsafe):
             print(f"note: --safe/--unsafe override the {args.preset} preset's verdict strings", file=sys.stderr)
@@ -62,16 +60,85 @@ def main(args: argparse.Namespace) -> int:
         guard_date = _parse_date(args.guard_date)
         if args.json and Path(args.json).exists() and not args.overwrite:
             raise SafeshapeError(f"--json {args.json} exists; pass --overwrite to replace it")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SafeshapeError(f"--device {args.device}: no CUDA device is available")
-        guard, tokenizer = load_guard(args.guard, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
-        report = annotate_file(guard, tokenizer, args.data, args.out, preset, chunk_words=args.chunk_words,
-                               engine=args.engine, batch_size=args.batch_size, temperature=args.temperature,
-                               progress=not args.no_progress, overwrite=args.overwrite, guard_date=guard_date,
-                               recipe=args.recipe)
+        if args.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise SafeshapeError(f"--device {args.device}: no CUDA device is available")
     except SafeshapeError as exc:
         print(f"safeshape star: error: {exc}", file=sys.stderr)
         return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _main_sharded(args, preset, guard_date)
+    try:
+        report = _annotate(args, preset, guard_date, args.device, args.out, (0, 1), not args.no_progress)
+    except SafeshapeError as exc:
+        print(f"safeshape star: error: {exc}", file=sys.stderr)
+        return 2
+    _print_report(args, report)
+    return 0
+
+
+def _annotate(args, preset, guard_date, device, out, shard, progress) -> dict:
+    import torch
+
+    from .annotate import annotate_file
+    from .guard import load_guard
+
+    guard, tokenizer = load_guard(args.guard, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    return annotate_file(guard, tokenizer, args.data, out, preset, chunk_words=args.chunk_words,
+                         engine=args.engine, batch_size=args.batch_size, temperature=args.temperature,
+                         progress=progress, overwrite=args.overwrite, guard_date=guard_date, recipe=args.recipe,
+                         shard=shard)
+
+
+def _main_sharded(args, preset, guard_date) -> int:
+    from ..trainer.distributed import setup
+    from .annotate import merge_shards
+
+    d = setup(args.device)
+    out = Path(args.out)
+    parts = [out.with_name(f"{out.name}.part-{r}-of-{d.world_size}") for r in range(d.world_size)]
+    guard_date = d.gather_objects(guard_date or datetime.date.today())[0]  # one date for every rank
+    error, report = None, None
+    try:
+        if out.exists() and not args.overwrite:
+            raise SafeshapeError(f"--out {out} exists: a multi-process run writes OUT once, at the end, from the "
+                                 f"per-rank parts ({out.name}.part-R-of-{d.world_size}, which resume); pass "
+                                 "--overwrite to replace it, or choose another output")
+        report = _annotate(args, preset, guard_date, str(d.device), parts[d.rank], (d.rank, d.world_size),
+                           not args.no_progress and d.is_main)
+    except SafeshapeError as exc:
+        error = str(exc)
+    results = d.gather_objects((error, report))
+    code = 0
+    if d.is_main:
+        errors = [(r, e) for r, (e, _) in enumerate(results) if e]
+        for r, e in errors:
+            print(f"safeshape star: error: rank {r}: {e}", file=sys.stderr)
+        if not errors:
+            try:
+                merge_shards(args.data, parts, out, overwrite=args.overwrite)
+                reports = [rep for _, rep in results]
+                merged = dict(reports[0], output=str(out), world_size=d.world_size,
+                              seconds=max(rep["seconds"] for rep in reports))
+                for key in ("rows_scored", "rows_skipped", "rows_with_system", "shared_fallbacks", "guard_tokens",
+                            "guard_slots", "forward_passes", "chunks", "verdicts_both_masked"):
+                    merged[key] = sum(rep[key] for rep in reports)
+                for p in parts:
+                    p.unlink()
+                _print_report(args, merged)
+            except SafeshapeError as exc:
+                print(f"safeshape star: error: {exc}", file=sys.stderr)
+                code = 2
+        else:
+            code = 2
+    code = max(d.gather_objects(code))  # every rank exits with the same status
+    d.close()
+    return code
+
+
+def _print_report(args, report: dict) -> None:
     report["guard"] = str(args.guard)
     seconds = report["seconds"] if report["seconds"] > 0 else float("inf")
     report["responses_per_s"] = report["rows_scored"] / seconds
@@ -96,7 +163,6 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps(report, sort_keys=True))
     if args.json:
         write_json(args.json, report, overwrite=True)
-    return 0
 
 
 def _parse_date(text: str | None) -> datetime.date | None:
