@@ -237,6 +237,11 @@ def test_template_variants():
         preset = GuardPreset(safe="safe", unsafe="unsafe", verdict_prefix="\n\n",
                              template_kwargs={"guardian_config": {"risk_name": "harm"}})
         assert len(score_response(model, tok, PROMPT, RESPONSES[0], preset=preset)) == len(want)
+        # a template that renders the user's turn empty (as Llama Guard 3 1B does for string contents) is refused
+        tok.chat_template = original.replace("message['content'] | trim",
+                                             "(message['content'] if message['role'] == 'assistant' else '') | trim")
+        with pytest.raises(SafeshapeError, match=r"dropped the content of message\(s\) \[0\]"):
+            score_response(model, tok, PROMPT, RESPONSES[0])
         # a template that changes the message is refused: prefixes could not share the head and the tail
         tok.chat_template = original.replace("message['content'] | trim", "message['content'] | upper")
         with pytest.raises(SafeshapeError, match="verbatim"):
