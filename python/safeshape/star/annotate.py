@@ -6,6 +6,7 @@ P(safe) per chunk, in order) and ``star_chunk_words`` (the M used).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -130,43 +131,46 @@ def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int, recipe: str
                              f"chunk_words={chunk_words} ({why}); it was left untouched: choose another output, or "
                              "pass --overwrite (overwrite=True) to replace it")
 
-    inputs = shard_rows(jsonl_rows(in_path), shard)
+    with contextlib.closing(shard_rows(jsonl_rows(in_path), shard)) as inputs:
 
-    def next_input(n: int):
-        try:
-            return next(inputs)
-        except StopIteration:
-            refuse(f"its line {n} has no input row to match: the input has fewer rows")
-        except SafeshapeError as exc:
-            refuse(f"its line {n} would be the annotation of a bad input row: {exc}")
+        def next_input(n: int):
+            try:
+                return next(inputs)
+            except StopIteration:
+                refuse(f"its line {n} has no input row to match: the input has fewer rows")
+            except SafeshapeError as exc:
+                refuse(f"its line {n} would be the annotation of a bad input row: {exc}")
 
-    lines = data[:keep].split(b"\n")[:-1]
-    for n, raw in enumerate(lines, 1):
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            refuse(f"its line {n} is not a UTF-8 JSON row")
-        if not isinstance(row, dict) or row.get("star_chunk_words") != chunk_words or \
-                row.get("star_recipe", "exact") != recipe or not isinstance(row.get("star_values"), list):
-            refuse(f"its line {n} is not a row annotated with chunk_words={chunk_words} and the {recipe} recipe")
-        where, source = next_input(n)
-        if not isinstance(source, dict) or _strip_star(row) != _strip_star(source):
-            refuse(f"its line {n} is not the annotated copy of {where}")
-        try:
-            chunks = len(chunk_char_spans(row_conversation(source, where)[1], chunk_words))
-        except SafeshapeError as exc:
-            refuse(f"its line {n} would be the annotation of a bad input row: {exc}")
-        values = row["star_values"]
-        if len(values) != chunks or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            refuse(f"its line {n} does not hold {chunks} numeric STAR values")
-    if keep < len(data):
+        lines = data[:keep].split(b"\n")[:-1]
+        for n, raw in enumerate(lines, 1):
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                refuse(f"its line {n} is not a UTF-8 JSON row")
+            if not isinstance(row, dict) or row.get("star_chunk_words") != chunk_words or \
+                    row.get("star_recipe", "exact") != recipe or not isinstance(row.get("star_values"), list):
+                refuse(f"its line {n} is not a row annotated with chunk_words={chunk_words} and the {recipe} "
+                       "recipe")
+            where, source = next_input(n)
+            if not isinstance(source, dict) or _strip_star(row) != _strip_star(source):
+                refuse(f"its line {n} is not the annotated copy of {where}")
+            try:
+                chunks = len(chunk_char_spans(row_conversation(source, where)[1], chunk_words))
+            except SafeshapeError as exc:
+                refuse(f"its line {n} would be the annotation of a bad input row: {exc}")
+            values = row["star_values"]
+            if len(values) != chunks or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in values):
+                refuse(f"its line {n} does not hold {chunks} numeric STAR values")
+        if keep == len(data):
+            return len(lines)
         where, source = next_input(len(lines) + 1)
-        if not isinstance(source, dict) or not _is_torn_annotation(data[keep:], source, chunk_words, recipe):
-            refuse(f"its last line (no newline) is not the start of the annotated copy of {where}")
-        warnings.warn(f"{out_path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "
-                      "interrupted run", stacklevel=3)
-        with open(out_path, "r+b") as f:
-            f.truncate(keep)
+    if not isinstance(source, dict) or not _is_torn_annotation(data[keep:], source, chunk_words, recipe):
+        refuse(f"its last line (no newline) is not the start of the annotated copy of {where}")
+    warnings.warn(f"{out_path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "
+                  "interrupted run", stacklevel=3)
+    with open(out_path, "r+b") as f:
+        f.truncate(keep)
     return len(lines)
 
 
@@ -259,6 +263,7 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
                     flush()
             flush()
         finally:
+            rows.close()
             bar.close()
     stats = scorer.stats
     guard_date = scorer.template.guard_date
