@@ -159,7 +159,7 @@ class StarScorer:
         tokenized, then the verdict prefix (what Hugging Face feeds the guard to judge the full response)."""
         context, had_system = guard_context(as_context(prompt), self.template.preset)
         self.stats["system_dropped"] += had_system
-        self.template._split(context)  # content format, dropped-content and preset checks
+        self.template.split_template(context)  # content format, dropped-content and preset checks
         text = self.template.render(context, response)
         return self.template.tokenizer(text, add_special_tokens=False)["input_ids"] + self.template.verdict_prefix_ids
 

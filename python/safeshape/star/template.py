@@ -173,7 +173,9 @@ class GuardTemplate:
         return render(self.tokenizer, context, assistant_text, self.preset, self._content_format or "string",
                       self.guard_date)
 
-    def _split(self, context: list[dict]) -> tuple[str, str]:
+    def split_template(self, context: list[dict]) -> tuple[str, str]:
+        """(head, tail): the rendered template before and after the assistant message, for ``context``; finds the
+        content format, and refuses a template that drops a message or does not fit the preset."""
         formats = [self._content_format] if self._content_format else ["string", "parts"]
         errors = []
         for fmt in formats:
@@ -209,7 +211,7 @@ class GuardTemplate:
         if not spans:
             raise SafeshapeError("the response has no words: there is nothing to score")
         context, had_system = guard_context(context, self.preset)
-        head, tail = self._split(context)
+        head, tail = self.split_template(context)
         if normalize_whitespace:
             words = response.split()
             prefixes = [" ".join(words[:k * chunk_words]) for k in range(1, len(spans) + 1)]
