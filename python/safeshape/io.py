@@ -49,14 +49,14 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=()
         os.rename(tmp, out_r)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False, inputs=(),
-                      what: str = "output") -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False, inputs=(),
+                       what: str = "output") -> Path:
     p = check_output_path(path, overwrite, inputs, what=what)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -65,6 +65,11 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
             os.unlink(tmp)
         raise
     return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False, inputs=(),
+                      what: str = "output") -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite, inputs=inputs, what=what)
 
 
 def write_json(path: str | os.PathLike, obj, overwrite: bool = False, inputs=(), what: str = "report") -> Path:
