@@ -362,7 +362,7 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
 
         for e in tqdm(results, desc="guard", unit="model", disable=not progress, leave=False):
             p_unsafe[e["name"]] = judge_responses(judge, sets["harmful"], e["responses"]["harmful"], dist)
-        judge_summary = judge.summary()
+        judge_summary = _merge_judge_stats(dist.gather_objects(judge.summary()))
         del guard
         gc.collect()
 
@@ -402,6 +402,16 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
     report["plot"] = PLOT if write_plot(report, out / PLOT) else None
     write_json(out / REPORT, report, overwrite=True)
     return report
+
+
+def _merge_judge_stats(parts: list[dict]) -> dict:
+    """One process's judge summary, with counts summed over processes and seconds their maximum."""
+    s = dict(parts[0])
+    for k in ("responses", "empty", "guard_tokens", "tokenization_mismatches"):
+        s[k] = sum(p[k] for p in parts)
+    s["seconds"] = max(p["seconds"] for p in parts)
+    s["responses_per_s"] = s["responses"] / s["seconds"] if s["seconds"] > 0 else None
+    return s
 
 
 def _source(model: str, adapter: str | None) -> str:
