@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,16 +19,14 @@ from safeshape.eval.generate import plan_batches, render_prompt
 from safeshape.eval.metrics import REFUSAL_KEYWORDS
 from safeshape.star import GuardPreset, score_response
 
+from tests import star_common
+from tests.torchrun_common import run_torchrun
+
 PRESET = GuardPreset(safe="safe", unsafe="unsafe", name="tiny")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is fastest, and more spin against each other on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one thread is fastest (module scope: the module's fixtures train models)
+one_thread = pytest.fixture(scope="module", autouse=True)(star_common.one_thread)
 
 
 # ---- prompt files ------------------------------------------------------------------------------------------------
@@ -75,9 +69,9 @@ def test_limit_and_seed_subset_keeps_file_order(tmp_path):
 
 @pytest.mark.parametrize("name,text,match", [
     ("empty.csv", "", r"empty.csv: no prompts"),
-    ("empty.jsonl", "\n\n", r"empty.jsonl: no prompts"),
+    ("empty.jsonl", "\n\n", r"empty.jsonl: no rows"),
     ("nocol.csv", "question,answer\nq,a\n", r"nocol.csv:1: no prompt column"),
-    ("badjson.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"badjson.jsonl:2: not valid JSON"),
+    ("badjson.jsonl", '{"prompt": "a"}\n{"prompt": \n', r"badjson.jsonl line 2: not valid JSON"),
     ("nokey.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', r"nokey.jsonl:2: no prompt column"),
     ("blank.jsonl", '{"prompt": "  "}\n', r"blank.jsonl:1: the prompt must be a non-empty string"),
     ("short.csv", "a,prompt\nonly\n", r"short.csv:2: the row has 1 fields"),
@@ -383,24 +377,10 @@ def test_lm_eval_tasks_run_when_installed(world):
 
 
 # ---- torchrun ----------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_give_the_report_of_one(world, first_run, tmp_path):
     _, report = first_run
     out = tmp_path / "two"
-    # the real entry point in fresh interpreters (a fork could inherit a live OpenMP pool and hang)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "safeshape"] + _eval_args(world, out)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the 2-process eval did not finish in 300 s")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_torchrun(_eval_args(world, out))
     two = json.loads((out / "eval_report.json").read_text())
     assert two["settings"]["world_size"] == 2
     assert _stable(two) == _stable(report)

@@ -90,18 +90,10 @@ def _read_jsonl(path: Path, column: str | None, category: str | None) -> list[Pr
 
 
 def _jsonl_rows(path: Path):
+    from ..data import read_jsonl
+
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SafeshapeError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(row, dict):
-                    raise SafeshapeError(f"{path}:{n}: a row must be a JSON object, got {type(row).__name__}")
-                yield n, row
+        return read_jsonl(path)
     except UnicodeDecodeError as exc:
         raise SafeshapeError(f"{path}: not UTF-8 text ({exc})") from None
 
