@@ -30,7 +30,9 @@ def run_tasks(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: in
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # a PeftModel's base model carries the injected LoRA layers, so it computes with the adapter
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = HFLM(pretrained=base, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False)
     except Exception as exc:  # unknown task names, data sets that are not cached, ...

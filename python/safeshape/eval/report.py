@@ -61,10 +61,12 @@ def plot_png(report: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     label = safety_value(models[0])[1]
     if all(m.get("utility") for m in models):
+        seen: dict[tuple[float, float], int] = {}
         for m in models:
             x, y = 100 * m["utility"]["accuracy"], 100 * safety_value(m)[0]
+            k = seen[(x, y)] = seen.get((x, y), -1) + 1  # stack the names of models that share a point
             ax.scatter([x], [y], s=40)
-            ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(5, 4 + 10 * k), fontsize=8)
         ax.set_xlabel("utility (% correct)")
         ax.set_xlim(-5, 105)
     else:

@@ -209,12 +209,17 @@ def _check_out(cfg: EvalConfig) -> Path:
 
 
 def _load_policy(cfg: EvalConfig, device: torch.device):
-    from ..trainer.model import load_tokenizer
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .generate import check_policy_tokenizer
 
     if not os.path.isfile(os.path.join(cfg.model, "config.json")):
         raise SafeshapeError(f"--model {cfg.model}: no config.json (a local Hugging Face model folder is needed)")
-    tokenizer = load_tokenizer(cfg.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    except Exception as exc:
+        raise SafeshapeError(f"--model {cfg.model}: cannot load a tokenizer ({exc})") from None
+    check_policy_tokenizer(tokenizer, f"--model {cfg.model}")
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), local_files_only=True)
     except Exception as exc:
@@ -253,12 +258,19 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
 
         preset = get_preset(cfg.preset, safe=cfg.safe, unsafe=cfg.unsafe, verdict_prefix=cfg.verdict_prefix)
 
+    from transformers.utils import logging as hf_logging
+
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # also hide transformers' own bars (loading weights)
+        hf_logging.disable_progress_bar()
     dist = setup(cfg.device)
     try:
         return _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log,
                     preset if cfg.guard is not None else None)
     finally:
         dist.close()
+        if hf_bars:
+            hf_logging.enable_progress_bar()
 
 
 def _on_main(dist, fn):
