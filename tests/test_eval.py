@@ -178,6 +178,9 @@ def world(tmp_path_factory):
     refuser, tok = T.fit_tiny_responder(T.REFUSAL, steps=100)
     refuser.save_pretrained(root / "refuser")
     tok.save_pretrained(root / "refuser")
+    # the "unaligned" model the refuser was trained from (its initialisation), for Safe LoRA
+    T.build_tiny_llama(len(tok), hidden_size=32, seed=0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id).save_pretrained(root / "unaligned")
     torch.manual_seed(0)  # LoRA's initialisation draws from the global generator
     lora = get_peft_model(copy.deepcopy(refuser), LoraConfig(r=8, lora_alpha=8, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]))
@@ -322,6 +325,26 @@ def test_foreign_files_and_other_settings_are_refused(world, first_run, tmp_path
     assert "other settings" in capsys.readouterr().err
     assert cli_main(_eval_args(world, world["root"] / "guard")) == 2  # OUT inside an input
     assert "overlaps the input" in capsys.readouterr().err
+
+
+def test_safelora_projection_evaluated_next_to_its_adapter(world, tmp_path):
+    out = tmp_path / "o"
+    args = _eval_args(world, out, "--project-base", str(world["root"] / "unaligned"), "--project-select",
+                      "threshold", "--project-threshold", "1.0", "--json")
+    assert cli_main(args) == 0
+    report = json.loads((out / "eval_report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["base", "comply", "comply+safelora"]
+    proj = report["models"][2]
+    assert proj["adapter"] == str(out / "projected" / "comply")
+    totals = proj["safelora"]["totals"]
+    assert totals["num_projected"] == totals["num_modules"] == 2 * 7 + 1  # tau = 1 projects every module
+    assert report["models"][1]["safelora"] is None
+    assert 0.0 <= proj["safety"]["refusal_rate"] <= 1.0 and proj["generation"]["prompts"] == 14
+    assert cli_main(args) == 0  # a rerun reuses the projection and every response
+    again = json.loads((out / "eval_report.json").read_text())
+    assert all(m["generation"]["resumed"] == 14 for m in again["models"])
+    changed = [a if a != "1.0" else "0.9" for a in args]
+    assert cli_main(changed) == 2  # other Safe LoRA settings: the saved responses are not theirs
 
 
 def test_adapter_for_another_base_is_refused(world, tmp_path, capsys):

@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--verdict-prefix", default=None, metavar="STR", help="text the guard writes before its verdict (generic)")
     a("--guard-batch-size", type=int, default=8, metavar="N", help="responses per guard pass (default 8)")
     a("--guard-temperature", type=float, default=1.0, help="verdict softmax temperature (default 1)")
+    a("--project-base", default=None, metavar="DIR",
+      help="also evaluate each adapter after Safe LoRA (`safeshape project` with this unaligned base and --model as "
+           "the aligned model), written to OUT/projected/NAME")
+    a("--project-select", default="number", choices=("number", "threshold"), help="Safe LoRA selection (default number)")
+    a("--project-num-layers", type=int, default=10, metavar="K", help="Safe LoRA k in number mode (default 10)")
+    a("--project-threshold", type=float, default=0.5, metavar="TAU", help="Safe LoRA tau in threshold mode (0.5)")
     a("--utility", default=None, metavar="TASK.jsonl", help="utility rows {prompt, answer[, metric]}")
     a("--utility-metric", default="exact", choices=UTILITY_METRICS,
       help="exact (equal after whitespace normalisation) or contains (default exact)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,8 @@ from .prompts import Prompt, UtilityItem, load_prompts, load_utility
 REPORT = "eval_report.json"
 RESPONSES = "responses.jsonl"
 PLOT = "eval_plot.png"
-OUR_FILES = (REPORT, RESPONSES, PLOT)
+PROJECTED = "projected"  # OUT/projected/<adapter name>: the adapters after Safe LoRA (--project-base)
+OUR_FILES = (REPORT, RESPONSES, PLOT, PROJECTED)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -175,6 +177,10 @@ class EvalConfig:
     verdict_prefix: str | None = None
     guard_batch_size: int = 8
     guard_temperature: float = 1.0
+    project_base: str | None = None  # also evaluate each adapter after Safe LoRA (base = the unaligned model)
+    project_select: str = "number"
+    project_num_layers: int = 10
+    project_threshold: float = 0.5
     utility: str | None = None
     utility_metric: str = "exact"
     lm_eval: str | None = None
@@ -196,7 +202,7 @@ def _check_out(cfg: EvalConfig) -> Path:
     from ..io import check_output_path
 
     inputs = [("--model", cfg.model), ("--harmful", cfg.harmful), ("--guard", cfg.guard), ("--utility", cfg.utility)]
-    inputs += [("--adapter", parse_adapter(a)[1]) for a in cfg.adapters]
+    inputs += [("--adapter", parse_adapter(a)[1]) for a in cfg.adapters] + [("--project-base", cfg.project_base)]
     out = check_output_path(cfg.out, overwrite=True, inputs=inputs)  # overlap only: OUT may hold a run to resume
     if out.exists() and not out.is_dir():
         raise SafeshapeError(f"--out {cfg.out}: exists and is not a folder")
@@ -246,10 +252,16 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
     tasks = harness.parse_tasks(cfg.lm_eval)
     if tasks:
         harness.require()
-    specs = [("base", cfg.model, None)] + [(n, cfg.model, p) for n, p in map(parse_adapter, cfg.adapters)]
+    specs = [("base", cfg.model, None)]
+    for n, p in map(parse_adapter, cfg.adapters):
+        specs.append((n, cfg.model, p))
+        if cfg.project_base is not None:
+            specs.append((f"{n}+safelora", cfg.model, str(Path(cfg.out) / PROJECTED / n)))
     names = [s[0] for s in specs]
     if len(set(names)) != len(names):
         raise SafeshapeError(f"model names must differ (base + --adapter NAME=PATH), got {', '.join(names)}")
+    if cfg.project_base is not None and not cfg.adapters:
+        raise SafeshapeError("--project-base projects the --adapter folders: give at least one --adapter")
     out = _check_out(cfg)
     harmful = load_prompts(cfg.harmful, cfg.prompt_column, cfg.limit, cfg.seed)
     utility = load_utility(cfg.utility, cfg.utility_metric) if cfg.utility else []
@@ -299,18 +311,26 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
             for name in OUR_FILES:
-                (out / name).unlink(missing_ok=True)
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
         store = ResponseStore(out / RESPONSES, _header(cfg, settings))
         for name, model, adapter in specs:
-            store.check_model(name, _source(model, adapter))
+            store.check_model(name, sources[name])
+        if cfg.project_base is not None:
+            _project(cfg, out, progress)
         return {k: r for k, r in store.rows.items()}
+
+    sources = {name: _source(model, adapter) for name, model, adapter in specs}
+    for n, p in map(parse_adapter, cfg.adapters):  # a projection is named by what made it, not by its folder
+        if cfg.project_base is not None:
+            sources[f"{n}+safelora"] = _source(cfg.model, p) + (
+                f" projected with base {Path(cfg.project_base).resolve()} {json.dumps(_projection_settings(cfg))}")
 
     saved = _on_main(dist, open_store)
     sets = {"harmful": [p.text for p in harmful], "utility": [u.prompt for u in utility]}
     model, tokenizer = _load_policy(cfg, dist.device)
     results = []
     for name, model_dir, adapter in specs:
-        source = _source(model_dir, adapter)
+        source = sources[name]
         if adapter is not None:
             check_adapter(model, adapter)
             from peft import PeftModel
@@ -385,7 +405,8 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
         safety, util = score(harmful, e["responses"]["harmful"], utility, e["responses"]["utility"],
                              p_unsafe[e["name"]])
         models.append({"name": e["name"], "model": e["model"], "adapter": e["adapter"], "safety": safety,
-                       "utility": util, "lm_eval": e["lm_eval"], "generation": e["generation"]})
+                       "utility": util, "lm_eval": e["lm_eval"], "generation": e["generation"],
+                       "safelora": _projection_totals(e["adapter"])})
     report = {
         "format": 1,
         "settings": {"model": cfg.model, "adapters": [dict(zip(("name", "path"), parse_adapter(a)))
@@ -414,6 +435,42 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
     report["plot"] = PLOT if write_plot(report, out / PLOT) else None
     write_json(out / REPORT, report, overwrite=True)
     return report
+
+
+def _projection_settings(cfg: EvalConfig) -> dict:
+    """Safe LoRA's settings as its report records them (the unused one of k and tau is None)."""
+    number = cfg.project_select == "number"
+    return {"select": cfg.project_select, "num_layers": cfg.project_num_layers if number else None,
+            "threshold": None if number else cfg.project_threshold}
+
+
+def _project(cfg: EvalConfig, out: Path, progress: bool) -> None:
+    """Safe LoRA on each adapter into OUT/projected/<name>, reused when a previous run made it with these settings."""
+    from ..safelora import project_adapter
+
+    want = _projection_settings(cfg)
+    for n, p in map(parse_adapter, cfg.adapters):
+        target = out / PROJECTED / n
+        rep = target / "safelora_report.json"
+        if rep.is_file():
+            settings = json.loads(rep.read_text()).get("settings", {})
+            if all(settings.get(k) == v for k, v in want.items()) and \
+                    Path(settings.get("adapter", "")).resolve() == Path(p).resolve() and \
+                    Path(settings.get("base", "")).resolve() == Path(cfg.project_base).resolve():
+                continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        project_adapter(cfg.project_base, cfg.model, p, str(target), select=cfg.project_select,
+                        num_layers=cfg.project_num_layers, threshold=cfg.project_threshold, overwrite=True,
+                        progress=progress)
+
+
+def _projection_totals(adapter: str | None) -> dict | None:
+    """Safe LoRA's totals (modules projected of all) for an adapter that ``safeshape project`` wrote, else None."""
+    rep = Path(adapter) / "safelora_report.json" if adapter else None
+    if rep is None or not rep.is_file():
+        return None
+    data = json.loads(rep.read_text())
+    return {"settings": data.get("settings"), "totals": data.get("totals")}
 
 
 def _merge_judge_stats(parts: list[dict]) -> dict:
