@@ -411,6 +411,8 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
         "format": 1,
         "settings": {"model": cfg.model, "adapters": [dict(zip(("name", "path"), parse_adapter(a)))
                                                       for a in cfg.adapters],
+                     "project_base": cfg.project_base,
+                     "projection": _projection_settings(cfg) if cfg.project_base is not None else None,
                      "harmful": cfg.harmful, "prompt_column": cfg.prompt_column, "limit": cfg.limit,
                      "seed": cfg.seed, "n_harmful": len(harmful), "utility": cfg.utility,
                      "utility_metric": cfg.utility_metric, "n_utility": len(utility),
