@@ -377,7 +377,8 @@ def test_guard_without_chat_template_is_refused(world, tmp_path, capsys):
     args = _eval_args(world, tmp_path / "o")
     args[args.index("--guard") + 1] = str(tmp_path / "g")
     assert cli_main(args) == 2
-    assert "chat template" in capsys.readouterr().err
+    assert f"--guard {tmp_path / 'g'}: the tokenizer has no chat template" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any generation
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("lm_eval") is not None,

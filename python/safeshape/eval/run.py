@@ -269,6 +269,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
         from ..star import get_preset
 
         preset = get_preset(cfg.preset, safe=cfg.safe, unsafe=cfg.unsafe, verdict_prefix=cfg.verdict_prefix)
+        _check_guard(cfg.guard)
 
     from transformers.utils import logging as hf_logging
 
@@ -283,6 +284,22 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
         dist.close()
         if hf_bars:
             hf_logging.enable_progress_bar()
+
+
+def _check_guard(folder: str) -> None:
+    """The guard folder, its tokenizer and its chat template, checked before any generation (the model loads later)."""
+    from transformers import AutoTokenizer
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise SafeshapeError(f"--guard {folder}: no config.json (a local Hugging Face guard model folder is needed)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise SafeshapeError(f"--guard {folder}: cannot load its tokenizer ({exc})") from None
+    if not getattr(tok, "chat_template", None):
+        raise SafeshapeError(f"--guard {folder}: the tokenizer has no chat template (tokenizer_config.json "
+                             "'chat_template' or chat_template.jinja); the guard is asked through its own template")
 
 
 def _on_main(dist, fn):
@@ -328,11 +345,13 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
     saved = _on_main(dist, open_store)
     sets = {"harmful": [p.text for p in harmful], "utility": [u.prompt for u in utility]}
     model, tokenizer = _load_policy(cfg, dist.device)
+    for _, _, adapter in specs:  # every adapter fits the base, checked before hours of generation
+        if adapter is not None:
+            check_adapter(model, adapter)
     results = []
     for name, model_dir, adapter in specs:
         source = sources[name]
         if adapter is not None:
-            check_adapter(model, adapter)
             from peft import PeftModel
 
             try:
