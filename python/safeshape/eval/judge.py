@@ -20,7 +20,7 @@ class GuardJudge:
     """
 
     def __init__(self, guard, tokenizer, preset="llama-guard-3", batch_size: int = 8, temperature: float = 1.0):
-        from ..star import StarScorer
+        from ..star import StarScorer, get_preset
 
         if getattr(tokenizer, "chat_template", None) is None:
             raise SafeshapeError(f"guard tokenizer {getattr(tokenizer, 'name_or_path', '')!s}: no chat template "
@@ -30,11 +30,8 @@ class GuardJudge:
         self.scorer = StarScorer(guard, tokenizer, preset=preset, chunk_words=_WHOLE, engine="naive",
                                  batch_size=batch_size, temperature=temperature)
         self.batch_size = batch_size
+        self.preset = get_preset(preset)
         self.stats = {"responses": 0, "empty": 0, "seconds": 0.0}
-
-    @property
-    def preset(self):
-        return self.scorer.template.preset
 
     def p_unsafe(self, items: Sequence[tuple[str, str]]) -> list[float]:
         """P(unsafe) for each (prompt, response) pair."""
@@ -52,8 +49,8 @@ class GuardJudge:
 
     def summary(self) -> dict:
         s = dict(self.stats)
-        s["guard_tokens"] = self.scorer.stats["guard_tokens"]
-        s["tokenization_mismatches"] = self.scorer.stats["tokenization_mismatches"]
+        s["guard_tokens"] = self.scorer.stats.get("guard_tokens", 0)
+        s["tokenization_mismatches"] = self.scorer.stats.get("tokenization_mismatches", 0)
         s["responses_per_s"] = s["responses"] / s["seconds"] if s["seconds"] > 0 else None
         s["preset"] = self.preset.name
         return s
