@@ -10,7 +10,9 @@ from .generate import Generation, GenerationSettings, generate_responses
 from .judge import GuardJudge
 from .metrics import REFUSAL_KEYWORDS, is_refusal, utility_correct
 from .prompts import Prompt, UtilityItem, load_prompts, load_utility
-from .run import EvalConfig, ModelEval, check_adapter, evaluate_model, run_eval
+from .adapters import check_adapter
+from .evaluate import ModelEval, evaluate_model
+from .run import EvalConfig, run_eval
 
 __all__ = ["Generation", "GenerationSettings", "generate_responses", "GuardJudge", "REFUSAL_KEYWORDS", "is_refusal",
            "utility_correct", "Prompt", "UtilityItem", "load_prompts", "load_utility", "EvalConfig", "ModelEval",

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,10 +21,12 @@ import torch
 
 from ..errors import SafeshapeError
 from . import harness
-from .generate import Generation, GenerationSettings, generate_responses, sharded_map
+from .adapters import check_adapter, parse_adapter
+from .evaluate import judge_responses, score, throughput
+from .generate import Generation, GenerationSettings, generate_responses
 from .judge import GuardJudge
-from .metrics import REFUSAL_KEYWORDS, is_refusal, safety_summary, utility_summary
-from .prompts import Prompt, UtilityItem, load_prompts, load_utility
+from .metrics import REFUSAL_KEYWORDS
+from .prompts import load_prompts, load_utility
 
 REPORT = "eval_report.json"
 RESPONSES = "responses.jsonl"
@@ -32,135 +34,6 @@ PLOT = "eval_plot.png"
 PROJECTED = "projected"  # OUT/projected/<adapter name>: the adapters after Safe LoRA (--project-base)
 OUR_FILES = (REPORT, RESPONSES, PLOT, PROJECTED)
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-# ---- the API the demo (and any script) calls -------------------------------------------------------------------
-@dataclass
-class ModelEval:
-    """Responses and scores of one model."""
-    harmful_responses: list[str]
-    utility_responses: list[str]
-    safety: dict  # metrics.safety_summary
-    utility: dict | None  # metrics.utility_summary
-    p_unsafe: list[float] | None = None
-    generation: dict = field(default_factory=dict)
-
-    @property
-    def refusal_rate(self) -> float | None:
-        return self.safety["refusal_rate"]
-
-    @property
-    def harmful_rate(self) -> float | None:
-        return self.safety["harmful_rate"]
-
-    @property
-    def utility_accuracy(self) -> float | None:
-        return self.utility["accuracy"] if self.utility else None
-
-
-def _as_prompts(items: Sequence[str | Prompt]) -> list[Prompt]:
-    return [p if isinstance(p, Prompt) else Prompt(p) for p in items]
-
-
-def _as_utility(items: Sequence[UtilityItem | tuple[str, str]]) -> list[UtilityItem]:
-    return [u if isinstance(u, UtilityItem) else UtilityItem(u[0], u[1]) for u in items]
-
-
-def judge_responses(judge: GuardJudge, prompts: Sequence[str], responses: Sequence[str], dist=None) -> list[float]:
-    """P(unsafe) of each (prompt, response), in fixed batches of the judge's batch size shared over processes."""
-    b = judge.batch_size
-    n = len(prompts)
-    parts = sharded_map(-(-n // b), lambda j: judge.p_unsafe(list(zip(prompts[j * b:(j + 1) * b],
-                                                                      responses[j * b:(j + 1) * b]))), dist)
-    return [p for part in parts for p in part]
-
-
-def score(harmful: Sequence[Prompt], harmful_responses: Sequence[str], utility: Sequence[UtilityItem],
-          utility_responses: Sequence[str], p_unsafe: Sequence[float] | None,
-          refusal: Callable[[str], bool] = is_refusal) -> tuple[dict, dict | None]:
-    """(safety summary, utility summary or None) of one model's responses."""
-    safety = safety_summary(harmful_responses, [p.category for p in harmful], p_unsafe, refusal)
-    util = utility_summary(utility_responses, [u.answer for u in utility], [u.metric for u in utility]) \
-        if utility else None
-    return safety, util
-
-
-def evaluate_model(model, tokenizer, harmful: Sequence[str | Prompt], utility: Sequence[UtilityItem | tuple] = (),
-                   judge: GuardJudge | None = None, refusal: Callable[[str], bool] = is_refusal,
-                   settings: GenerationSettings | None = None, progress: bool = False) -> ModelEval:
-    """Generate (greedy by default, batched, left padding, KV cache) and score one model in memory.
-
-    ``harmful``: prompts (strings or :class:`Prompt`); ``utility``: ``(prompt, answer)`` pairs or
-    :class:`UtilityItem` (exact match by default); ``judge``: a :class:`GuardJudge` for the harmful rate;
-    ``refusal``: the refusal test (default: the keyword list)."""
-    harmful, utility = _as_prompts(harmful), _as_utility(utility)
-    t = time.perf_counter()
-    gens = generate_responses(model, tokenizer, [p.text for p in harmful] + [u.prompt for u in utility], settings,
-                              progress=progress)
-    seconds = time.perf_counter() - t
-    responses = [g.response for g in gens]
-    h, u = responses[:len(harmful)], responses[len(harmful):]
-    p_unsafe = judge_responses(judge, [p.text for p in harmful], h) if judge is not None else None
-    safety, util = score(harmful, h, utility, u, p_unsafe, refusal)
-    return ModelEval(h, u, safety, util, p_unsafe, _throughput(gens, seconds))
-
-
-def _throughput(gens: Sequence[Generation], seconds: float) -> dict:
-    tokens = sum(g.new_tokens for g in gens)
-    return {"prompts": len(gens), "new_tokens": tokens, "seconds": round(seconds, 3),
-            "prompts_per_s": len(gens) / seconds if seconds > 0 and gens else None,
-            "tokens_per_s": tokens / seconds if seconds > 0 and gens else None,
-            "unfinished": sum(not g.finished for g in gens)}
-
-
-# ---- adapters --------------------------------------------------------------------------------------------------
-def parse_adapter(spec: str) -> tuple[str, str]:
-    """``NAME=PATH`` or ``PATH`` (named after its folder)."""
-    name, sep, path = spec.partition("=")
-    if not sep:
-        path = spec
-        name = Path(spec.rstrip("/")).name or spec
-    if not name or not path:
-        raise SafeshapeError(f"--adapter {spec!r}: expected PATH or NAME=PATH")
-    return name, path
-
-
-def check_adapter(model, folder: str) -> None:
-    """Refuse an adapter that was not made for this base model: every LoRA module it adapts must exist in the base
-    with the shapes its ``lora_A`` (``[r, in]``) and ``lora_B`` (``[out, r]``) imply. Errors name the adapter and key."""
-    from ..safelora.checkpoint import read_safetensors_header
-
-    folder_p = Path(folder)
-    cfg_path, w_path = folder_p / "adapter_config.json", folder_p / "adapter_model.safetensors"
-    if not cfg_path.is_file():
-        raise SafeshapeError(f"--adapter {folder}: no adapter_config.json (a PEFT adapter folder is needed)")
-    if not w_path.is_file():
-        raise SafeshapeError(f"--adapter {folder}: no adapter_model.safetensors (save with safe_serialization=True)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SafeshapeError(f"{cfg_path}: invalid JSON: {exc}") from None
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise SafeshapeError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; safeshape eval loads LoRA adapters")
-    infos, _ = read_safetensors_header(w_path)
-    modules = dict(model.named_modules())
-    for key, info in infos.items():
-        for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
-            if part not in key or not key.endswith(".weight"):
-                continue
-            path = key.split(part)[0]
-            path = path[len("base_model.model."):] if path.startswith("base_model.model.") else path
-            mod = modules.get(path)
-            if mod is None:
-                raise SafeshapeError(f"--adapter {folder}: was not made for this base model: {w_path} key {key!r} "
-                                     f"adapts {path!r}, which the base model does not have")
-            want = getattr(mod, "in_features" if dim == 1 else "out_features", None)
-            if want is None and isinstance(getattr(mod, "weight", None), torch.Tensor):
-                want = mod.weight.shape[1 - dim]
-            if want is not None and len(info.shape) == 2 and info.shape[dim] != want:
-                raise SafeshapeError(f"--adapter {folder}: was not made for this base model: {w_path} key {key!r} has "
-                                     f"shape {list(info.shape)}, but {path!r} in the base model has "
-                                     f"{'in' if dim == 1 else 'out'}_features {want}")
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
@@ -385,7 +258,7 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
             gens_all += [g for g in gens if g is not None]
             entry["responses"][which] = [r["response"] if g is None else g.response for r, g in zip(rows, gens)]
             entry.setdefault("resumed", {})[which] = sum(r is not None for r in rows)
-        entry["generation"] = _throughput(gens_all, time.perf_counter() - t)
+        entry["generation"] = throughput(gens_all, time.perf_counter() - t)
         entry["generation"]["resumed"] = sum(entry.get("resumed", {}).values())
         entry.pop("resumed", None)
         entry["lm_eval"] = None
