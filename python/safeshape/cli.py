@@ -11,6 +11,7 @@ SUBCOMMANDS = [
     ("project", "safeshape.safelora.cli", "Safe LoRA: project a PEFT LoRA adapter onto the alignment subspace"),
     ("star", "safeshape.star.cli", "STAR: annotate a JSONL dataset with per-chunk P(safe) from a local guard model"),
     ("train", "safeshape.trainer.cli", "LoRA fine-tuning with the SFT, RS or DSS (STAR-weighted) loss; torchrun for DDP"),
+    ("eval", "safeshape.eval.cli", "Safety (guard harmful rate, refusal rate) and utility of a model and its adapters"),
     ("demo", "safeshape.demo.cli", "Toy world on CPU: align, fine-tune with each method, score safety and utility"),
 ]
 

@@ -54,9 +54,12 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
     return atomic_write_bytes(path, [text.encode("utf-8")], overwrite=overwrite, inputs=inputs, what=what)
 
 
-def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes], overwrite: bool = False, inputs=(),
+def atomic_write_bytes(path: str | os.PathLike, chunks: bytes | Iterable[bytes], overwrite: bool = False, inputs=(),
                        what: str = "output") -> Path:
-    """Write ``chunks`` (streamed, e.g. lines) to a temporary sibling, sync it and rename it over ``path``."""
+    """Write ``chunks`` (one bytes object, or an iterable streamed, e.g. lines) to a temporary sibling, sync it and
+    rename it over ``path``."""
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = [chunks]
     p = check_output_path(path, overwrite, inputs, what=what)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
