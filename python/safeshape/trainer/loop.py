@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import ops
 from ..data import IGNORE_INDEX, Example, collate, load_examples
 from ..errors import SafeshapeError
-from ..io import write_json
+from ..io import atomic_write_text, write_json
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
@@ -199,14 +199,13 @@ class Run:
 
 def _prepare_out(out: str, config: TrainConfig, dist: Dist) -> str | None:
     """Rank 0 creates/cleans ``out``; returns the checkpoint to resume from, if any."""
-    ckpt = ckpt_io.latest_checkpoint(out) if config.resume else None
     if dist.is_main:
         if config.overwrite and os.path.isdir(out):
             shutil.rmtree(out)
         os.makedirs(out, exist_ok=True)
-        ckpt_io.remove_stale_temporaries(out)
+        ckpt_io.remove_stale_temporaries(out)  # puts back a checkpoint a killed run had moved aside
     dist.barrier()
-    return ckpt
+    return ckpt_io.latest_checkpoint(out) if config.resume else None
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -220,10 +219,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except (json.JSONDecodeError, KeyError, TypeError):
                     break  # a torn last line from a crash
-    tmp = path + f".{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept), overwrite=True, what="metrics")
 
 
 def train(config: TrainConfig) -> dict:
