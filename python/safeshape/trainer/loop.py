@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..data import IGNORE_INDEX, Example, collate, load_examples
+from ..data import IGNORE_INDEX, Example, collate, load_examples, max_len_report
 from ..errors import SafeshapeError
 from ..io import atomic_write_text, write_json
 from . import checkpoint as ckpt_io
@@ -80,6 +81,10 @@ class Run:
         self.tokenizer = load_tokenizer(config.model)
         self.examples, self.dropped = load_examples(config.data, self.tokenizer, config.loss, config.max_len,
                                                     progress=progress)
+        self.truncated = sum(e.truncated for e in self.examples)
+        note = max_len_report(self.examples, self.dropped, config.max_len)
+        if note and dist.is_main:
+            print(f"safeshape train: {note}", file=sys.stderr)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         model = load_model(config.model, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
@@ -280,7 +285,8 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
             last = json.loads(f.readlines()[-1])
     summary = {"steps": run.total_steps, "resumed_from": start if ckpt else None,
                "final_loss": last["loss"] if last else None, "out": out, "metrics": metrics_path,
-               "examples": len(run.examples), "dropped_rows": run.dropped, "world_size": dist.world_size, "rank": dist.rank,
+               "examples": len(run.examples), "truncated_rows": run.truncated,
+               "dropped_rows": len(run.dropped), "dropped_lines": run.dropped, "world_size": dist.world_size, "rank": dist.rank,
                "global_batch": run.global_batch, "config": asdict(config)}
     if is_main:
         write_json(os.path.join(out, "train_summary.json"), summary, overwrite=True)
