@@ -41,11 +41,13 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: Iterable[
     """Validate an output path against the inputs ``[(argument name, path), ...]``; returns it resolved.
 
     Also checks that the output can be created (its nearest existing parent is a writable folder), so a run
-    fails before any work rather than after it."""
+    fails before any work rather than after it, and finishes what killed runs left for this output."""
     out_r = Path(out).resolve()
     for name, inp in inputs:
         if inp is not None and _overlaps(out_r, Path(inp).resolve()):
             raise SafeshapeError(f"{what} {out} overlaps the input {name} {inp}: inputs are never written over")
+    with contextlib.suppress(OSError):
+        recover_interrupted(out_r.parent, out_r.name)  # a killed run may have moved the old output aside
     if out_r.exists() and not overwrite:
         raise SafeshapeError(f"{what} {out} already exists: pass --overwrite (overwrite=True) to replace it")
     parent = out_r.parent
@@ -153,8 +155,12 @@ def _swap_in(tmp: Path, out: Path) -> None:
     _remove(old)
 
 
-def _chmod_umask(path: Path, full: int) -> None:
-    os.chmod(path, full & ~_umask())
+def apply_umask(*paths: str | os.PathLike) -> None:
+    """Give files (0666) and folders (0777) the mode the umask allows: mkstemp/mkdtemp and some writers (the
+    safetensors library) create them 0600/0700 whatever the umask."""
+    mask = _umask()
+    for p in paths:
+        os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -166,11 +172,8 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=()
     out_r = check_output_path(out, overwrite, inputs, what=what)
     try:
         out_r.parent.mkdir(parents=True, exist_ok=True)
-        recover_interrupted(out_r.parent, out_r.name)
-        if out_r.exists() and not overwrite:  # recovery may have put the old output back
-            raise SafeshapeError(f"{what} {out} already exists: pass --overwrite (overwrite=True) to replace it")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_r.name}.tmp-{os.getpid()}-", dir=out_r.parent))
-        _chmod_umask(tmp, 0o777)
+        apply_umask(tmp)
     except OSError as exc:
         raise SafeshapeError(f"{what} {out}: cannot create it: {_why(exc)}") from None
     try:
@@ -205,7 +208,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        _chmod_umask(Path(tmp), 0o666)
+        apply_umask(tmp)
         os.replace(tmp, p)
     except OSError as exc:
         if tmp is not None:

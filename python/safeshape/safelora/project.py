@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__, ops
 from ..errors import CheckpointError, SafeshapeError
-from ..io import atomic_output_dir, check_output_path, write_json
+from ..io import apply_umask, atomic_output_dir, check_output_path, write_json
 from .adapter import WEIGHTS, Adapter
 from .checkpoint import Checkpoint, check_finite, check_same_architecture
 from .selection import select_modules
@@ -165,6 +165,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
                 continue
             shutil.copy2(p, tmp / p.name)
         save_file(tensors, str(tmp / WEIGHTS), metadata=ad.metadata or None)
+        apply_umask(tmp / WEIGHTS)
         rep = build_report(settings, results, cut, time.perf_counter() - t0, ad.warnings + zero_warnings)
         # written before OUT is committed: a --report that cannot be written leaves OUT untouched
         write_json(_report_path(tmp, out, report), rep, overwrite=overwrite or report is None, inputs=inputs,

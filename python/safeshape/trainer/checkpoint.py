@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import SafeshapeError
-from ..io import atomic_output_dir, install_files, recover_interrupted, write_json
+from ..io import apply_umask, atomic_output_dir, install_files, recover_interrupted, write_json
 from .config import RESUMABLE_CHANGES, TrainConfig
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -111,6 +111,7 @@ def save_adapter_files(peft_model, folder: str) -> None:
     for name in ADAPTER_FILES:
         if not os.path.isfile(os.path.join(folder, name)):
             raise RuntimeError(f"PEFT did not write {name} into {folder}")
+        apply_umask(os.path.join(folder, name))
 
 
 def save_checkpoint(out: str, step: int, peft_model, optimizer, scheduler, rng_states: list[dict],
@@ -126,6 +127,7 @@ def save_checkpoint(out: str, step: int, peft_model, optimizer, scheduler, rng_s
     with atomic_output_dir(final, overwrite=True, what="checkpoint") as tmp:
         save_adapter_files(peft_model, str(tmp))
         save_file(tensors, str(tmp / STATE_TENSORS))
+        apply_umask(tmp / STATE_TENSORS)
         write_json(tmp / STATE_OBJECTS, objects)
         write_json(tmp / STATE_JSON, {"step": step, "epoch": epoch, "world_size": len(rng_states),
                                       "data_sha256": data_sha256, "config": asdict(config)})
