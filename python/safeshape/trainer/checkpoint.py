@@ -140,7 +140,8 @@ def save_final_adapter(out: str, peft_model) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".final-adapter.tmp-{os.getpid()}-", dir=out))
     try:
         save_adapter_files(peft_model, str(tmp))
-        install_files(tmp, Path(out), ["adapter_model.safetensors", "adapter_config.json"])
+        names = sorted(set(os.listdir(tmp)) - {"adapter_config.json"})  # the weights and PEFT's README.md
+        install_files(tmp, Path(out), names + ["adapter_config.json"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
