@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from safeshape import testing
 from safeshape.safelora.example import make_example

@@ -3,9 +3,8 @@
 import errno
 import json
 import os
+import re
 import shutil
-import signal
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safeshape.cli import main as cli_main
-from safeshape.errors import CheckpointError, SafeshapeError
+from safeshape.errors import CheckpointError
 from safeshape.safelora import Adapter, apply_safe_lora, project_adapter
 from safeshape.safelora.example import make_example
+from tests.hardening_common import deadline
 
 SMALL = dict(hidden=32, intermediate=48, layers=1, heads=2, kv_heads=1, vocab=64, r=2)
 KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -52,7 +52,6 @@ def expect_cli_error(capsys, ex, out, match, *extra):
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "Traceback" not in err and "error:" in err
-    import re
     assert re.search(match, err), err
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
@@ -154,20 +153,6 @@ def test_adapter_config_errors(ex, tmp_path, capsys, edit, match):
 ])
 def test_bad_selection_settings(ex, tmp_path, capsys, args, match):
     expect_cli_error(capsys, ex, tmp_path / "out", match, *args)
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    def fail(*_):
-        raise TimeoutError(f"blocked for {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def test_fifo_in_adapter_folder_refused(ex, tmp_path, capsys):

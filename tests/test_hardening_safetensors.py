@@ -1,9 +1,7 @@
 """Our streaming safetensors reader accepts exactly what the official `safetensors` package accepts (on crafted
 files), with errors naming the file and tensor; sharded indexes cannot point outside their folder."""
-import contextlib
 import json
 import os
-import signal
 import struct
 
 import pytest
@@ -13,21 +11,7 @@ from safetensors.torch import save_file
 
 from safeshape.errors import CheckpointError
 from safeshape.safelora.checkpoint import Checkpoint, read_safetensors_header, read_tensor
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging CI) if the body blocks, e.g. on opening a FIFO."""
-    def fail(*_):
-        raise TimeoutError(f"blocked for {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+from tests.hardening_common import deadline
 
 
 def craft(path, header, data: bytes, raw_header: bytes | None = None):

@@ -217,7 +217,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     """On resume, keep the metric lines up to the checkpoint so the file reads like one uninterrupted run."""
     kept = []
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:  # a torn or damaged line ends the kept part
             for line in f:
                 try:
                     if json.loads(line)["step"] <= last_step:
