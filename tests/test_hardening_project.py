@@ -166,7 +166,9 @@ def test_symlink_in_adapter_folder_is_reported(ex, tmp_path, capsys):
     secret.write_text("outside the adapter")
     (ex / "adapter" / "notes.txt").symlink_to(secret)
     assert run_cli(ex, tmp_path / "out") == 0
-    assert f"notes.txt is a symlink to {secret}" in capsys.readouterr().err
+    assert f"notes.txt is a symlink to {secret}; kept as a link" in capsys.readouterr().err
+    assert (tmp_path / "out" / "notes.txt").is_symlink()  # the output never holds a copy of what it points to
+    assert os.readlink(tmp_path / "out" / "notes.txt") == str(secret)
     rep = json.loads((tmp_path / "out" / "safelora_report.json").read_text())
     assert any("notes.txt is a symlink" in w for w in rep["warnings"])
     (ex / "adapter" / "notes.txt").unlink()

@@ -61,6 +61,20 @@ def test_planted_pickle_checkpoint_is_never_loaded(files, tmp_path):
     assert not marker.exists()
 
 
+def test_pickled_model_weights_are_refused(files, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(files["model"], model)
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    with open(model / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"w": Planted(marker)}, f)
+    with pytest.raises(SafeshapeError, match="cannot load the model"):
+        train(_config(files, tmp_path / "o", model=str(model)))
+    assert not marker.exists()
+
+
 def test_no_pickle_loading_anywhere_in_the_package():
     bad = re.compile(r"torch\.load\(|import pickle|from pickle|pickle\.loads?\(|cPickle|dill|joblib\.load")
     hits = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")

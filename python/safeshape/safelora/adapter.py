@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,20 +103,35 @@ def check_adapter_config(cfg: dict, path: Path) -> dict:
 
 
 def check_adapter_folder(folder: Path) -> list[str]:
-    """Refuse special files (FIFOs, sockets, devices: copying one would hang or read a device); symlinks are
-    allowed and reported, since the output gets the content they point to. Returns the warnings."""
+    """Refuse special files (FIFOs, sockets, devices: copying one would hang or read a device) and dangling
+    symlinks; other symlinks are allowed and reported (outputs keep them as links, never copy what they point
+    to). Returns the warnings."""
     warnings = []
     for p in sorted(folder.iterdir()):
         st = p.lstat()
         if stat.S_ISLNK(st.st_mode):
             if not p.exists():
                 raise CheckpointError(f"adapter {folder}: {p.name} is a dangling symlink (to {os.readlink(p)})")
-            warnings.append(f"{p} is a symlink to {p.resolve()}; the output holds a copy of its content")
+            warnings.append(f"{p} is a symlink to {p.resolve()}; kept as a link (to that absolute path) in the "
+                            "output")
             st = p.stat()
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise CheckpointError(f"adapter {folder}: {p.name} is not a regular file or folder (a FIFO, socket "
                                   "or device); remove it from the adapter folder")
     return warnings
+
+
+def copy_adapter_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy the top-level files of adapter folder ``src`` into ``dst`` (sub-folders and ``skip`` are left out);
+    a symlink stays a symlink, to its absolute target (see :func:`check_adapter_folder`)."""
+    for p in sorted(Path(src).iterdir()):
+        if p.name in skip or (p.is_dir() and not p.is_symlink()):
+            continue
+        if p.is_symlink():
+            if not p.is_dir():
+                os.symlink(os.path.realpath(p), dst / p.name)
+        else:
+            shutil.copy2(p, dst / p.name)
 
 
 class Adapter:

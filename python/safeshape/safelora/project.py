@@ -1,7 +1,6 @@
 """Safe LoRA over checkpoints: stream base/aligned weights one module at a time, project the selected lora_B."""
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from tqdm.auto import tqdm
 from .. import __version__, ops
 from ..errors import CheckpointError, SafeshapeError
 from ..io import apply_umask, atomic_output_dir, check_output_path, write_json
-from .adapter import WEIGHTS, Adapter
+from .adapter import WEIGHTS, Adapter, copy_adapter_files
 from .checkpoint import Checkpoint, check_finite, check_same_architecture
 from .selection import select_modules
 
@@ -160,10 +159,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     from safetensors.torch import save_file
 
     with atomic_output_dir(out, overwrite, inputs) as tmp:
-        for p in Path(adapter).iterdir():
-            if p.name == WEIGHTS or p.is_dir():
-                continue
-            shutil.copy2(p, tmp / p.name)
+        copy_adapter_files(Path(adapter), tmp, skip={WEIGHTS})
         save_file(tensors, str(tmp / WEIGHTS), metadata=ad.metadata or None)
         apply_umask(tmp / WEIGHTS)
         rep = build_report(settings, results, cut, time.perf_counter() - t0, ad.warnings + zero_warnings)
