@@ -73,8 +73,8 @@ def test_kill_in_fallback_swap_then_rerun(tmp_path, monkeypatch):
 
     def rename(src, dst):
         calls.append((src, dst))
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # "killed" after OUT was moved aside
+        if len(calls) >= 2:
+            raise KeyboardInterrupt  # "killed" after OUT was moved aside: nothing runs after this point
         return real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
@@ -85,6 +85,24 @@ def test_kill_in_fallback_swap_then_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "_is_alive", lambda pid: False)  # as seen from the next process
     write_out(out, "newer", overwrite=True)
     assert (out / "f.txt").read_text() == "newer" and leftovers(tmp_path) == []
+
+
+def test_failed_fallback_rename_puts_the_old_output_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    write_out(out, "old")
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(SafeshapeError, match="No space left"):
+        write_out(out, "new", overwrite=True)
+    assert (out / "f.txt").read_text() == "old" and leftovers(tmp_path) == []
 
 
 def test_stale_temporaries_removed_and_reported(tmp_path, capsys):

@@ -107,6 +107,15 @@ def test_special_file_is_not_read(tmp_path):
         read_safetensors_header(fifo)  # opening a FIFO would block forever
 
 
+def test_special_config_json_is_not_read(tmp_path):
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    os.mkfifo(folder / "config.json")
+    with deadline(20), pytest.raises(CheckpointError, match="config.json: not a regular file"):
+        Checkpoint(folder)
+
+
 def _sharded(tmp_path, weight_map):
     folder = tmp_path / "ck"
     folder.mkdir(parents=True)

@@ -38,7 +38,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise SafeshapeError(f"{path}: data file not found")
+        raise SafeshapeError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "data file not found"))
     rows = []
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):

@@ -99,7 +99,7 @@ def recover_interrupted(parent: str | os.PathLike, name: str | None = None, repo
         if not m or (name is not None and m["name"] != name) or (m["pid"] and _is_alive(int(m["pid"]))):
             continue
         target = parent / m["name"]
-        if m["kind"] == "old" and (entry / "x").exists() and not os.path.lexists(target):
+        if m["kind"] == "old" and os.path.lexists(entry / "x") and not os.path.lexists(target):
             os.rename(entry / "x", target)
             actions.append(f"restored {target} (a killed run had moved it aside to replace it)")
         else:
@@ -151,7 +151,12 @@ def _swap_in(tmp: Path, out: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     os.rename(out, old / "x")
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / "x", out)  # put the old output back before reporting the failure
+        _remove(old)
+        raise
     _remove(old)
 
 

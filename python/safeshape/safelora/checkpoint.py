@@ -146,6 +146,8 @@ def read_tensor(info: TensorInfo, name: str = "?") -> torch.Tensor:
 
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold an object; errors name the file."""
+    if not Path(path).is_file():  # a FIFO would block the read forever
+        raise CheckpointError(f"{path}: " + ("not a regular file" if Path(path).exists() else "file not found"))
     try:
         obj = json.loads(Path(path).read_bytes().decode("utf-8"))
     except OSError as exc:
