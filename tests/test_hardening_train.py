@@ -75,6 +75,22 @@ def test_pickled_model_weights_are_refused(files, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("damage", ["objects", "tensors", "dtype"])
+def test_damaged_trainer_state_is_a_clear_error(files, tmp_path, damage):
+    out = tmp_path / "o"
+    train(_config(files, out, max_steps=1))
+    ck = out / "checkpoint-1"
+    if damage == "objects":
+        (ck / ckpt_io.STATE_OBJECTS).write_text('{"__dict__": [[["unhashable"], 1]]}')
+    elif damage == "tensors":
+        (ck / ckpt_io.STATE_TENSORS).write_bytes(b"garbage")
+    else:
+        text = (ck / ckpt_io.STATE_OBJECTS).read_text().replace('"dtype": "uint32"', '"dtype": "object"')
+        (ck / ckpt_io.STATE_OBJECTS).write_text(text)
+    with pytest.raises(SafeshapeError, match=str(ck)):
+        train(_config(files, out, max_steps=2, resume=True))
+
+
 def test_no_pickle_loading_anywhere_in_the_package():
     bad = re.compile(r"torch\.load\(|import pickle|from pickle|pickle\.loads?\(|cPickle|dill|joblib\.load")
     hits = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")

@@ -67,7 +67,10 @@ def decode_state(obj, tensors: dict[str, torch.Tensor], where: str):
         if "__tensor__" in obj:
             return tensor(obj["__tensor__"])
         if "__ndarray__" in obj:
-            return tensor(obj["__ndarray__"]).numpy().astype(np.dtype(str(obj.get("dtype"))))
+            dtype = np.dtype(str(obj.get("dtype")))
+            if dtype.kind not in "biuf":
+                raise SafeshapeError(f"{where}: array dtype {dtype} is not numeric")
+            return tensor(obj["__ndarray__"]).numpy().astype(dtype)
         if "__tuple__" in obj:
             return tuple(decode_state(v, tensors, where) for v in obj["__tuple__"])
         if "__dict__" in obj:
@@ -208,10 +211,15 @@ def check_resumable(ckpt: str, config: TrainConfig, data_sha256: str, world_size
 def load_checkpoint(ckpt: str, peft_model, optimizer, scheduler, rank: int) -> int:
     """Restore adapter weights, optimizer, scheduler and this process's RNG; returns the step."""
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     device = next(p.device for p in peft_model.parameters())
-    weights = load_file(os.path.join(ckpt, "adapter_model.safetensors"), device=str(device))
+    weights_path = os.path.join(ckpt, "adapter_model.safetensors")
+    try:
+        weights = load_file(weights_path, device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise SafeshapeError(f"{weights_path}: cannot be read ({exc})") from None
     result = set_peft_model_state_dict(peft_model, weights)
     if getattr(result, "unexpected_keys", None):
         raise SafeshapeError(f"{ckpt}: adapter keys do not match the model: {result.unexpected_keys[:5]}")
@@ -219,10 +227,14 @@ def load_checkpoint(ckpt: str, peft_model, optimizer, scheduler, rank: int) -> i
     if not (isinstance(state, dict) and {"step", "optimizer", "scheduler", "rng"} <= state.keys()
             and isinstance(state["rng"], list) and rank < len(state["rng"])):
         raise SafeshapeError(f"{os.path.join(ckpt, STATE_OBJECTS)}: not a safeshape trainer state for rank {rank}")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][rank])
-    return int(state["step"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][rank])
+        return int(state["step"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise SafeshapeError(f"{ckpt}: the trainer state does not fit this run ({type(exc).__name__}: {exc})"
+                             ) from None
 
 
 def load_trainer_state(ckpt: str) -> dict:
@@ -236,4 +248,7 @@ def load_trainer_state(ckpt: str) -> dict:
     except (SafetensorError, OSError) as exc:
         raise SafeshapeError(f"{tensors_path}: cannot be read ({exc})") from None
     objects_path = os.path.join(ckpt, STATE_OBJECTS)
-    return decode_state(_read_json(objects_path), tensors, objects_path)
+    try:
+        return decode_state(_read_json(objects_path), tensors, objects_path)
+    except (TypeError, ValueError) as exc:  # e.g. an unhashable dict key, a bad dtype name
+        raise SafeshapeError(f"{objects_path}: not a safeshape trainer state ({exc})") from None
