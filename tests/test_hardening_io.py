@@ -21,6 +21,19 @@ def write_out(out, text, **kw):
         (tmp / "f.txt").write_text(text)
 
 
+def fail_renames(monkeypatch, nth: int, exc: BaseException, every_later: bool) -> None:
+    """os.rename raises ``exc`` at its ``nth`` call (and every later one when ``every_later``)."""
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == nth or (every_later and len(calls) > nth):
+            raise exc
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
 def leftovers(parent, name="out"):
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
 
@@ -69,15 +82,9 @@ def test_kill_in_fallback_swap_then_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "exchange", lambda a, b: False)
     out = tmp_path / "out"
     write_out(out, "old")
-    real_rename, calls = os.rename, []
-
-    def rename(src, dst):
-        calls.append((src, dst))
-        if len(calls) >= 2:
-            raise KeyboardInterrupt  # "killed" after OUT was moved aside: nothing runs after this point
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", rename)
+    real_rename = os.rename
+    # "killed" after OUT was moved aside: nothing runs after this point (the restore fails too)
+    fail_renames(monkeypatch, 2, KeyboardInterrupt(), every_later=True)
     with pytest.raises(KeyboardInterrupt):
         write_out(out, "new", overwrite=True)
     monkeypatch.setattr(os, "rename", real_rename)
@@ -91,15 +98,7 @@ def test_failed_fallback_rename_puts_the_old_output_back(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "exchange", lambda a, b: False)
     out = tmp_path / "out"
     write_out(out, "old")
-    real_rename, calls = os.rename, []
-
-    def rename(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", rename)
+    fail_renames(monkeypatch, 2, OSError(28, "No space left on device"), every_later=False)
     with pytest.raises(SafeshapeError, match="No space left"):
         write_out(out, "new", overwrite=True)
     assert (out / "f.txt").read_text() == "old" and leftovers(tmp_path) == []
