@@ -66,8 +66,11 @@ def test_project_overwrite_survives_kill_9(tmp_path):
     s_old, s_new = without_report(setup[0]["snapshot"]), without_report(setup[1]["snapshot"])
     assert s_old != s_new and without_report(setup[3]["snapshot"]) == s_new
     rng = random.Random(SEED)
-    scenarios = [(p, True) for p in kill_points(setup[3]["points"], 4, rng)]
-    scenarios += [(p, False) for p in kill_points(setup[5]["points"], 4, rng)]
+    n_exchange, n_fallback = setup[3]["points"], setup[5]["points"]
+    # sampled points, plus the windows that matter most: after the exchange (the old output sits in the
+    # temporary), and after the fallback moved OUT aside (no OUT until the next rename)
+    scenarios = [(p, True) for p in sorted(set(kill_points(n_exchange, 3, rng)) | {f"after:{n_exchange}"})]
+    scenarios += [(p, False) for p in sorted(set(kill_points(n_fallback, 3, rng)) | {f"after:{n_fallback - 1}"})]
     scenarios += [(f"time:{rng.uniform(0.05, 0.6):.3f}", rng.random() < 0.5)]
     steps = []
     for kill, exchange in scenarios:
@@ -78,7 +81,7 @@ def test_project_overwrite_survives_kill_9(tmp_path):
                    "snapshot": str(out)},
                   {"argv": new_args, "exchange": exchange, "snapshot": str(out)}]
     results = run_steps(tmp_path, steps, "kills")
-    killed = 0
+    killed = parked = 0
     for i, (kill, exchange) in enumerate(scenarios):
         _, after_kill, refused, rerun = results[4 * i:4 * i + 4]
         where = f"kill {kill} (exchange={exchange}, seed {SEED})"
@@ -87,10 +90,12 @@ def test_project_overwrite_survives_kill_9(tmp_path):
             assert without_report(after_kill["snapshot"]) in (s_old, s_new), where
         else:
             assert not exchange, f"{where}: OUT vanished although the swap is one exchange"
+            parked += 1
         assert refused["status"] == "exit:2", where
         assert without_report(refused["snapshot"]) in (s_old, s_new), f"{where}: the old OUT was lost"
         assert rerun["status"] == "exit:0" and without_report(rerun["snapshot"]) == s_new, where
     assert killed >= len(scenarios) - 1  # the timed kill may come after the run ended
+    assert parked >= 1  # the fallback's window (OUT moved aside) was hit, and the next run restored it
     assert hidden(out.parent) == []
 
 
