@@ -98,6 +98,18 @@ def test_no_pickle_loading_anywhere_in_the_package():
     assert hits == []
 
 
+@pytest.mark.parametrize("flag, value", [("--kl-coef", "nan"), ("--max-grad-norm", "inf"), ("--lr", "nan"),
+                                         ("--lora-alpha", "nan"), ("--lora-dropout", "1.0"), ("--device", "cuda:7")])
+def test_bad_numbers_and_devices_are_clear_errors(files, tmp_path, capsys, flag, value):
+    if value.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA machine may have that device")
+    rc = cli_main(["train", "--model", files["model"], "--data", files["sft"], "--out", str(tmp_path / "o"),
+                   "--loss", "sft", "--no-progress", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and flag in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_trainer_state_round_trip_is_exact():
     torch.manual_seed(3)
     p = torch.nn.Parameter(torch.randn(5, 3))
