@@ -195,6 +195,31 @@ def test_final_adapter_config_is_installed_last(files, tmp_path, monkeypatch):
     assert not [p for p in os.listdir(out) if p.startswith(".")]
 
 
+def test_full_disk_during_a_checkpoint(files, tmp_path, monkeypatch):
+    import errno
+
+    import peft  # noqa: F401  imported first: it binds safetensors' save_file at import time
+    import safetensors.torch
+
+    out = tmp_path / "o"
+    real = safetensors.torch.save_file
+    calls = []
+
+    def save_file(tensors, path, *a, **k):
+        calls.append(path)
+        if ".checkpoint-2.tmp-" in str(path):  # the disk fills while the second checkpoint is written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(SafeshapeError, match=r"checkpoint .*checkpoint-2: writing failed.*No space left"):
+        train(_config(files, out, save_every=1))
+    monkeypatch.undo()
+    assert sorted(p for p in os.listdir(out) if "checkpoint" in p) == ["checkpoint-1"]  # no partial checkpoint
+    train(_config(files, out, save_every=1, resume=True))  # and the run completes from checkpoint-1
+    assert (out / "checkpoint-2").is_dir() and (out / "adapter_config.json").exists()
+
+
 def test_train_outputs_respect_umask(files, tmp_path):
     old = os.umask(0o022)
     try:
