@@ -117,7 +117,8 @@ def test_apply_safe_lora_refuses_non_finite(tmp_path):
 def test_identical_base_and_aligned_refused_unless_allowed(ex, tmp_path, capsys):
     shutil.rmtree(ex / "aligned")
     shutil.copytree(ex / "base", ex / "aligned")
-    err = expect_cli_error(capsys, ex, tmp_path / "out", r"base == aligned weights.*model\.layers\.0\.self_attn\.q_proj")
+    err = expect_cli_error(capsys, ex, tmp_path / "out",
+                           r"base == aligned weights.*model\.layers\.0\.self_attn\.q_proj")
     assert "--allow-zero-alignment" in err
     assert run_cli(ex, tmp_path / "out", "--allow-zero-alignment") == 0
     rep = json.loads((tmp_path / "out" / "safelora_report.json").read_text())

@@ -120,9 +120,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 
 def check_finite(t: torch.Tensor, where: str) -> None:
     """Refuse NaN/Inf: Safe LoRA on non-finite weights would write NaN adapters without a word."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.float()  # float8: no sum kernel
     # one fast pass: a NaN or Inf anywhere makes the sum non-finite; only then (or if a finite sum overflowed)
     # the exact element-wise test runs
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         n = int((~torch.isfinite(t)).sum())
         raise CheckpointError(f"{where} holds {n} non-finite value(s) (NaN or Inf) of {t.numel()}")
 

@@ -286,8 +286,8 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
     summary = {"steps": run.total_steps, "resumed_from": start if ckpt else None,
                "final_loss": last["loss"] if last else None, "out": out, "metrics": metrics_path,
                "examples": len(run.examples), "truncated_rows": run.truncated,
-               "dropped_rows": len(run.dropped), "dropped_lines": run.dropped, "world_size": dist.world_size, "rank": dist.rank,
-               "global_batch": run.global_batch, "config": asdict(config)}
+               "dropped_rows": len(run.dropped), "dropped_lines": run.dropped, "world_size": dist.world_size,
+               "rank": dist.rank, "global_batch": run.global_batch, "config": asdict(config)}
     if is_main:
         write_json(os.path.join(out, "train_summary.json"), summary, overwrite=True)
     dist.barrier()
