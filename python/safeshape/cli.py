@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import SafeshapeError
+
 # (name, module, one-line help); a module is imported only when its subcommand runs
 SUBCOMMANDS = [
     ("project", "safeshape.safelora.cli", "Safe LoRA: project a PEFT LoRA adapter onto the alignment subspace"),
@@ -29,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).main(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except (SafeshapeError, OSError) as exc:  # bad input or an unwritable output: a message, not a traceback
+        print(f"safeshape {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

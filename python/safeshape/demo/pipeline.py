@@ -242,7 +242,9 @@ class Demo:
         star_path = self.make_star_data()
 
         def make(path: Path):
-            rows = [json.loads(line) for line in star_path.read_text().splitlines() if line.strip()]
+            from safeshape.data import read_jsonl
+
+            rows = [row for _, row in read_jsonl(star_path)]  # errors name the line (invalid UTF-8, not JSON)
             _write_jsonl(path, ({"prompt": r["prompt"], "response": r["response"],
                                  "safe": bool(r["star_values"][-1] >= RS_THRESHOLD)} for r in rows))
 
