@@ -19,7 +19,7 @@ def test_build_info_matches_running_torch():
 
 
 def test_import_under_another_torch_says_how_to_rebuild():
-    code = "import torch; torch.__version__ = '9.9.9'; import safeshape"
+    code = "import torch; torch.__version__ = '9.9.9'; import safeshape.ops  # loads the native library"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode != 0
     assert "safeshape was built against torch" in r.stderr and "9.9.9" in r.stderr

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import SafeshapeError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so the CLI's --help stays light
+    import torch
 
 IGNORE_INDEX = -100
 LOSSES = ("dss", "sft", "rs")
@@ -126,6 +128,8 @@ def _render(tokenizer, prompt_msgs: list[dict], response: str, where: str) -> tu
 
 def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: int = 0) -> Example | None:
     """Tokenise one row; ``None`` when truncation to ``max_len`` leaves no response token."""
+    import torch
+
     from . import star
 
     prompt_msgs, response = split_row(row, where)
@@ -177,6 +181,8 @@ def load_examples(path: str | os.PathLike, tokenizer, loss: str, max_len: int, p
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row: ``input_ids``, ``attention_mask``, ``labels``, ``weights`` (``[B, T]``)."""
+    import torch
+
     width = max(len(e.input_ids) for e in examples)
     n = len(examples)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)

@@ -4,12 +4,14 @@ Scoring (``score_response``, ``StarScorer``) asks a guard about every prefix of 
 response (the ``shared`` engine) or one pass per prefix (``naive``); ``annotate_file`` stores the values with a
 JSONL dataset; ``chunk_char_spans`` and ``token_weights`` map them onto a policy model's tokens for training.
 """
-from .annotate import annotate_file
-from .guard import load_guard
-from .presets import PRESET_NAMES, PRESETS, GuardPreset, get_preset
-from .scoring import ENGINES, StarScorer, score_response
-from .segment import chunk_char_spans, word_spans
-from .weights import token_weights
+from .._lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "annotate_file": ".annotate", "load_guard": ".guard",
+    "PRESET_NAMES": ".presets", "PRESETS": ".presets", "GuardPreset": ".presets", "get_preset": ".presets",
+    "ENGINES": ".presets", "StarScorer": ".scoring", "score_response": ".scoring",
+    "chunk_char_spans": ".segment", "word_spans": ".segment", "token_weights": ".weights",
+})
 
 __all__ = ["GuardPreset", "PRESETS", "PRESET_NAMES", "get_preset", "ENGINES", "StarScorer", "score_response",
            "chunk_char_spans", "word_spans", "token_weights", "load_guard", "annotate_file"]

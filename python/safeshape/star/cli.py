@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SafeshapeError
-from .presets import PRESET_NAMES, get_preset
-from .scoring import ENGINES
+from .presets import ENGINES, PRESET_NAMES, get_preset
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 

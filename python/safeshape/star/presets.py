@@ -59,6 +59,9 @@ PRESETS: dict[str, GuardPreset] = {
 }
 PRESET_NAMES = (*PRESETS, "generic")
 
+#: scoring engines (:mod:`safeshape.star.engines`): one pass per response, or one pass per prefix
+ENGINES = ("shared", "naive")
+
 
 def get_preset(name: str | GuardPreset, safe: str | None = None, unsafe: str | None = None,
                verdict_prefix: str | None = None) -> GuardPreset:

@@ -8,11 +8,10 @@ import torch
 
 from ..errors import SafeshapeError
 from . import engines
-from .presets import GuardPreset, get_preset
+from .presets import ENGINES, GuardPreset, get_preset
 from .segment import check_chunk_words
 from .template import GuardInput, GuardTemplate
 
-ENGINES = ("shared", "naive")
 Conversation = Union[str, Sequence[dict]]
 
 
