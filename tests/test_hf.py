@@ -1,5 +1,5 @@
 """safeshape.hf.dss_compute_loss as transformers.Trainer's compute_loss_func on a tiny Llama: the loss and the
-gradient of an accumulated step equal SPEC.md section 3 over the whole batch."""
+gradient of an accumulated step equal docs/math.md#dss-normalisation over the whole batch."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments

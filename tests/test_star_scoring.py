@@ -1,5 +1,6 @@
 """STAR scoring on a tiny random Llama guard with a Llama-Guard-3-like template: the shared engine (one pass, block
-mask) against the naive engine (one pass per prefix) and against the plain per-prefix computation."""
+mask) against the naive engine (one pass per prefix) and against the plain per-prefix computation
+(docs/math.md#star-shared-engine, docs/math.md#star-verdict-probability)."""
 import math
 import warnings
 

@@ -1,4 +1,4 @@
-"""The trainer on a tiny Llama (CPU): the loss it minimises is SPEC.md section 3's, accumulation is exact, resume
+"""The trainer on a tiny Llama (CPU): the loss it minimises is docs/math.md#dss-loss's, accumulation is exact, resume
 is exact, outputs are PEFT-layout and atomic, bad input gives clear errors."""
 import json
 import os
@@ -34,7 +34,7 @@ def _config(files, out, **kw):
 
 
 def _spec_loss(run: Run, rows: list[int], kl_coef: float) -> float:
-    """SPEC.md section 3 in plain torch, through the model's own forward with full logits."""
+    """docs/math.md#dss-loss in plain torch, through the model's own forward with full logits."""
     model = run.peft_model
     batch = collate([run.examples[i] for i in rows], run.pad_id)
     with torch.no_grad():

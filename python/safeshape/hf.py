@@ -16,7 +16,7 @@ inputs, ask for hidden states and for the logits of the last position only (full
 forward they attach ``star_weights``, the ``lm_head`` weight and (when ``kl_coef > 0``) the final hidden states of
 the same model with the adapter disabled (no_grad) to the outputs. ``dss_compute_loss`` then runs the same fused
 ops as ``safeshape train`` and divides by ``num_items_in_batch`` (the valid tokens of the whole accumulated batch,
-which Trainer counts) as SPEC.md section 3 asks.
+which Trainer counts) as docs/math.md#dss-normalisation asks.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def prepare_model(model: nn.Module, kl_coef: float = 0.5) -> nn.Module:
 
 def dss_compute_loss(outputs, labels: Tensor, num_items_in_batch: Tensor | int | None = None, *,
                      fused: bool = True) -> Tensor:
-    """``compute_loss_func`` for ``transformers.Trainer``: the DSS loss (SPEC.md section 3) of a batch, divided by
+    """``compute_loss_func`` for ``transformers.Trainer``: the DSS loss (docs/math.md#dss-loss) of a batch, divided by
     ``num_items_in_batch`` when given (else by the batch's valid tokens). Needs :func:`prepare_model`."""
     if _STATE not in outputs:
         raise SafeshapeError("safeshape.hf.dss_compute_loss: the model outputs carry no STAR weights; call "

@@ -1,4 +1,4 @@
-"""Safe LoRA (Hsu et al., NeurIPS 2024) over checkpoints and PEFT models; the math is SPEC.md section 1."""
+"""Safe LoRA (Hsu et al., NeurIPS 2024) over checkpoints and PEFT models; the math is docs/math.md#safe-lora."""
 from .._lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {

@@ -1,4 +1,4 @@
-"""STAR: token-level safety from a guardrail model (SPEC.md section 2).
+"""STAR: token-level safety from a guardrail model (docs/math.md#star).
 
 Scoring (``score_response``, ``StarScorer``) asks a guard about every prefix of a response, in one pass per
 response (the ``shared`` engine) or one pass per prefix (``naive``); ``annotate_file`` stores the values with a

@@ -1,4 +1,4 @@
-"""STAR scoring: P(safe) of every prefix of a response, from a guard model (SPEC.md section 2)."""
+"""STAR scoring: P(safe) of every prefix of a response, from a guard model (docs/math.md#star-verdict-probability)."""
 from __future__ import annotations
 
 import warnings

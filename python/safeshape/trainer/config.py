@@ -9,7 +9,7 @@ from ..errors import SafeshapeError
 
 @dataclass
 class TrainConfig:
-    """LoRA fine-tuning with the SFT, RS or DSS loss (SPEC.md section 3)."""
+    """LoRA fine-tuning with the SFT, RS or DSS loss (docs/math.md#dss-loss, docs/math.md#sft-and-rejection-sampling)."""
 
     model: str  # local HF causal-LM folder (the aligned chat model) with its tokenizer and chat template
     data: str  # JSONL rows: {prompt, response} or {messages}; + `safe` for rs; + STAR fields for dss
