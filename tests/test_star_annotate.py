@@ -152,4 +152,4 @@ def test_cli(tmp_path, capsys):
     assert run_cli(argv[:-2] + ["--preset", "generic"]) == 2
     assert "generic" in capsys.readouterr().err
     assert run_cli(["--guard", str(tmp_path / "missing")] + argv[2:-2]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err

@@ -7,9 +7,9 @@ from ..errors import SafeshapeError
 
 
 def add_arguments(p):
-    p.add_argument("--base", required=True, help="unaligned base model folder (HF, safetensors)")
-    p.add_argument("--aligned", required=True, help="aligned model folder made from the base (HF, safetensors)")
-    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder trained on the aligned model")
+    p.add_argument("--base", required=True, help="unaligned base model: folder (HF, safetensors) or hub id")
+    p.add_argument("--aligned", required=True, help="aligned model made from the base: folder or hub id")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter trained on the aligned model: folder or hub id")
     p.add_argument("--out", required=True, help="output adapter folder (refused if it exists, unless --overwrite)")
     p.add_argument("--select", choices=["number", "threshold"], default="number",
                    help="number: project the --num-layers modules of lowest cosine (ties included); "

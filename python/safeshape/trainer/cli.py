@@ -17,7 +17,8 @@ from .config import TrainConfig
 _CHOICES = {"loss": LOSSES, "schedule": ("linear", "constant")}
 
 _HELP = {
-    "model": "local Hugging Face causal-LM folder (the aligned chat model, with its tokenizer and chat template)",
+    "model": "Hugging Face causal LM (the aligned chat model, with its tokenizer and chat template): a folder, or a "
+             "hub id read through the HF cache (HF_HUB_OFFLINE=1: the cache only)",
     "data": "JSONL rows: {prompt, response} or {messages}; rs rows add `safe`; dss rows add `star_values` and "
             "`star_chunk_words` (from `safeshape star`)",
     "out": "output folder: final adapter (PEFT layout), metrics.jsonl, checkpoint-<step>/",

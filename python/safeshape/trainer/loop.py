@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import ops
 from ..data import IGNORE_INDEX, Example, collate, load_examples
 from ..errors import SafeshapeError
+from ..hub import portable_name, resolve_folder
 from ..io import write_json
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
@@ -77,14 +78,17 @@ class Run:
         self.config, self.dist = config, dist
         progress = config.progress and dist.is_main
         seed_all(config.seed)  # identical LoRA initialisation on every process
-        self.tokenizer = load_tokenizer(config.model)
+        model_dir = resolve_folder(config.model, "--model")  # a folder, or a hub id through the HF cache
+        self.tokenizer = load_tokenizer(model_dir)
         self.examples, self.dropped = load_examples(config.data, self.tokenizer, config.loss, config.max_len,
                                                     progress=progress)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        model = load_model(config.model, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
+        model = load_model(model_dir, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
         self.peft_model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                      config.target_modules)
+        # the saved adapter names its base so that it loads from any directory (AutoPeftModelForCausalLM)
+        self.peft_model.peft_config["default"].base_model_name_or_path = portable_name(config.model)
         self.peft_model.train()
         seed_all(config.seed + dist.rank)  # distinct dropout streams per process
         self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
