@@ -119,6 +119,7 @@ def test_train_records_an_absolute_base_for_a_relative_folder(tmp_path, tiny_mod
     os.symlink(tiny_model, work / "model")
     monkeypatch.chdir(work)
     _train(tmp_path, "model", str(tmp_path / "out"))  # relative --model, as typed on a command line
+    assert "trained 1 steps, world size 1 (global batch 4)" in capsys.readouterr().out  # the summary line
     recorded = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert os.path.isabs(recorded) and os.path.samefile(recorded, tiny_model)
     elsewhere = tmp_path / "elsewhere"

@@ -1,7 +1,8 @@
 """``safeshape train``: LoRA fine-tuning with the SFT, RS or DSS loss. One flag per TrainConfig field.
 
 Prints a human summary, and the same summary as one JSON line on stdout with ``--json``.
-Multi-process: ``torchrun --nproc_per_node=N -m safeshape train ...``.
+Multi-process: ``torchrun --nproc_per_node=N -m safeshape train ...`` (or ``accelerate launch --multi_gpu``, or an MPI
+launcher; see :mod:`safeshape.trainer.distributed`).
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     resumed = f" (resumed at step {summary['resumed_from']})" if summary["resumed_from"] is not None else ""
     loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
-    print(f"trained {summary['steps']} steps{resumed}, final loss {loss}, adapter in {summary['out']}",
+    print(f"trained {summary['steps']} steps{resumed}, world size {summary['world_size']} (global batch "
+          f"{summary['global_batch']}), final loss {loss}, adapter in {summary['out']}",
           file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
