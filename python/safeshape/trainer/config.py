@@ -19,7 +19,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # Linear leaf names, as PEFT matches a list
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # Linear leaf names, as PEFT matches a list; or all-linear
     epochs: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -31,11 +31,13 @@ class TrainConfig:
     max_len: int = 512  # tokens per row (longer rows are cut at the end)
     seed: int = 0
     bf16: bool = False  # load the base weights in bfloat16 (LoRA weights stay float32)
+    mixed_precision: str = "no"  # no | bf16: forward passes under bfloat16 autocast (weights keep their dtype)
+    gradient_checkpointing: bool = False  # recompute the decoder layers' activations in backward (less memory)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     resume: bool = False  # continue from the newest checkpoint in `out` (starts fresh if there is none)
     overwrite: bool = False  # replace an existing `out`
     max_steps: int | None = None  # optimizer steps to run, instead of --epochs (sets the schedule length)
-    device: str = "cpu"  # cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda[:N] (under torchrun: cuda:LOCAL_RANK)
     progress: bool = True  # progress bar on rank 0
     fused: bool = True  # fused lm-head loss ops (False: logits are formed, for comparison)
 
@@ -68,9 +70,17 @@ class TrainConfig:
             raise bad("lr", f"must be > 0, not {self.lr}")
         if not self.target_modules:
             raise bad("target_modules", "names no module")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise bad("target_modules", "all-linear stands alone (it already names every Linear but the output head)")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise bad("device", f"must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.resume and self.overwrite:
             raise SafeshapeError("--resume and --overwrite exclude each other")
 
 
+MIXED_PRECISION = ("no", "bf16")
+
 # fields that may change between a run and its --resume without changing what is computed
-RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device"}
+RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device", "gradient_checkpointing"}

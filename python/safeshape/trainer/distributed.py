@@ -88,8 +88,16 @@ class Dist:
             dist.destroy_process_group()
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` is ``cuda`` when a CUDA device is available, else ``cpu``; other names are kept."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def setup(device: str) -> Dist:
-    """Join the process group torchrun describes (or one the caller already initialised)."""
+    """Join the process group the launcher describes (or one the caller already initialised)."""
+    device = resolve_device(device)
     want_cuda = device.startswith("cuda")
     ranks = None
     if dist.is_available() and dist.is_initialized():

@@ -33,7 +33,8 @@ from ..io import write_json
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
-from .model import PolicyHidden, apply_lora, body_and_head, load_model, load_tokenizer, reference_hidden
+from .model import (PolicyHidden, apply_lora, body_and_head, enable_checkpointing, load_model, load_tokenizer,
+                    reference_hidden)
 
 METRICS = "metrics.jsonl"
 
@@ -85,6 +86,8 @@ class Run:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         model = load_model(model_dir, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
+        if config.gradient_checkpointing:  # non-reentrant: LoRA inputs need no requires_grad, RNG is replayed
+            enable_checkpointing(model)
         self.peft_model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                      config.target_modules)
         # the saved adapter names its base so that it loads from any directory (AutoPeftModelForCausalLM)
@@ -101,6 +104,8 @@ class Run:
         self.ddp = self.policy
         self.lm_head_weight = body_and_head(self.peft_model)[1]
         self.use_reference = config.loss == "dss" and config.kl_coef > 0
+        # bf16 autocast of the forward passes, independent of the dtype the weights were loaded in (--bf16)
+        self.autocast_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
         from ..loss import DSSLoss
 
         self.loss_module = DSSLoss(kl_coef=config.kl_coef if self.use_reference else 0.0, kl="k2",
@@ -148,20 +153,29 @@ class Run:
 
         ref = None
         if self.use_reference:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 ref = self.reference_logprobs(pick(reference_hidden(self.peft_model, ids, mask)), labels)
-        hidden = pick(self.ddp(ids, mask))
+        with self.autocast():
+            hidden = pick(self.ddp(ids, mask))
+        if hidden.dtype != w_head.dtype:  # autocast ran the body in bf16: the head matmul too, as autocast would
+            w_head = w_head.to(hidden.dtype)
         if self.config.fused:
             return self.loss_module(hidden=hidden, lm_head_weight=w_head, labels=labels, weights=weights,
                                     ref_logprobs=ref, num_items_in_batch=num_items)
         return self.loss_module(logits=F.linear(hidden, w_head), labels=labels, weights=weights,
                                 ref_logprobs=ref, num_items_in_batch=num_items)
 
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
     def reference_logprobs(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """log p_ref(y_t) from the adapter-disabled model's final hidden states ``[N, H]``."""
+        w_head = self.lm_head_weight.to(hidden.dtype)
         if self.config.fused:
-            return ops.fused_linear_token_logprobs(hidden, self.lm_head_weight, labels)
-        return ops.token_logprobs(F.linear(hidden, self.lm_head_weight), labels)
+            return ops.fused_linear_token_logprobs(hidden, w_head, labels)
+        return ops.token_logprobs(F.linear(hidden, w_head), labels)
 
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
