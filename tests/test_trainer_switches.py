@@ -120,3 +120,33 @@ def test_bad_config_files_are_clear_errors(tmp_path, capsys, text, name, message
 def test_required_flags_without_config(capsys):
     assert cli.main(["train", "--data", "d.jsonl"]) == 2
     assert "--model, --out required" in capsys.readouterr().err
+
+
+def test_eval_loss_is_the_plain_loss_of_the_saved_adapter(files, tmp_path, capsys):
+    """eval_loss after the last step = mean cross-entropy over the eval rows' response tokens, recomputed here with
+    PEFT's loader and the model's own logits (sft: weights 1, no KL)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safeshape.data import IGNORE_INDEX, collate, load_examples
+
+    held_out = testing.write_tiny_dataset(tmp_path / "eval.jsonl", 5, "sft", seed=11)
+    out = tmp_path / "o"
+    assert cli.main(["train", "--model", files["model"], "--data", files["sft"], "--eval-data", str(held_out),
+                     "--eval-every", "1", "--out", str(out), "--loss", "sft", "--max-steps", "2", "--batch-size", "4",
+                     "--lora-r", "2", "--lr", "1e-2", "--max-len", "96", "--no-progress", "--device", "cpu"]) == 0
+    assert "eval loss" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [("eval_loss" in m) for m in lines] == [True, True]
+    tokenizer = AutoTokenizer.from_pretrained(files["model"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files["model"]), str(out)).eval()
+    examples, _ = load_examples(held_out, tokenizer, "sft", 96)
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                           ignore_index=IGNORE_INDEX)
+    assert lines[-1]["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert lines[-1]["eval_tokens"] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert lines[0]["eval_loss"] != lines[1]["eval_loss"]
+    assert json.loads((out / "train_summary.json").read_text())["eval_loss"] == lines[-1]["eval_loss"]

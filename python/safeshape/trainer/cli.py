@@ -49,6 +49,9 @@ _HELP = {
     "progress": "progress bar (--no-progress to hide)",
     "fused": "fused lm-head loss (--no-fused forms the logits, for comparison)",
     "schedule": "linear (decay to 0 after warmup) or constant",
+    "eval_data": "held-out rows in the --data layout: their loss (the training objective, no dropout) is logged as "
+                 "eval_loss in metrics.jsonl and the summary",
+    "eval_every": "evaluate every N optimizer steps (0: after the last step only)",
     "max_grad_norm": "gradient clipping norm (0: off)",
 }
 
@@ -141,6 +144,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     resumed = f" (resumed at step {summary['resumed_from']})" if summary["resumed_from"] is not None else ""
     loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    if summary.get("eval_loss") is not None:
+        loss += f", eval loss {summary['eval_loss']:.4f}"
     print(f"trained {summary['steps']} steps{resumed}, world size {summary['world_size']} (global batch "
           f"{summary['global_batch']}), final loss {loss}, adapter in {summary['out']}",
           file=sys.stderr if args.json else sys.stdout)

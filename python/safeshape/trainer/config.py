@@ -40,6 +40,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda[:N] (under torchrun: cuda:LOCAL_RANK)
     progress: bool = True  # progress bar on rank 0
     fused: bool = True  # fused lm-head loss ops (False: logits are formed, for comparison)
+    eval_data: str | None = None  # held-out rows (same layout as `data`): the loss over them is logged as eval_loss
+    eval_every: int = 0  # evaluate every N optimizer steps (0: after the last step only)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -58,7 +60,7 @@ class TrainConfig:
         for name in ("lora_r", "epochs", "batch_size", "grad_accum", "max_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, f"must be a positive integer, not {getattr(self, name)!r}")
-        for name in ("save_every", "warmup_steps"):
+        for name in ("save_every", "warmup_steps", "eval_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, f"must be a non-negative integer, not {getattr(self, name)!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
@@ -83,4 +85,5 @@ class TrainConfig:
 MIXED_PRECISION = ("no", "bf16")
 
 # fields that may change between a run and its --resume without changing what is computed
-RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device", "gradient_checkpointing"}
+RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device", "gradient_checkpointing",
+                     "eval_data", "eval_every"}

@@ -44,7 +44,10 @@ def check_out(config: TrainConfig) -> str:
     from ..io import check_output_path
 
     # overwrite=True here: only the overlap with the inputs is checked; an existing `out` is judged below
-    out = str(check_output_path(config.out, True, [("--model", config.model), ("--data", config.data)]))
+    inputs = [("--model", config.model), ("--data", config.data)]
+    if config.eval_data:
+        inputs.append(("--eval-data", config.eval_data))
+    out = str(check_output_path(config.out, True, inputs))
     if os.path.exists(out) and not os.path.isdir(out):
         raise SafeshapeError(f"--out {config.out}: exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not (config.resume or config.overwrite):
@@ -83,6 +86,9 @@ class Run:
         self.tokenizer = load_tokenizer(model_dir)
         self.examples, self.dropped = load_examples(config.data, self.tokenizer, config.loss, config.max_len,
                                                     progress=progress)
+        self.eval_examples = []
+        if config.eval_data:
+            self.eval_examples, _ = load_examples(config.eval_data, self.tokenizer, config.loss, config.max_len)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         model = load_model(model_dir, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
@@ -137,8 +143,9 @@ class Run:
             batches.append({k: v.to(self.dist.device) for k, v in collate(examples, self.pad_id).items()})
         return batches
 
-    def micro_loss(self, batch: dict[str, Tensor], num_items: int):
-        """Loss of one micro-batch, normalised by the step's valid-token count ``num_items``."""
+    def micro_loss(self, batch: dict[str, Tensor], num_items: int, policy: torch.nn.Module | None = None):
+        """Loss of one micro-batch, normalised by the step's valid-token count ``num_items``; ``policy`` (default:
+        the DDP-wrapped model) computes the final hidden states."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = batch["labels"][:, 1:].reshape(-1)  # row t predicts token t + 1
         weights = batch["weights"][:, 1:].reshape(-1)
@@ -156,7 +163,7 @@ class Run:
             with torch.no_grad(), self.autocast():
                 ref = self.reference_logprobs(pick(reference_hidden(self.peft_model, ids, mask)), labels)
         with self.autocast():
-            hidden = pick(self.ddp(ids, mask))
+            hidden = pick((policy or self.ddp)(ids, mask))
         if hidden.dtype != w_head.dtype:  # autocast ran the body in bf16: the head matmul too, as autocast would
             w_head = w_head.to(hidden.dtype)
         if self.config.fused:
@@ -210,6 +217,25 @@ class Run:
                 "sft_loss": sft, "kl_loss": kl, "mean_weight": wsum / tokens if tokens else 0.0,
                 "tokens": int(tokens), "grad_norm": float(grad_norm), "lr": lr,
                 "tokens_per_s": seen / seconds if seconds > 0 else 0.0}
+
+    def evaluate(self) -> dict:
+        """The training objective over the eval rows, no dropout, no grad, divided by all their valid tokens.
+
+        Each process takes every world_size-th row; the unwrapped model is used, so processes may run different
+        numbers of batches (DDP's forward would need them in step)."""
+        mine = self.eval_examples[self.dist.rank::self.dist.world_size]
+        local = sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in mine)
+        total = int(self.dist.sum([local]).item())
+        loss_sum, bs = 0.0, self.config.batch_size
+        self.peft_model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(mine), bs):
+                    batch = {k: v.to(self.dist.device) for k, v in collate(mine[i:i + bs], self.pad_id).items()}
+                    loss_sum += float(self.micro_loss(batch, total, policy=self.policy).loss)
+        finally:
+            self.peft_model.train()
+        return {"eval_loss": float(self.dist.sum([loss_sum])[0]), "eval_tokens": total}
 
     def rng_states(self) -> list[dict]:
         return self.dist.gather_objects(ckpt_io.rng_state())
@@ -286,6 +312,9 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
     with bar:
         for step in range(start, run.total_steps):
             last = run.train_step(step)
+            if run.eval_examples and ((config.eval_every and (step + 1) % config.eval_every == 0)
+                                      or step + 1 == run.total_steps):
+                last.update(run.evaluate())
             if is_main:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(last) + "\n")
@@ -302,6 +331,7 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
             last = json.loads(f.readlines()[-1])
     summary = {"steps": run.total_steps, "resumed_from": start if ckpt else None,
                "final_loss": last["loss"] if last else None, "out": out, "metrics": metrics_path,
+               "eval_loss": last.get("eval_loss") if last else None,
                "examples": len(run.examples), "dropped_rows": run.dropped, "world_size": dist.world_size, "rank": dist.rank,
                "global_batch": run.global_batch, "config": asdict(config)}
     if is_main:
