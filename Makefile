@@ -10,7 +10,8 @@ $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26,<4" ninja \
-	    safetensors numpy tqdm huggingface_hub pytest psutil "transformers>=4.45" "peft>=0.12" tokenizers matplotlib accelerate
+	    safetensors numpy tqdm huggingface_hub pytest psutil "transformers>=4.45" "peft>=0.12" tokenizers matplotlib accelerate \
+	    pyyaml tensorboard wandb
 	touch $@
 
 setup: $(VENV)/.deps

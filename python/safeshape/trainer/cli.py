@@ -15,7 +15,8 @@ from ..data import LOSSES
 from ..errors import SafeshapeError
 from .config import MIXED_PRECISION, TrainConfig
 
-_CHOICES = {"loss": LOSSES, "schedule": ("linear", "constant"), "mixed_precision": MIXED_PRECISION}
+_CHOICES = {"loss": LOSSES, "schedule": ("linear", "constant"), "mixed_precision": MIXED_PRECISION,
+            "report_to": ("none", "tensorboard", "wandb")}
 
 _HELP = {
     "model": "Hugging Face causal LM (the aligned chat model, with its tokenizer and chat template): a folder, or a "
@@ -52,6 +53,7 @@ _HELP = {
     "eval_data": "held-out rows in the --data layout: their loss (the training objective, no dropout) is logged as "
                  "eval_loss in metrics.jsonl and the summary",
     "eval_every": "evaluate every N optimizer steps (0: after the last step only)",
+    "report_to": "also send the metrics to tensorboard (OUT/runs) or wandb (WANDB_PROJECT, WANDB_MODE), rank 0",
     "max_grad_norm": "gradient clipping norm (0: off)",
 }
 

@@ -42,6 +42,7 @@ class TrainConfig:
     fused: bool = True  # fused lm-head loss ops (False: logits are formed, for comparison)
     eval_data: str | None = None  # held-out rows (same layout as `data`): the loss over them is logged as eval_loss
     eval_every: int = 0  # evaluate every N optimizer steps (0: after the last step only)
+    report_to: str = "none"  # none | tensorboard (OUT/runs) | wandb: a copy of metrics.jsonl for dashboards
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -74,6 +75,8 @@ class TrainConfig:
             raise bad("target_modules", "names no module")
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise bad("target_modules", "all-linear stands alone (it already names every Linear but the output head)")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise bad("report_to", f"must be none, tensorboard or wandb, not {self.report_to!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -86,4 +89,4 @@ MIXED_PRECISION = ("no", "bf16")
 
 # fields that may change between a run and its --resume without changing what is computed
 RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device", "gradient_checkpointing",
-                     "eval_data", "eval_every"}
+                     "eval_data", "eval_every", "report_to"}

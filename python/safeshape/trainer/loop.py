@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from ..io import write_json
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
+from .report import open_reporter
 from .model import (PolicyHidden, apply_lora, body_and_head, enable_checkpointing, load_model, load_tokenizer,
                     reference_hidden)
 
@@ -306,10 +308,11 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
                                     data_sha, step / run.steps_per_epoch)
         dist.barrier()
 
+    reporter = open_reporter(config.report_to if is_main else "none", out, config)
     last = None
     bar = tqdm(total=run.total_steps, initial=start, desc="train", unit="step",
                disable=not (config.progress and is_main))
-    with bar:
+    with bar, contextlib.closing(reporter):
         for step in range(start, run.total_steps):
             last = run.train_step(step)
             if run.eval_examples and ((config.eval_every and (step + 1) % config.eval_every == 0)
@@ -318,6 +321,7 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
             if is_main:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(last) + "\n")
+                reporter.log(last, last["step"])
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             bar.update(1)
             done = step + 1
