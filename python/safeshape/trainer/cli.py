@@ -11,18 +11,22 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-from ..data import LOSSES
+from ..data import LOSSES, TRAIN_ON
 from ..errors import SafeshapeError
 from .config import MIXED_PRECISION, TrainConfig
 
 _CHOICES = {"loss": LOSSES, "schedule": ("linear", "constant"), "mixed_precision": MIXED_PRECISION,
-            "report_to": ("none", "tensorboard", "wandb")}
+            "report_to": ("none", "tensorboard", "wandb"), "train_on": TRAIN_ON}
 
 _HELP = {
     "model": "Hugging Face causal LM (the aligned chat model, with its tokenizer and chat template): a folder, or a "
              "hub id read through the HF cache (HF_HUB_OFFLINE=1: the cache only)",
-    "data": "JSONL rows: {prompt, response} or {messages}; rs rows add `safe`; dss rows add `star_values` and "
-            "`star_chunk_words` (from `safeshape star`)",
+    "data": "rows {prompt, response} or {messages}; rs rows add `safe`; dss rows add `star_values` and "
+            "`star_chunk_words` (from `safeshape star`): a .jsonl, .json, .parquet or .csv file, or a "
+            "datasets.save_to_disk folder (parquet, CSV and folders need the datasets package)",
+    "split": "split of a save_to_disk folder given as --data (default: its only split)",
+    "train_on": "last: loss on the last assistant turn of a messages row; all: on every assistant turn (sft, rs)",
+    "eval_split": "split of a save_to_disk folder given as --eval-data",
     "out": "output folder: final adapter (PEFT layout), metrics.jsonl, checkpoint-<step>/",
     "loss": "dss (STAR-weighted CE + KL to the adapter-disabled model), sft, or rs (rows with safe=false get weight 0)",
     "kl_coef": "lambda of the DSS KL term",

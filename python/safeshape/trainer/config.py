@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data import LOSSES
+from ..data import LOSSES, TRAIN_ON
 from ..errors import SafeshapeError
 
 
@@ -15,6 +15,8 @@ class TrainConfig:
     data: str  # JSONL rows: {prompt, response} or {messages}; + `safe` for rs; + STAR fields for dss
     out: str  # output folder: final adapter (PEFT layout), metrics.jsonl, checkpoint-<step>/
     loss: str = "dss"  # dss | sft (w = 1, no KL) | rs (per-row w = safe in {0, 1}, no KL)
+    split: str | None = None  # the split of a datasets.save_to_disk folder given as `data`
+    train_on: str = "last"  # last | all: which assistant turns of a `messages` row carry loss (all: sft and rs)
     kl_coef: float = 0.5  # lambda of the DSS KL term (dss only)
     lora_r: int = 8
     lora_alpha: float = 16
@@ -41,6 +43,7 @@ class TrainConfig:
     progress: bool = True  # progress bar on rank 0
     fused: bool = True  # fused lm-head loss ops (False: logits are formed, for comparison)
     eval_data: str | None = None  # held-out rows (same layout as `data`): the loss over them is logged as eval_loss
+    eval_split: str | None = None  # the split of a save_to_disk folder given as `eval_data`
     eval_every: int = 0  # evaluate every N optimizer steps (0: after the last step only)
     report_to: str = "none"  # none | tensorboard (OUT/runs) | wandb: a copy of metrics.jsonl for dashboards
 
@@ -75,6 +78,10 @@ class TrainConfig:
             raise bad("target_modules", "names no module")
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise bad("target_modules", "all-linear stands alone (it already names every Linear but the output head)")
+        if self.train_on not in TRAIN_ON:
+            raise bad("train_on", f"must be one of {', '.join(TRAIN_ON)}, not {self.train_on!r}")
+        if self.train_on == "all" and self.loss == "dss":
+            raise bad("train_on", "all: STAR values cover the last response only; use --loss sft or rs")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise bad("report_to", f"must be none, tensorboard or wandb, not {self.report_to!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -89,4 +96,4 @@ MIXED_PRECISION = ("no", "bf16")
 
 # fields that may change between a run and its --resume without changing what is computed
 RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device", "gradient_checkpointing",
-                     "eval_data", "eval_every", "report_to"}
+                     "eval_data", "eval_split", "eval_every", "report_to"}

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import ops
 from ..data import IGNORE_INDEX, Example, collate, load_examples
+from ..datafiles import fingerprint
 from ..errors import SafeshapeError
 from ..hub import portable_name, resolve_folder
 from ..io import write_json
@@ -87,10 +88,12 @@ class Run:
         model_dir = resolve_folder(config.model, "--model")  # a folder, or a hub id through the HF cache
         self.tokenizer = load_tokenizer(model_dir)
         self.examples, self.dropped = load_examples(config.data, self.tokenizer, config.loss, config.max_len,
+                                                    split=config.split, train_on=config.train_on,
                                                     progress=progress)
         self.eval_examples = []
         if config.eval_data:
-            self.eval_examples, _ = load_examples(config.eval_data, self.tokenizer, config.loss, config.max_len)
+            self.eval_examples, _ = load_examples(config.eval_data, self.tokenizer, config.loss, config.max_len,
+                                                  split=config.eval_split, train_on=config.train_on)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         model = load_model(model_dir, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
@@ -288,7 +291,7 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
     from tqdm.auto import tqdm
 
     out = check_out(config)
-    data_sha = ckpt_io.file_sha256(config.data)
+    data_sha = fingerprint(config.data)
     run = Run(config, dist)
     ckpt = _prepare_out(out, config, dist)
     start = 0
