@@ -190,3 +190,21 @@ def test_report_to_wandb_offline(files, tmp_path, monkeypatch, capsys):
 def test_report_to_is_checked():
     with pytest.raises(SafeshapeError, match="--report-to"):
         TrainConfig(model="m", data="d", out="o", report_to="mlflow")
+
+
+@pytest.mark.parametrize("schedule,warmup", [("linear", 0), ("linear", 2), ("constant", 3)])
+def test_lr_schedule_is_transformers(schedule, warmup):
+    """The trainer's schedule is transformers.get_scheduler's (what Trainer does), written out here."""
+    from safeshape.trainer.loop import lr_scheduler
+
+    total, lr = 8, 0.1
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = lr_scheduler(TrainConfig(model="m", data="d", out="o", schedule=schedule, warmup_steps=warmup), opt, total)
+    got = []
+    for _ in range(total):
+        got.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    want = [lr * (s / warmup if s < warmup else 1.0 if schedule == "constant" else (total - s) / (total - warmup))
+            for s in range(total)]
+    assert got == pytest.approx(want)

@@ -59,17 +59,13 @@ def check_out(config: TrainConfig) -> str:
     return out
 
 
-def lr_lambda(config: TrainConfig, total_steps: int):
-    warm, decay = config.warmup_steps, config.schedule == "linear"
+def lr_scheduler(config: TrainConfig, optimizer, total_steps: int):
+    """transformers' schedules, as Trainer uses them: linear warmup from 0 over ``warmup_steps``, then linear decay
+    to 0 at ``total_steps`` (``linear``) or a constant rate (``constant``)."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if not decay:
-            return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
-    return factor
+    name = {"linear": "linear", "constant": "constant_with_warmup"}[config.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
 
 
 def seed_all(seed: int) -> None:
@@ -110,7 +106,7 @@ class Run:
         self.global_batch = config.batch_size * config.grad_accum * dist.world_size
         self.steps_per_epoch = math.ceil(len(self.examples) / self.global_batch)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.total_steps))
+        self.scheduler = lr_scheduler(config, self.optimizer, self.total_steps)
         self.policy = PolicyHidden(self.peft_model)
         self.ddp = self.policy
         self.lm_head_weight = body_and_head(self.peft_model)[1]
