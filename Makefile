@@ -11,7 +11,7 @@ $(VENV)/.deps:
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26,<4" ninja \
 	    safetensors numpy tqdm huggingface_hub pytest psutil "transformers>=4.45" "peft>=0.12" tokenizers matplotlib accelerate \
-	    pyyaml tensorboard wandb datasets
+	    pyyaml tensorboard wandb datasets trl
 	touch $@
 
 setup: $(VENV)/.deps

@@ -89,8 +89,8 @@ def test_missing_weights_and_missing_hooks_are_clear(tiny):
     with pytest.raises(SafeshapeError, match="call safeshape.hf.prepare_model"):
         hf.dss_compute_loss(model(input_ids=torch.tensor([[1, 5, 6]])), torch.tensor([[1, 5, 6]]))
     hf.prepare_model(model)
-    with pytest.raises(SafeshapeError, match="no `star_weights`.*remove_unused_columns=False"):
-        model(input_ids=torch.tensor([[1, 5, 6]]))
+    with pytest.raises(SafeshapeError, match="no STAR weights.*remove_unused_columns=False"):
+        hf.dss_compute_loss(model(input_ids=torch.tensor([[1, 5, 6]])), torch.tensor([[1, 5, 6]]))
     with pytest.raises(SafeshapeError, match="rows lack \\['weights'\\]"):
         hf.DSSDataCollator(tok)([{"input_ids": [1, 2], "labels": [1, 2]}])
     with pytest.raises(SafeshapeError, match="a PEFT model is needed"):
