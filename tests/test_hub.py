@@ -82,8 +82,11 @@ def test_project_accepts_hub_ids(tmp_path, cache, capsys):
     by_folder, by_id = tmp_path / "by-folder", tmp_path / "by-id"
     assert cli.main(["project", "--base", str(ex / "base"), "--aligned", str(ex / "aligned"), "--adapter",
                      str(ex / "adapter"), "--out", str(by_folder), "--quiet"]) == 0
+    capsys.readouterr()
     assert cli.main(["project", "--base", "org/base", "--aligned", "org/aligned", "--adapter", "org/adapter",
-                     "--out", str(by_id), "--quiet"]) == 0
+                     "--out", str(by_id), "--no-progress", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and json.loads(out[0])["settings"]["base"] == hub.resolve_folder("org/base", "--base")
     a, b = load_file(by_folder / "adapter_model.safetensors"), load_file(by_id / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert not any(p.is_symlink() for p in by_id.iterdir())  # the output holds copies, not links into the cache

@@ -1,6 +1,7 @@
 """`safeshape project`: Safe LoRA on a PEFT adapter folder."""
 from __future__ import annotations
 
+import json
 import sys
 
 from ..errors import SafeshapeError
@@ -19,7 +20,10 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--report", default=None, help="JSON report path (default OUT/safelora_report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bar (--quiet is the old name)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as one JSON line on stdout (the table goes to stderr)")
     p.add_argument("--table-rows", type=int, default=20, help="rows of the stdout table (lowest cosine first)")
 
 
@@ -46,10 +50,13 @@ def main(args) -> int:
     try:
         report = project_adapter(args.base, args.aligned, args.adapter, args.out, select=args.select,
                                  num_layers=args.num_layers, threshold=args.threshold, device=args.device,
-                                 report=args.report, overwrite=args.overwrite, progress=not args.quiet)
+                                 report=args.report, overwrite=args.overwrite, progress=not args.no_progress)
     except SafeshapeError as exc:
         print(f"safeshape project: error: {exc}", file=sys.stderr)
         return 2
-    print_table(report, args.table_rows)
-    print(f"wrote {args.out} and {args.report or f'{args.out}/{REPORT_NAME}'}")
+    human = sys.stderr if args.json else sys.stdout
+    print_table(report, args.table_rows, file=human)
+    print(f"wrote {args.out} and {args.report or f'{args.out}/{REPORT_NAME}'}", file=human)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
     return 0
