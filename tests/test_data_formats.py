@@ -48,7 +48,8 @@ def test_every_format_gives_the_same_examples(tmp_path, tokenizer, rows, loss):
     for name, path in paths.items():
         split = "train" if name == "disk-dict" else None
         got, _ = load_examples(path, tokenizer, loss, 256, split=split)
-        assert [(e.input_ids, e.labels, e.weights) for e in got] == [(e.input_ids, e.labels, e.weights) for e in want], name
+        assert [(e.input_ids, e.labels, e.weights) for e in got] == [(e.input_ids, e.labels, e.weights)
+                                                                      for e in want], name
     test_split, _ = load_examples(paths["disk-dict"], tokenizer, loss, 256, split="test")
     assert len(test_split) == 2
 
@@ -63,7 +64,8 @@ def test_messages_rows_in_parquet(tmp_path, tokenizer):
 
 
 def test_errors_name_the_row(tmp_path, tokenizer):
-    datasets.Dataset.from_list([{"prompt": "p", "response": "r"}, {"prompt": "p"}]).to_parquet(str(tmp_path / "x.parquet"))
+    bad = [{"prompt": "p", "response": "r"}, {"prompt": "p"}]
+    datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "x.parquet"))
     with pytest.raises(SafeshapeError, match=r"x\.parquet row 2: a row needs `prompt` and `response`"):
         load_examples(tmp_path / "x.parquet", tokenizer, "sft", 256)
     (tmp_path / "a.json").write_text('[{"prompt": "p", "response": "r"}, 3]')

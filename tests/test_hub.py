@@ -106,7 +106,8 @@ def test_load_guard_accepts_a_hub_id(tmp_path, cache):
 def _train(tmp_path, model: str, out: str) -> None:
     data = testing.write_tiny_dataset(tmp_path / "sft.jsonl", 4, "sft", seed=3)
     assert cli.main(["train", "--model", model, "--data", str(data), "--out", out, "--loss", "sft", "--max-steps",
-                     "1", "--batch-size", "4", "--lora-r", "2", "--max-len", "64", "--no-progress"]) == 0
+                     "1", "--batch-size", "4", "--lora-r", "2", "--max-len", "64", "--no-progress",
+                     "--device", "cpu"]) == 0
 
 
 def _load_elsewhere(adapter, cwd, monkeypatch):

@@ -67,7 +67,8 @@ def test_lora_cosine_matches_fp64(shape, r, dtype, device):
 
 
 def test_cosine_gram_form_beats_direct_fp32():
-    # docs/math.md#safe-lora-without-forming-c: a direct fp32 cosine is off by ~1e-3 at scale, the Gram form by ~1e-8; check the Gram form at 1e-9.
+    # docs/math.md#safe-lora-without-forming-c: a direct fp32 cosine is off by ~1e-3 at scale, the Gram form by
+    # ~1e-8; check the Gram form at 1e-9.
     aligned, base, b, a = make_module(1024, 1024, 16, torch.float32, "cpu", seed=2)
     p, _ = ops.project_lora_b(aligned, base, b)
     exact = reference.lora_cosine(b, p, a, compute_dtype=torch.float64).item()

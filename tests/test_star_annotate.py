@@ -1,4 +1,5 @@
-"""Dataset annotation (annotate_file) and the ``safeshape star`` command (docs/math.md#star: values stored with the rows)."""
+"""Dataset annotation (annotate_file) and the ``safeshape star`` command (docs/math.md#star: values stored with
+the rows)."""
 import argparse
 import json
 

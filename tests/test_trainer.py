@@ -28,7 +28,7 @@ def files(tmp_path_factory):
 
 def _config(files, out, **kw):
     base = dict(model=files["model"], data=files["dss"], out=str(out), loss="dss", lr=5e-3, batch_size=4,
-                lora_r=4, max_len=128, progress=False, seed=1)
+                lora_r=4, max_len=128, progress=False, seed=1, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -202,7 +202,7 @@ def test_cli(files, tmp_path, capsys):
     out = tmp_path / "o"
     argv = ["train", "--model", files["model"], "--data", files["rs"], "--out", str(out), "--loss", "rs",
             "--batch-size", "4", "--max-steps", "1", "--target-modules", "q_proj,k_proj", "--no-progress", "--json",
-            "--lora-r", "2"]
+            "--lora-r", "2", "--device", "cpu"]
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 1 and summary["out"] == str(out)

@@ -28,7 +28,7 @@ def test_two_processes_equal_one(tmp_path):
     model = testing.save_tiny_model(tmp_path / "model", hidden_size=32, vocab_size=320)
     data = testing.write_tiny_dataset(tmp_path / "rows.jsonl", 10, "dss", seed=3)
     common = dict(model=str(model), data=str(data), loss="dss", lr=5e-3, lora_r=4, max_len=128, progress=False,
-                  seed=2, epochs=1)
+                  seed=2, epochs=1, device="cpu")
     # global batch 4: one process 4 x 1 micro-batch, two processes 1 row x 2 micro-batches each. The last step
     # has 2 rows, so in its second micro-batch both processes have none (they still join the collectives).
     single = train(TrainConfig(out=str(tmp_path / "one"), batch_size=4, grad_accum=1, **common))
@@ -37,7 +37,7 @@ def test_two_processes_equal_one(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "safeshape", "train", "--model", str(model), "--data", str(data),
            "--out", str(tmp_path / "two"), "--loss", "dss", "--lr", "5e-3", "--lora-r", "4", "--max-len", "128",
-           "--seed", "2", "--epochs", "1", "--batch-size", "1", "--grad-accum", "2", "--no-progress"]
+           "--seed", "2", "--epochs", "1", "--batch-size", "1", "--grad-accum", "2", "--no-progress", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

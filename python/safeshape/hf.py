@@ -16,13 +16,13 @@ inputs, ask for hidden states and for the logits of the last position only (full
 forward they attach ``star_weights``, the ``lm_head`` weight and (when ``kl_coef > 0``) the final hidden states of
 the same model with the adapter disabled (no_grad) to the outputs. A forward without ``star_weights`` (generation,
 a plain evaluation) is left alone, and so is TRL's metrics forward (``fused_lm_head=True``: TRL computes entropy and
-token accuracy with its own fused head). ``unprepare_model`` removes the hooks.
+token accuracy with its own fused head). ``unprepare_model`` removes the hooks. ``dss_compute_loss`` then runs
+the same fused ops as ``safeshape train`` and divides by ``num_items_in_batch`` (the valid tokens of the whole
+accumulated batch, which Trainer counts) as docs/math.md#dss-normalisation asks.
 
 TRL (``trl >= 1``): the same pieces go into ``trl.SFTTrainer``: pass ``compute_loss_func=hf.dss_compute_loss``,
 ``data_collator=hf.DSSDataCollator(tokenizer)``, a dataset of :func:`encode_rows` rows and
-``SFTConfig(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})``. ``dss_compute_loss`` then runs the same fused
-ops as ``safeshape train`` and divides by ``num_items_in_batch`` (the valid tokens of the whole accumulated batch,
-which Trainer counts) as docs/math.md#dss-normalisation asks.
+``SFTConfig(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})``.
 """
 from __future__ import annotations
 

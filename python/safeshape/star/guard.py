@@ -15,8 +15,8 @@ def load_guard(path, device: str | torch.device = "cpu", dtype: torch.dtype = to
 
     ``path`` is a local folder or a hub id (``meta-llama/Llama-Guard-3-1B``) resolved through the Hugging Face
     cache (:func:`safeshape.hub.resolve_folder`; ``HF_HUB_OFFLINE=1`` reads the cache only); the model and
-    tokenizer are then read from that folder (``local_files_only``). ``attn_implementation`` defaults to ``sdpa``, which the
-    shared STAR engine needs (``eager`` works too; flash attention makes it fall back to the naive engine).
+    tokenizer are then read from that folder (``local_files_only``). ``attn_implementation`` defaults to ``sdpa``,
+    which the shared STAR engine needs (``eager`` works too; flash attention makes it fall back to the naive engine).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

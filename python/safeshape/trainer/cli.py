@@ -123,8 +123,8 @@ def load_config_file(path: str) -> dict:
             try:
                 value = kind(value)
             except ValueError:
-                raise SafeshapeError(f"--config {path}: {key}: {value!r} is not {'an int' if kind is int else 'a number'}"
-                                     ) from None
+                what = "an int" if kind is int else "a number"
+                raise SafeshapeError(f"--config {path}: {key}: {value!r} is not {what}") from None
         if name == "target_modules" and isinstance(value, list):
             value = ",".join(map(str, value))
         out[name] = value

@@ -9,10 +9,11 @@ from ..errors import SafeshapeError
 
 @dataclass
 class TrainConfig:
-    """LoRA fine-tuning with the SFT, RS or DSS loss (docs/math.md#dss-loss, docs/math.md#sft-and-rejection-sampling)."""
+    """LoRA fine-tuning with the SFT, RS or DSS loss (docs/math.md#dss-loss,
+    docs/math.md#sft-and-rejection-sampling)."""
 
     model: str  # HF causal-LM folder or hub id (the aligned chat model) with its tokenizer and chat template
-    data: str  # JSONL rows: {prompt, response} or {messages}; + `safe` for rs; + STAR fields for dss
+    data: str  # rows {prompt, response} or {messages} (+ `safe` for rs, STAR fields for dss): a file or a dataset folder
     out: str  # output folder: final adapter (PEFT layout), metrics.jsonl, checkpoint-<step>/
     loss: str = "dss"  # dss | sft (w = 1, no KL) | rs (per-row w = safe in {0, 1}, no KL)
     split: str | None = None  # the split of a datasets.save_to_disk folder given as `data`

@@ -3,8 +3,8 @@
 1. take the step's rows from the epoch's seeded permutation (a pure function of the step, which makes --resume
    exact) and split them into ``grad_accum`` micro-batches per process;
 2. count the valid (shifted) label tokens of the whole step over all micro-batches and processes: every
-   micro-batch loss is divided by that count (docs/math.md#dss-normalisation), so k micro-batches give the update one batch of
-   the same rows would;
+   micro-batch loss is divided by that count (docs/math.md#dss-normalisation), so k micro-batches give the update
+   one batch of the same rows would;
 3. per micro-batch: reference log-probs from the same model with the adapter disabled (DSS only, no_grad, fused
    lm-head op), then the policy's final hidden states through DDP and the fused DSS loss; backward;
 4. clip, step, log a JSONL line, checkpoint every ``save_every`` steps and at the end.
