@@ -115,6 +115,7 @@ def test_bad_config_files_are_clear_errors(tmp_path, capsys, text, name, message
     assert cli.main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert ("YAML" in err) == name.endswith(".yaml")
 
 
 def test_required_flags_without_config(capsys):

@@ -92,20 +92,20 @@ def load_config_file(path: str) -> dict:
     """The settings of a ``--config`` file: a JSON or YAML mapping whose keys are TrainConfig fields (``-`` or
     ``_``); numbers written as text (YAML's ``2e-4``) are converted. Errors name the file and key."""
     known = {f.name: f for f in fields(TrainConfig)}
+    if not path.endswith((".json", ".yaml", ".yml")):
+        raise SafeshapeError(f"--config {path}: name a .json, .yaml or .yml file")
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except OSError as exc:
         raise SafeshapeError(f"--config {path}: {exc.strerror}") from None
     try:
-        if path.endswith((".yaml", ".yml")):
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
             import yaml
 
             values = yaml.safe_load(text)
-        elif path.endswith(".json"):
-            values = json.loads(text)
-        else:
-            raise SafeshapeError(f"--config {path}: name a .json, .yaml or .yml file")
     except (ValueError, ImportError) as exc:  # json.JSONDecodeError is a ValueError
         raise SafeshapeError(f"--config {path}: cannot read it: {exc}") from None
     except Exception as exc:  # yaml.YAMLError, without importing yaml for JSON files
