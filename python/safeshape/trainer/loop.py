@@ -11,14 +11,13 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -35,9 +34,9 @@ from ..io import write_json
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
-from .report import open_reporter
 from .model import (PolicyHidden, apply_lora, body_and_head, enable_checkpointing, load_model, load_tokenizer,
                     reference_hidden)
+from .report import open_reporter
 
 METRICS = "metrics.jsonl"
 
@@ -311,7 +310,7 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
     last = None
     bar = tqdm(total=run.total_steps, initial=start, desc="train", unit="step",
                disable=not (config.progress and is_main))
-    with bar, contextlib.closing(reporter):
+    with bar, closing(reporter):
         for step in range(start, run.total_steps):
             last = run.train_step(step)
             if run.eval_examples and ((config.eval_every and (step + 1) % config.eval_every == 0)
