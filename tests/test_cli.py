@@ -85,3 +85,15 @@ def test_one_style_for_progress_and_json(name):
     assert "--no-progress" in options
     if name != "star":
         assert options["--json"].nargs == 0
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in cli.SUBCOMMANDS])
+def test_every_flag_is_in_the_readme(name):
+    import re
+
+    readme = (Path(cli.__file__).resolve().parents[2] / "README.md").read_text()
+    parser = cli.build_parser(name)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[name]
+    missing = [a.option_strings[-1] for a in sub._actions if a.option_strings and a.dest != "help"
+               and not any(re.search(re.escape(o) + r"(?![\w-])", readme) for o in a.option_strings)]
+    assert not missing, f"safeshape {name}: flags the README never shows: {missing}"
