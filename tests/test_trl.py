@@ -10,8 +10,18 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are bound by per-op overhead: on a loaded 2-core machine two OpenMP threads made the setup
+    40x slower than one (bench/NOTES.md, the demo's finding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, one_thread):
     """A tiny Llama that has memorised its rows (so token accuracy is far from 0) and those rows, DSS-encoded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
