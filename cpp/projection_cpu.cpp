@@ -1,4 +1,4 @@
-// CPU kernels of the Safe LoRA ops (SPEC.md section 1).
+// CPU kernels of the Safe LoRA ops (docs/math.md#safe-lora-without-forming-c).
 //   project_lora_b: pass 1 reads both weights tile by tile and accumulates M = V^T B and ||V||^2;
 //                   pass 2 reads them again and forms B' = V M / ||V||. V is never stored whole.
 //   lora_cosine:    cos(C dW, dW) through r x r Gram matrices, accumulated in fp64.

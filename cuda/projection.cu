@@ -1,4 +1,4 @@
-// CUDA kernels of the Safe LoRA ops (SPEC.md section 1). Two passes over the weights, V never stored:
+// CUDA kernels of the Safe LoRA ops (docs/math.md#safe-lora-without-forming-c). Two passes over the weights, V never stored:
 //   pass 1: partial[s, j, :] = sum_{i in split s} V[i, j] B[i, :]  and per-block sums of V^2
 //   reduce: M[j, :] = sum_s partial[s, j, :],  norm = sqrt(sum of the block sums)   (fp64 for the norm)
 //   pass 2: B'[i, :] = sum_j V[i, j] M[j, :] / norm, one block per row.

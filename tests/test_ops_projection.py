@@ -1,5 +1,5 @@
 """project_lora_b, lora_cosine and alignment_projection_matrix against the plain-torch reference and an fp64
-evaluation of SPEC.md section 1."""
+evaluation of docs/math.md#safe-lora-projection."""
 import pytest
 import torch
 
@@ -67,7 +67,8 @@ def test_lora_cosine_matches_fp64(shape, r, dtype, device):
 
 
 def test_cosine_gram_form_beats_direct_fp32():
-    # SPEC: a direct fp32 cosine is off by ~1e-3 at scale, the Gram form by ~1e-8; check the Gram form at 1e-9.
+    # docs/math.md#safe-lora-without-forming-c: a direct fp32 cosine is off by ~1e-3 at scale, the Gram form by
+    # ~1e-8; check the Gram form at 1e-9.
     aligned, base, b, a = make_module(1024, 1024, 16, torch.float32, "cpu", seed=2)
     p, _ = ops.project_lora_b(aligned, base, b)
     exact = reference.lora_cosine(b, p, a, compute_dtype=torch.float64).item()
@@ -103,7 +104,7 @@ def test_alignment_projection_matrix(dtype, device):
     want = reference.alignment_projection_matrix(aligned, base, compute_dtype=torch.float64)
     assert c.dtype == torch.float32 and c.shape == (80, 80)
     torch.testing.assert_close(c.double(), want, rtol=1e-5, atol=1e-5)
-    # C is PSD and not idempotent (SPEC): C B equals the projection op's result
+    # C is PSD and not idempotent (docs/math.md#safe-lora-projection): C B equals the projection op's result
     p, _ = ops.project_lora_b(aligned, base, b)
     torch.testing.assert_close((c @ b.float()), p.float(), rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-4)
 

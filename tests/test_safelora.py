@@ -1,4 +1,5 @@
-"""Safe LoRA over folders and PeftModels: streaming reader, adapter validation, selection, atomic outputs."""
+"""Safe LoRA over folders and PeftModels: streaming reader, adapter validation, selection
+(docs/math.md#safe-lora-selection), atomic outputs."""
 import hashlib
 import json
 import shutil
@@ -36,7 +37,7 @@ def copy_example(example, tmp_path):
 
 
 def brute_force(ex: Path, mode="number", k=10, tau=0.5):
-    """SPEC.md section 1 the reference way: whole tensors, explicit C, direct fp64 cosine."""
+    """docs/math.md#safe-lora the reference way: whole tensors, explicit C, direct fp64 cosine."""
     ad = load_file(ex / "adapter" / "adapter_model.safetensors")
     base, aligned = Checkpoint(ex / "base"), Checkpoint(ex / "aligned")
     out = {}

@@ -1,4 +1,4 @@
-"""Safe LoRA ops (SPEC.md section 1)."""
+"""Safe LoRA ops (docs/math.md#safe-lora)."""
 from __future__ import annotations
 
 import torch

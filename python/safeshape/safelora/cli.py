@@ -1,15 +1,16 @@
 """`safeshape project`: Safe LoRA on a PEFT adapter folder."""
 from __future__ import annotations
 
+import json
 import sys
 
 from ..errors import SafeshapeError
 
 
 def add_arguments(p):
-    p.add_argument("--base", required=True, help="unaligned base model folder (HF, safetensors)")
-    p.add_argument("--aligned", required=True, help="aligned model folder made from the base (HF, safetensors)")
-    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder trained on the aligned model")
+    p.add_argument("--base", required=True, help="unaligned base model: folder (HF, safetensors) or hub id")
+    p.add_argument("--aligned", required=True, help="aligned model made from the base: folder or hub id")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter trained on the aligned model: folder or hub id")
     p.add_argument("--out", required=True, help="output adapter folder (refused if it exists, unless --overwrite)")
     p.add_argument("--select", choices=["number", "threshold"], default="number",
                    help="number: project the --num-layers modules of lowest cosine (ties included); "
@@ -22,7 +23,10 @@ def add_arguments(p):
     p.add_argument("--allow-zero-alignment", action="store_true",
                    help="project modules whose base and aligned weights are equal (||V|| = 0, lora_B becomes 0); "
                         "refused by default")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bar (--quiet is the old name)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as one JSON line on stdout (the table goes to stderr)")
     p.add_argument("--table-rows", type=int, default=20, help="rows of the stdout table (lowest cosine first)")
 
 
@@ -49,11 +53,14 @@ def main(args) -> int:
     try:
         report = project_adapter(args.base, args.aligned, args.adapter, args.out, select=args.select,
                                  num_layers=args.num_layers, threshold=args.threshold, device=args.device,
-                                 report=args.report, overwrite=args.overwrite, progress=not args.quiet,
+                                 report=args.report, overwrite=args.overwrite, progress=not args.no_progress,
                                  allow_zero_alignment=args.allow_zero_alignment)
     except SafeshapeError as exc:
         print(f"safeshape project: error: {exc}", file=sys.stderr)
         return 2
-    print_table(report, args.table_rows)
-    print(f"wrote {args.out} and {args.report or f'{args.out}/{REPORT_NAME}'}")
+    human = sys.stderr if args.json else sys.stdout
+    print_table(report, args.table_rows, file=human)
+    print(f"wrote {args.out} and {args.report or f'{args.out}/{REPORT_NAME}'}", file=human)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
     return 0

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__, ops
 from ..errors import CheckpointError, SafeshapeError
+from ..hub import resolve_folder
 from ..io import apply_umask, atomic_output_dir, check_output_path, write_json
 from .adapter import WEIGHTS, Adapter, copy_adapter_files
 from .checkpoint import Checkpoint, check_finite, check_same_architecture
@@ -123,12 +124,15 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
                     progress: bool = True, allow_zero_alignment: bool = False) -> dict:
     """Safe LoRA on folders: write ``out`` = ``adapter`` with ``lora_B`` projected for the selected modules.
 
-    ``base``/``aligned`` are HF model folders (safetensors, single or sharded), ``adapter`` a PEFT LoRA folder.
+    ``base``/``aligned`` are HF model folders (safetensors, single or sharded), ``adapter`` a PEFT LoRA folder;
+    each may be a hub id instead (:func:`safeshape.hub.resolve_folder`).
     The config and every tensor not projected are written byte-identical. ``out`` is written to a temporary
     folder and renamed; an existing ``out`` is refused unless ``overwrite``. The JSON report goes to
     ``report`` (default ``out/safelora_report.json``) and is returned.
     """
     t0 = time.perf_counter()
+    base, aligned = resolve_folder(base, "--base"), resolve_folder(aligned, "--aligned")
+    adapter = resolve_folder(adapter, "--adapter")
     inputs = [("--base", base), ("--aligned", aligned), ("--adapter", adapter)]
     check_output_path(out, overwrite, inputs)
     if report is not None:
@@ -174,9 +178,10 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
                     progress: bool = True, allow_zero_alignment: bool = False) -> dict:
     """Safe LoRA on a ``peft.PeftModel`` in memory: ``lora_B`` of the selected modules is replaced in place.
 
-    ``base``/``aligned`` are HF model folders. Returns the same report as :func:`project_adapter`.
+    ``base``/``aligned`` are HF model folders or hub ids. Returns the same report as :func:`project_adapter`.
     """
     t0 = time.perf_counter()
+    base, aligned = resolve_folder(base, "base"), resolve_folder(aligned, "aligned")
     select_modules([], select, num_layers, threshold)
     ck_base, ck_aligned = Checkpoint(base, "base"), Checkpoint(aligned, "aligned")
     check_same_architecture(ck_base, ck_aligned)

@@ -1,4 +1,4 @@
-"""Which modules Safe LoRA projects (SPEC.md section 1, both modes of the reference code)."""
+"""Which modules Safe LoRA projects (docs/math.md#safe-lora-selection, both modes of the reference code)."""
 from __future__ import annotations
 
 from typing import Sequence

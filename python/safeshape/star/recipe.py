@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-RECIPES = ("exact", "authors")
 REPETITION_PENALTY = 1.2
 TEMPERATURE = 0.2
 TOP_K = 50

@@ -1,4 +1,4 @@
-"""STAR values -> per-token weights of the policy model's training text (SPEC.md section 2)."""
+"""STAR values -> per-token weights of the policy model's training text (docs/math.md#star-token-weights)."""
 from __future__ import annotations
 
 from typing import Sequence
