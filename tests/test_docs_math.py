@@ -19,7 +19,6 @@ UNTESTED = {
     "notation": "definitions only",
     "defaults": "checked by test_defaults_table_matches_the_code",
     "deep-token": "the Deep Token loss is not implemented in this package yet",
-    "evaluation-metrics": "no evaluation command in this package yet (the demo scores its toy world its own way)",
 }
 
 

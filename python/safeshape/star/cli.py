@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="exact", choices=RECIPES,
                         help="exact: P(safe) from the guard's verdict logits on the exact prefix text (default); "
                              "authors: the STAR authors' scripts (whitespace-normalised prefixes, their sampling "
-                             "processors; SPEC.md 2b)")
+                             "processors; docs/math.md#star-authors-recipe)")
     parser.add_argument("--guard-date", default=None, metavar="YYYY-MM-DD",
                         help="the date a guard template prints (Granite Guardian 3.1 puts today's date in its system "
                              "block); default today; reported, so a rerun can pin it")

@@ -93,7 +93,7 @@ PRESET_NAMES = (*PRESETS, "generic")
 
 #: scoring engines (:mod:`safeshape.star.engines`): one pass per response, or one pass per prefix
 ENGINES = ("shared", "naive")
-RECIPES = ("exact", "authors")  # SPEC 2 (exact probabilities) or the authors' scripts (star/recipe.py)
+RECIPES = ("exact", "authors")  # docs/math.md#star-exact-guard-input or docs/math.md#star-authors-recipe
 
 
 def get_preset(name: str | GuardPreset, safe: str | None = None, unsafe: str | None = None,
