@@ -83,7 +83,7 @@ def test_other_files_are_clear_errors(tmp_path, rows):
     text.write_text("{}")
     not_dataset = tmp_path / "folder"
     not_dataset.mkdir()
-    cases = [(disguised, None, "looks like a parquet file"), (latin, None, "not UTF-8 text"),
+    cases = [(disguised, None, "looks like a parquet file"), (latin, None, "line 1: not valid UTF-8"),
              (text, None, "unknown data format .txt"), (not_dataset, None, "not one written by datasets"),
              (paths["disk-dict"], None, "pass --split, one of the dataset's splits: test, train"),
              (paths["disk-dict"], "valid", "--split 'valid' is not the dataset's splits: test, train"),
