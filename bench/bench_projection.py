@@ -3,19 +3,39 @@
 Prints a table and writes JSON (--json). Ratios are measured in one run on the same machine, so they are what to
 compare; absolute times on shared 2-core machines are noisy.
 
-    PYTHONPATH=python python bench/bench_projection.py [--device cpu|cuda] [--quick] [--json out.json]
+    PYTHONPATH=python python bench/bench_projection.py [--device cpu|cuda] [--quick] [--isa avx2] [--json out.json]
+
+The CPU code path (avx512 / avx2 / generic) is printed; --isa forces one (same as the environment variable
+SAFESHAPE_ISA), so both paths can be measured on one AVX-512 machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
+import sys
 import time
 
-import torch
+if "--isa" in sys.argv:  # must be in the environment before the native library picks its path
+    os.environ["SAFESHAPE_ISA"] = sys.argv[sys.argv.index("--isa") + 1]
 
-import safeshape  # noqa: F401
-from safeshape import ops, reference
+import torch  # noqa: E402
+
+import safeshape  # noqa: E402
+from safeshape import ops, reference  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def timeit(fn, device, repeat):
@@ -44,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) explicit-C reference")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--isa", choices=["avx512", "avx2", "generic"], default=None,
+                    help="force the CPU code path (default: the widest this CPU has)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--hbm-gbps", type=float, default=None,
                     help="GPU memory bandwidth (GB/s); adds ours / (time to read both weights twice at that speed)")
@@ -55,7 +77,9 @@ def main(argv=None):
     ranks = [16] if args.quick else [8, 16, 64]
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rows = []
-    print(f"device={dev} threads={torch.get_num_threads()} torch={torch.__version__}")
+    isa = safeshape.build_info()["cpu_isa"]
+    print(f"device={dev} threads={torch.get_num_threads()} cpu_isa={isa} cpu={cpu_model()!r} "
+          f"load={os.getloadavg()[0]:.2f} torch={torch.__version__}")
     print(f"{'shape':>12} {'r':>3} {'dtype':>9} {'ours ms':>9} {'ref ms':>9} {'floor ms':>9} "
           f"{'ref/ours':>9} {'ours/floor':>10}")
     g = torch.Generator().manual_seed(0)
@@ -76,6 +100,7 @@ def main(argv=None):
                 elif not args.no_reference:
                     ref = ref_cache
                 row = dict(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype).replace("torch.", ""), device=dev,
+                           cpu_isa=isa if dev == "cpu" else None, threads=torch.get_num_threads(),
                            ours_s=ours, reference_s=ref, floor_s=floor,
                            reference_over_ours=(ref / ours) if ref else None, ours_over_floor=ours / floor)
                 if args.hbm_gbps:

@@ -44,7 +44,9 @@ cmake_prefix_path = _cmake_prefix_path()
 
 
 def build_info() -> dict:
-    """What this build was compiled against: ``torch_version``, ``cuda`` (bool), ``cuda_version``, ``cuda_archs``."""
+    """What this build was compiled against: ``torch_version``, ``cuda`` (bool), ``cuda_version``, ``cuda_archs``;
+    and ``cpu_isa``, the CPU code path the projection kernels run (``avx512``, ``avx2`` or ``generic``: the widest
+    the CPU has, or the one forced by the environment variable ``SAFESHAPE_ISA``)."""
     info = dict(_C.build_info())
     info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
     info["safeshape_version"] = __version__
