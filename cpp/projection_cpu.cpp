@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -150,8 +151,12 @@ at::Tensor lora_cosine_cpu(const at::Tensor& lora_b, const at::Tensor& projected
       for (int64_t k = 0; k < r; ++k)
         for (int64_t l = 0; l < r; ++l) tr[q] += s[k * r + l] * G[l * r + k];
     }
-  double cosine = 0.0;  // defined as 0 when dW = 0 or C dW = 0
-  if (tr[1] > 0.0 && tr[2] > 0.0) cosine = std::clamp(tr[0] / std::sqrt(tr[1] * tr[2]), 0.0, 1.0);
+  double cosine = 0.0;  // defined as 0 when dW = 0 or C dW = 0; NaN when an input is not finite
+  if (!std::isfinite(tr[0]) || !std::isfinite(tr[1]) || !std::isfinite(tr[2])) {
+    cosine = std::numeric_limits<double>::quiet_NaN();
+  } else if (tr[1] > 0.0 && tr[2] > 0.0) {
+    cosine = std::clamp(tr[0] / std::sqrt(tr[1] * tr[2]), 0.0, 1.0);
+  }
   return at::scalar_tensor(cosine, at::TensorOptions().dtype(at::kDouble));
 }
 
