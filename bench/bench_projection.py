@@ -38,16 +38,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def timeit(fn, device, repeat):
+def timeit(fn, device, repeat, clock=time.perf_counter):
     times = []
     for _ in range(repeat):
         if device == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = clock()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
@@ -66,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--isa", choices=["avx512", "avx2", "generic"], default=None,
                     help="force the CPU code path (default: the widest this CPU has)")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="thread: this thread's CPU time (with --threads 1 the op runs on the calling thread), which "
+                         "time slices taken by other jobs on a shared machine do not inflate")
     ap.add_argument("--json", default=None)
     ap.add_argument("--hbm-gbps", type=float, default=None,
                     help="GPU memory bandwidth (GB/s); adds ours / (time to read both weights twice at that speed)")
@@ -73,12 +76,15 @@ def main(argv=None):
     dev = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and (dev != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--clock thread needs --device cpu --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     ranks = [16] if args.quick else [8, 16, 64]
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rows = []
     isa = safeshape.build_info()["cpu_isa"]
-    print(f"device={dev} threads={torch.get_num_threads()} cpu_isa={isa} cpu={cpu_model()!r} "
+    print(f"device={dev} threads={torch.get_num_threads()} clock={args.clock} cpu_isa={isa} cpu={cpu_model()!r} "
           f"load={os.getloadavg()[0]:.2f} torch={torch.__version__}")
     print(f"{'shape':>12} {'r':>3} {'dtype':>9} {'ours ms':>9} {'ref ms':>9} {'floor ms':>9} "
           f"{'ref/ours':>9} {'ours/floor':>10}")
@@ -87,20 +93,20 @@ def main(argv=None):
         for dtype in dtypes:
             base = torch.randn(d_out, d_in, generator=g).to(dtype).to(dev)
             aligned = (base.float() + 0.01 * torch.randn(d_out, d_in, generator=g)).to(dtype).to(dev)
-            floor = timeit(lambda: read_floor(aligned, base), dev, args.repeat)
+            floor = timeit(lambda: read_floor(aligned, base), dev, args.repeat, clock)
             for r in ranks:
                 b = (0.01 * torch.randn(d_out, r, generator=g)).to(dtype).to(dev)
                 ops.project_lora_b(aligned, base, b)  # warm-up
-                ours = timeit(lambda: ops.project_lora_b(aligned, base, b), dev, args.repeat)
+                ours = timeit(lambda: ops.project_lora_b(aligned, base, b), dev, args.repeat, clock)
                 ref = None
                 # the reference's cost does not depend on r (forming C dominates): time it once per shape/dtype
                 if not args.no_reference and r == ranks[0]:
-                    ref = timeit(lambda: reference.project_lora_b(aligned, base, b), dev, 1 if dev == "cpu" else 3)
+                    ref = timeit(lambda: reference.project_lora_b(aligned, base, b), dev, 1 if dev == "cpu" else 3, clock)
                     ref_cache = ref
                 elif not args.no_reference:
                     ref = ref_cache
                 row = dict(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype).replace("torch.", ""), device=dev,
-                           cpu_isa=isa if dev == "cpu" else None, threads=torch.get_num_threads(),
+                           cpu_isa=isa if dev == "cpu" else None, threads=torch.get_num_threads(), clock=args.clock,
                            ours_s=ours, reference_s=ref, floor_s=floor,
                            reference_over_ours=(ref / ours) if ref else None, ours_over_floor=ours / floor)
                 if args.hbm_gbps:
