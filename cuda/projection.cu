@@ -153,7 +153,7 @@ struct Plan {
 
 // Pass 1 splits the rows so that the grid fills the GPU: at least 8 blocks per SM (and 1024 in all), at least
 // kMinRowsPerSplit rows per split. workspace_bytes and the launch both call this, on the same device.
-constexpr int64_t kMinRowsPerSplit = 16;
+constexpr int64_t kMinRowsPerSplit = 4;
 Plan make_plan(int64_t d_out, int64_t d_in) {
   Plan p;
   p.col_blocks = std::max<int64_t>(1, (d_in + kThreads - 1) / kThreads);
