@@ -101,7 +101,8 @@ def main(argv=None):
                 ref = None
                 # the reference's cost does not depend on r (forming C dominates): time it once per shape/dtype
                 if not args.no_reference and r == ranks[0]:
-                    ref = timeit(lambda: reference.project_lora_b(aligned, base, b), dev, 1 if dev == "cpu" else 3, clock)
+                    ref = timeit(lambda: reference.project_lora_b(aligned, base, b), dev, 1 if dev == "cpu" else 3,
+                                 clock)
                     ref_cache = ref
                 elif not args.no_reference:
                     ref = ref_cache
