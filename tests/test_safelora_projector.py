@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from safeshape import reference
 from safeshape.cli import main as cli_main
 from safeshape.errors import SafeshapeError
-from safeshape.safelora import Checkpoint, project_adapter, select_modules
+from safeshape.safelora import Checkpoint, apply_safe_lora, project_adapter, select_modules
 from safeshape.safelora.example import make_example
 from safeshape.safelora.projector import energy_rank, orthogonal_project, project
 from tests.conftest import DEVICES
@@ -142,3 +142,33 @@ def test_cosine_decimals_validated():
     for bad in (-1, 16, 2.5, True):
         with pytest.raises(SafeshapeError, match="--cosine-decimals"):
             select_modules([0.1], "threshold", 10, 0.5, cosine_decimals=bad)
+
+
+def test_apply_safe_lora_orthogonal_matches_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64)
+    base = transformers.LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    aligned = transformers.LlamaForCausalLM(cfg)
+    aligned.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for n, p in aligned.named_parameters():
+            if "proj" in n:
+                p.add_(0.01 * torch.randn(p.shape[0], 3) @ torch.randn(3, p.shape[1]))
+    aligned.save_pretrained(tmp_path / "aligned")
+    model = peft.get_peft_model(aligned, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    model.save_pretrained(tmp_path / "adapter")
+    kw = dict(select="threshold", threshold=1.0, projector="orthogonal", energy=0.9, progress=False)
+    rep_folder = project_adapter(tmp_path / "base", tmp_path / "aligned", tmp_path / "adapter", tmp_path / "out", **kw)
+    rep_mem = apply_safe_lora(model, tmp_path / "base", tmp_path / "aligned", **kw)
+    assert rep_mem["settings"]["projector"] == "orthogonal"
+    for m_mem, m_dir in zip(rep_mem["modules"], rep_folder["modules"]):
+        assert m_mem["name"] == m_dir["name"] and m_mem["rank_kept"] == m_dir["rank_kept"] <= 3
+        assert m_mem["cosine"] == pytest.approx(m_dir["cosine"], abs=1e-9)
