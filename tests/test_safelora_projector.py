@@ -14,6 +14,7 @@ from safeshape.safelora import Checkpoint, apply_safe_lora, project_adapter, sel
 from safeshape.safelora.example import make_example
 from safeshape.safelora.projector import energy_rank, orthogonal_project, project
 from tests.conftest import DEVICES
+from tests.safelora_common import make_peft_setup
 
 SMALL = dict(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=128, r=4)
 
@@ -145,26 +146,7 @@ def test_cosine_decimals_validated():
 
 
 def test_apply_safe_lora_orthogonal_matches_folder(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=64)
-    base = transformers.LlamaForCausalLM(cfg)
-    base.save_pretrained(tmp_path / "base")
-    aligned = transformers.LlamaForCausalLM(cfg)
-    aligned.load_state_dict(base.state_dict())
-    with torch.no_grad():
-        for n, p in aligned.named_parameters():
-            if "proj" in n:
-                p.add_(0.01 * torch.randn(p.shape[0], 3) @ torch.randn(3, p.shape[1]))
-    aligned.save_pretrained(tmp_path / "aligned")
-    model = peft.get_peft_model(aligned, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    model.save_pretrained(tmp_path / "adapter")
+    model = make_peft_setup(tmp_path, layers=1, vocab=64, v_rank=3)
     kw = dict(select="threshold", threshold=1.0, projector="orthogonal", energy=0.9, progress=False)
     rep_folder = project_adapter(tmp_path / "base", tmp_path / "aligned", tmp_path / "adapter", tmp_path / "out", **kw)
     rep_mem = apply_safe_lora(model, tmp_path / "base", tmp_path / "aligned", **kw)
