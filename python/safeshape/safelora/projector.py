@@ -7,6 +7,8 @@
   the fewest directions holding ``energy`` of ``||V||_F^2``. Scale-free: P B is B's component in that subspace.
   Computed from the thin SVD of this one module's ``d_out x d_in`` V in float32 (``O(d_out d_in min(d_out,
   d_in))`` flops, ``(d_out + d_in) min(d_out, d_in)`` floats; V V^T is never formed), one module at a time.
+  Exact but slow on a CPU: 95 s for one 4096x4096 module on the shared 2-core dev box (bench/NOTES.md); a
+  randomised range finder (top singular directions until the energy is reached) would be the faster route.
 
 The cosine is defined the same way for both: ``cos(P dW, dW)`` with ``dW = B A``, by the float64 Gram form.
 """
