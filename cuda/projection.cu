@@ -157,11 +157,12 @@ constexpr int64_t kMinRowsPerSplit = 4;
 Plan make_plan(int64_t d_out, int64_t d_in) {
   Plan p;
   p.col_blocks = std::max<int64_t>(1, (d_in + kThreads - 1) / kThreads);
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) == cudaSuccess) {
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 132;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    sms = 132;
+    cudaGetLastError();  // the failed query must not be reported as the launch's error
   }
-  cudaGetLastError();  // a failed query above must not be reported by the launch
   const int64_t target = std::max<int64_t>(1024, 8 * static_cast<int64_t>(sms));
   const int64_t want = std::max<int64_t>(1, (target + p.col_blocks - 1) / p.col_blocks);
   p.nsplit = std::min<int64_t>(want, std::max<int64_t>(1, d_out / kMinRowsPerSplit));
