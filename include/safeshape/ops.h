@@ -14,6 +14,8 @@ struct BuildInfo {
   bool cuda;                  // CUDA kernels compiled in
   std::string cuda_version;   // "" without CUDA
   std::string cuda_archs;     // comma-separated compute capabilities, e.g. "8.0,9.0"
+  std::string cpu_isa;        // the CPU code path the projection kernels run: avx512, avx2 or generic
+                              // (detected, or forced by the environment variable SAFESHAPE_ISA)
 };
 BuildInfo build_info();
 

@@ -29,7 +29,9 @@ cmake_prefix_path = os.path.join(os.path.dirname(_C.__file__), "share", "cmake")
 
 
 def build_info() -> dict:
-    """What this build was compiled against: ``torch_version``, ``cuda`` (bool), ``cuda_version``, ``cuda_archs``."""
+    """What this build was compiled against: ``torch_version``, ``cuda`` (bool), ``cuda_version``, ``cuda_archs``;
+    and ``cpu_isa``, the CPU code path the projection kernels run (``avx512``, ``avx2`` or ``generic``: the widest
+    the CPU has, or the one forced by the environment variable ``SAFESHAPE_ISA``)."""
     from . import __version__
 
     info = dict(_C.build_info())
