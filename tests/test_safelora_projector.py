@@ -1,5 +1,5 @@
 """`--projector orthogonal` against an fp64 SVD oracle, and `--cosine-decimals` against the reference code's rule
-(issue 14 items 3 and 6)."""
+(docs/math.md#safe-lora-orthogonal-projector, docs/math.md#safe-lora-cosine-rounding)."""
 import json
 
 import numpy

@@ -1,4 +1,4 @@
-"""The two projectors of `safeshape project --projector` (SPEC.md section 1 and issue 14).
+"""The two projectors of `safeshape project --projector` (docs/math.md#safe-lora-orthogonal-projector).
 
 - ``paper``: the published Safe LoRA map ``C = V V^T / ||V||_F`` (through the native op, C never formed). It is
   not a projection: its eigenvalues are ``sigma_i^2 / ||V||_F``, so what it does to an update depends on the
