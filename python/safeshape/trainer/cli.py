@@ -1,4 +1,4 @@
-"""``safeshape train``: LoRA fine-tuning with the SFT, RS or DSS loss. One flag per TrainConfig field.
+"""``safeshape train``: LoRA fine-tuning with the SFT, RS, DSS or Deep Token loss. One flag per TrainConfig field.
 
 Prints a human summary, and the same summary as one JSON line on stdout with ``--json``.
 Multi-process: ``torchrun --nproc_per_node=N -m safeshape train ...``.
@@ -10,9 +10,8 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-from ..data import LOSSES
 from ..errors import SafeshapeError
-from .config import TrainConfig
+from .config import LOSSES, TrainConfig
 
 _CHOICES = {"loss": LOSSES, "schedule": ("linear", "constant")}
 
@@ -21,8 +20,13 @@ _HELP = {
     "data": "JSONL rows: {prompt, response} or {messages}; rs rows add `safe`; dss rows add `star_values` and "
             "`star_chunk_words` (from `safeshape star`)",
     "out": "output folder: final adapter (PEFT layout), metrics.jsonl, checkpoint-<step>/",
-    "loss": "dss (STAR-weighted CE + KL to the adapter-disabled model), sft, or rs (rows with safe=false get weight 0)",
+    "loss": "dss (STAR-weighted CE + KL to the adapter-disabled model), sft, rs (sft on the rows with safe=true), "
+            "or deep-token (Qi et al.'s token-wise constrained objective against the adapter-disabled model)",
     "kl_coef": "lambda of the DSS KL term",
+    "deep_token_betas": "deep-token: comma-separated beta of response positions 1, 2, ...; the last holds for every "
+                        "later position",
+    "rs_keep_rejected": "rs: keep rejected rows with weight 0 and count their tokens in N (the old behaviour) "
+                        "instead of dropping them as the authors do",
     "target_modules": "comma-separated Linear names to adapt",
     "batch_size": "rows per micro-batch per process",
     "grad_accum": "micro-batches per optimizer step",
@@ -48,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, required=True, help=help_text)
         elif isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        elif f.name == "target_modules":
-            parser.add_argument(flag, default=",".join(f.default), help=help_text + " (default %(default)s)")
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, default=",".join(str(x) for x in f.default),
+                                help=help_text + " (default %(default)s)")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             parser.add_argument(flag, type=kind, default=f.default, choices=_CHOICES.get(f.name),

@@ -3,19 +3,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data import LOSSES
+from ..data import LOSSES as DATA_LOSSES
 from ..errors import SafeshapeError
+from ..loss import DEEP_TOKEN_BETAS
+
+
+# the losses of `safeshape train`: deep-token reads its rows as sft does (no extra fields)
+LOSSES = (*DATA_LOSSES, "deep-token")
 
 
 @dataclass
 class TrainConfig:
-    """LoRA fine-tuning with the SFT, RS or DSS loss (SPEC.md section 3)."""
+    """LoRA fine-tuning with the SFT, RS, DSS or Deep Token loss (SPEC.md sections 3, 3a)."""
 
     model: str  # local HF causal-LM folder (the aligned chat model) with its tokenizer and chat template
     data: str  # JSONL rows: {prompt, response} or {messages}; + `safe` for rs; + STAR fields for dss
     out: str  # output folder: final adapter (PEFT layout), metrics.jsonl, checkpoint-<step>/
-    loss: str = "dss"  # dss | sft (w = 1, no KL) | rs (per-row w = safe in {0, 1}, no KL)
+    loss: str = "dss"  # dss | sft (w = 1, no KL) | rs (sft on the rows with safe = true) | deep-token
     kl_coef: float = 0.5  # lambda of the DSS KL term (dss only)
+    deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS  # beta of response positions 1, 2, ...; the last holds on
+    rs_keep_rejected: bool = False  # rs: keep rejected rows with weight 0 (N counts them) instead of dropping them
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
@@ -43,6 +50,13 @@ class TrainConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
         self.target_modules = tuple(self.target_modules)
+        if isinstance(self.deep_token_betas, str):
+            try:
+                self.deep_token_betas = tuple(float(b) for b in self.deep_token_betas.split(",") if b.strip())
+            except ValueError:
+                raise SafeshapeError(f"--deep-token-betas: must be comma-separated numbers, not "
+                                     f"{self.deep_token_betas!r}") from None
+        self.deep_token_betas = tuple(float(b) for b in self.deep_token_betas)
         self.validate()
 
     def validate(self) -> None:
@@ -66,6 +80,8 @@ class TrainConfig:
                 raise bad(name, f"must be >= 0, not {getattr(self, name)}")
         if not self.lr > 0:
             raise bad("lr", f"must be > 0, not {self.lr}")
+        if not self.deep_token_betas or not all(b > 0 for b in self.deep_token_betas):
+            raise bad("deep_token_betas", f"must be positive numbers, not {self.deep_token_betas}")
         if not self.target_modules:
             raise bad("target_modules", "names no module")
         if self.resume and self.overwrite:

@@ -5,8 +5,8 @@
 2. count the valid (shifted) label tokens of the whole step over all micro-batches and processes: every
    micro-batch loss is divided by that count (SPEC.md section 3), so k micro-batches give the update one batch of
    the same rows would;
-3. per micro-batch: reference log-probs from the same model with the adapter disabled (DSS only, no_grad, fused
-   lm-head op), then the policy's final hidden states through DDP and the fused DSS loss; backward;
+3. per micro-batch: reference log-probs from the same model with the adapter disabled (DSS and Deep Token, no_grad,
+   fused lm-head op), then the policy's final hidden states through DDP and the fused loss; backward;
 4. clip, step, log a JSONL line, checkpoint every ``save_every`` steps and at the end.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .. import ops
 from ..data import IGNORE_INDEX, Example, collate, load_examples
 from ..errors import SafeshapeError
 from ..io import write_json
+from ..loss import response_positions
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
@@ -78,8 +79,17 @@ class Run:
         progress = config.progress and dist.is_main
         seed_all(config.seed)  # identical LoRA initialisation on every process
         self.tokenizer = load_tokenizer(config.model)
-        self.examples, self.dropped = load_examples(config.data, self.tokenizer, config.loss, config.max_len,
-                                                    progress=progress)
+        self.examples, self.dropped = load_examples(config.data, self.tokenizer,
+                                                    "sft" if config.loss == "deep-token" else config.loss,
+                                                    config.max_len, progress=progress)
+        self.rejected = 0
+        if config.loss == "rs" and not config.rs_keep_rejected:
+            # RS as the authors run it: rejected rows (weight 0 on every token) are not trained on, N counts kept rows
+            kept = [e for e in self.examples if any(w > 0 for w in e.weights)]
+            self.rejected = len(self.examples) - len(kept)
+            if not kept:
+                raise SafeshapeError(f"{config.data}: --loss rs: every row has safe=false; nothing to train on")
+            self.examples = kept
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         model = load_model(config.model, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
@@ -96,11 +106,14 @@ class Run:
         self.policy = PolicyHidden(self.peft_model)
         self.ddp = self.policy
         self.lm_head_weight = body_and_head(self.peft_model)[1]
-        self.use_reference = config.loss == "dss" and config.kl_coef > 0
-        from ..loss import DSSLoss
+        self.use_reference = (config.loss == "dss" and config.kl_coef > 0) or config.loss == "deep-token"
+        from ..loss import DeepTokenLoss, DSSLoss
 
-        self.loss_module = DSSLoss(kl_coef=config.kl_coef if self.use_reference else 0.0, kl="k2",
-                                   fused=config.fused)
+        if config.loss == "deep-token":
+            self.loss_module = DeepTokenLoss(betas=config.deep_token_betas, fused=config.fused)
+        else:
+            self.loss_module = DSSLoss(kl_coef=config.kl_coef if self.use_reference else 0.0, kl="k2",
+                                       fused=config.fused)
         # a rank with no rows in a micro-batch (last, partial step) still joins the collectives: one ignored token
         first = self.examples[0]
         self.empty_row = Example(first.input_ids[:2], [IGNORE_INDEX] * len(first.input_ids[:2]),
@@ -131,12 +144,13 @@ class Run:
     def micro_loss(self, batch: dict[str, Tensor], num_items: int):
         """Loss of one micro-batch, normalised by the step's valid-token count ``num_items``."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        labels = batch["labels"][:, 1:].reshape(-1)  # row t predicts token t + 1
-        weights = batch["weights"][:, 1:].reshape(-1)
+        labels = batch["labels"][:, 1:]  # row t predicts token t + 1
+        positions = response_positions(labels, IGNORE_INDEX).reshape(-1)
+        labels, weights = labels.reshape(-1), batch["weights"][:, 1:].reshape(-1)
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         if rows.numel() == 0:
             rows = rows.new_zeros(1)  # keeps the graph connected (zero gradient) for DDP
-        labels, weights = labels[rows], weights[rows]
+        labels, weights, positions = labels[rows], weights[rows], positions[rows]
         w_head = self.lm_head_weight
 
         def pick(h: Tensor) -> Tensor:
@@ -147,11 +161,12 @@ class Run:
             with torch.no_grad():
                 ref = self.reference_logprobs(pick(reference_hidden(self.peft_model, ids, mask)), labels)
         hidden = pick(self.ddp(ids, mask))
+        kw = dict(positions=positions, weights=None) if self.config.loss == "deep-token" else dict(weights=weights)
         if self.config.fused:
-            return self.loss_module(hidden=hidden, lm_head_weight=w_head, labels=labels, weights=weights,
-                                    ref_logprobs=ref, num_items_in_batch=num_items)
-        return self.loss_module(logits=F.linear(hidden, w_head), labels=labels, weights=weights,
-                                ref_logprobs=ref, num_items_in_batch=num_items)
+            return self.loss_module(hidden=hidden, lm_head_weight=w_head, labels=labels, ref_logprobs=ref,
+                                    num_items_in_batch=num_items, **kw)
+        return self.loss_module(logits=F.linear(hidden, w_head), labels=labels, ref_logprobs=ref,
+                                num_items_in_batch=num_items, **kw)
 
     def reference_logprobs(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """log p_ref(y_t) from the adapter-disabled model's final hidden states ``[N, H]``."""
@@ -284,7 +299,7 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
             last = json.loads(f.readlines()[-1])
     summary = {"steps": run.total_steps, "resumed_from": start if ckpt else None,
                "final_loss": last["loss"] if last else None, "out": out, "metrics": metrics_path,
-               "examples": len(run.examples), "dropped_rows": run.dropped, "world_size": dist.world_size, "rank": dist.rank,
+               "examples": len(run.examples), "dropped_rows": run.dropped, "rejected_rows": run.rejected, "world_size": dist.world_size, "rank": dist.rank,
                "global_batch": run.global_batch, "config": asdict(config)}
     if is_main:
         write_json(os.path.join(out, "train_summary.json"), summary, overwrite=True)
