@@ -127,13 +127,15 @@ class _TokenLoss(nn.Module):
         num_tokens, denom = self._normaliser(labels != self.ignore_index, num_items_in_batch)
         return total / denom, per_token, logprobs.detach(), num_tokens, denom
 
-    def _output(self, labels, weights, loss, logprobs, num_tokens, denom) -> DSSLossOutput:
+    def _output(self, labels, weights, loss, logprobs, num_tokens, denom, kl_part=None) -> DSSLossOutput:
+        """``kl_part``: the per-token loss beyond ``w (-l)`` when it is known in closed form (more exact than
+        ``loss - sft_loss`` when it is small)."""
         with torch.no_grad():
             valid = labels.reshape(-1) != self.ignore_index
             w = torch.ones_like(logprobs) if weights is None else weights.reshape(-1).to(logprobs.dtype)
             sft = torch.where(valid, w * -logprobs, 0.0).sum() / denom
             mean_weight = torch.where(valid, w, 0.0).sum() / num_tokens.clamp_min(1)
-            kl_loss = loss.detach() - sft
+            kl_loss = loss.detach() - sft if kl_part is None else torch.where(valid, kl_part, 0.0).sum() / denom
         return DSSLossOutput(loss=loss, sft_loss=sft, kl_loss=kl_loss, num_tokens=num_tokens,
                              mean_weight=mean_weight)
 
@@ -185,7 +187,9 @@ class DSSLoss(_TokenLoss):
         loss, _, logprobs, num_tokens, denom = self._mean(
             labels=labels, weights=weights, ref_logprobs=ref_logprobs, positions=None, logits=logits, hidden=hidden,
             lm_head_weight=lm_head_weight, num_items_in_batch=num_items_in_batch)
-        return self._output(labels, weights, loss, logprobs, num_tokens, denom)
+        d = logprobs - ref_logprobs.reshape(-1).detach().to(logprobs.dtype)
+        kl_part = self.kl_coef * (1.0 - weights.reshape(-1).to(d.dtype)) * 0.5 * d * d
+        return self._output(labels, weights, loss, logprobs, num_tokens, denom, kl_part)
 
     def _full_kl(self, labels, weights, logits, ref_logits, num_items_in_batch) -> DSSLossOutput:
         if logits is None or ref_logits is None:
@@ -195,7 +199,8 @@ class DSSLoss(_TokenLoss):
         w = weights.reshape(-1).detach().to(logprobs.dtype)
         per_token = w * -logprobs + self.kl_coef * (1.0 - w) * kl  # both 0 at ignored rows
         num_tokens, denom = self._normaliser(labels != self.ignore_index, num_items_in_batch)
-        return self._output(labels, weights, per_token.sum() / denom, logprobs.detach(), num_tokens, denom)
+        return self._output(labels, weights, per_token.sum() / denom, logprobs.detach(), num_tokens, denom,
+                            self.kl_coef * (1.0 - w) * kl.detach())
 
 
 class DeepTokenLoss(_TokenLoss):
