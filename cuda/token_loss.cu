@@ -156,6 +156,16 @@ __device__ __forceinline__ bool bad_label(int64_t y, int64_t vocab) {
   return y < 0 || y >= vocab;
 }
 
+// Backward: an ignored row gets a 0 gradient, a label outside the vocabulary NaN; true when the row was one of those.
+template <typename T>
+__device__ bool fill_skipped_row(const TokenRows& a, int64_t y, const T* row, T* out) {
+  using A = typename Acc<T>::type;
+  if (y != a.ignore_index && !bad_label(y, a.vocab)) return false;
+  const A fill = y == a.ignore_index ? A(0) : A(NAN);
+  row_map(row, out, a.vocab, [fill](int64_t, A) { return fill; });
+  return true;
+}
+
 template <typename T>
 __global__ void logprobs_kernel(TokenRows a) {
   using A = typename Acc<T>::type;
@@ -189,11 +199,7 @@ __global__ void logprobs_backward_kernel(TokenRows a) {
   const int64_t V = a.vocab;
   const T* row = static_cast<const T*>(a.logits) + i * V;
   T* out = static_cast<T*>(a.grad_logits) + i * V;
-  if (y == a.ignore_index || bad_label(y, V)) {
-    const A fill = y == a.ignore_index ? A(0) : A(NAN);
-    row_map(row, out, V, [fill](int64_t, A) { return fill; });
-    return;
-  }
+  if (fill_skipped_row(a, y, row, out)) return;
   const Split<A> lse(a.logsumexp[i]);
   const A g = static_cast<const A*>(a.grad_logprobs)[i];
   const A l = lse.log_prob(to_float(row[y]));
@@ -269,11 +275,7 @@ __global__ void full_kl_backward_kernel(TokenRows a) {
   const T* z = static_cast<const T*>(a.logits) + i * V;
   const T* r = static_cast<const T*>(a.ref_logits) + i * V;
   T* out = static_cast<T*>(a.grad_logits) + i * V;
-  if (y == a.ignore_index || bad_label(y, V)) {
-    const A fill = y == a.ignore_index ? A(0) : A(NAN);
-    row_map(z, out, V, [fill](int64_t, A) { return fill; });
-    return;
-  }
+  if (fill_skipped_row(a, y, z, out)) return;
   const A ca = -static_cast<const A*>(a.grad_logprobs)[i], cb = static_cast<const A*>(a.grad_kl)[i];
   const Split<A> lse(a.logsumexp[i]), rlse(a.ref_logsumexp[i]);
   const A klv = static_cast<const A*>(a.kl)[i];

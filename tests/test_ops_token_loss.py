@@ -42,7 +42,7 @@ def make_case(n, v, dtype, device, seed=0, scale=3.0):
 def positions_for(n, device, seed=0):
     """1-based response positions of n tokens cut into a few rows of random length."""
     g = torch.Generator().manual_seed(seed + 50)
-    pos, t = [], 0
+    pos = []
     while len(pos) < n:
         length = int(torch.randint(1, 9, (1,), generator=g))
         pos += list(range(1, length + 1))
