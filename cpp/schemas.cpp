@@ -31,7 +31,7 @@ TORCH_LIBRARY(safeshape, m) {
   m.def("token_objective(Tensor logprobs, Tensor labels, Tensor? weights, Tensor? ref_logprobs, Tensor? positions, "
         "str objective, float[] params, int ignore_index) -> (Tensor, Tensor)");
   // lm-head-fused: logits = hidden [N, H] @ weight [V, H]^T exist one chunk of rows at a time (chunk_rows = 0:
-  // automatic, at most 256 MiB of float32 logits per chunk). Returns (loss_t, l_t, dloss_t/dl_t, grad_hidden,
+  // automatic, at most 128 MiB of float32 logits per chunk). Returns (loss_t, l_t, dloss_t/dl_t, grad_hidden,
   // grad_weight); with compute_grad the gradients of sum_t loss_t come from the same pass (three GEMMs in all, the
   // logits never recomputed), else they are empty [0] tensors, as grad_weight is without compute_grad_weight (a
   // frozen lm_head). fp32_grad_weight accumulates a bfloat16/float16 grad_weight in float32 (returned as float32).

@@ -142,8 +142,9 @@ std::tuple<at::Tensor, at::Tensor> token_objective_impl(const at::Tensor& logpro
   return {t.loss, t.dloss};
 }
 
-// The logits h @ W^T exist one chunk of rows at a time, at most this many bytes of float32-equivalent (256 MiB).
-constexpr int64_t kChunkBytes = int64_t{256} << 20;
+// The logits h @ W^T exist one chunk of rows at a time, at most this many bytes of float32-equivalent (128 MiB:
+// with 256 MiB the chunk buffer kept the peak at V = 128256 just over 1/4 of the plain-torch loss's; bench/NOTES.md).
+constexpr int64_t kChunkBytes = int64_t{128} << 20;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_token_loss_impl(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,

@@ -69,7 +69,7 @@ def full_kl(logits: Tensor, ref_logits: Tensor, labels: Tensor, ignore_index: in
 def fused_linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100, *,
                                 chunk_rows: int = 0) -> Tensor:
     """:func:`token_logprobs` of ``hidden [N, H] @ weight [V, H]^T`` without ever holding all ``[N, V]`` logits:
-    they exist one chunk of ``chunk_rows`` rows at a time (0: at most 256 MiB of float32 logits per chunk).
+    they exist one chunk of ``chunk_rows`` rows at a time (0: at most 128 MiB of float32 logits per chunk).
     Differentiable w.r.t. ``hidden`` and ``weight`` (the backward recomputes each chunk's logits)."""
     return fused_linear_token_loss(hidden, weight, labels, "logprob", ignore_index=ignore_index,
                                    chunk_rows=chunk_rows)[1]
