@@ -126,7 +126,9 @@ def test_train_cli_reads_a_dataset_folder_split(tmp_path, rows, capsys):
             "--device", "cpu", "--train-on", "all", "--json"]
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["examples"] == len(rows) and summary["eval_loss"] is not None
+    # rs drops the rows with safe=false (as the authors run it)
+    assert summary["rejected_rows"] == sum(not r["safe"] for r in rows)
+    assert summary["examples"] + summary["rejected_rows"] == len(rows) and summary["eval_loss"] is not None
     # --resume fingerprints the folder: same data resumes, changed data is refused
     assert cli.main(argv + ["--resume"]) == 0
     shutil.rmtree(paths["disk-dict"])

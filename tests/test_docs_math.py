@@ -18,7 +18,6 @@ CITE = re.compile(r"docs/math\.md#([A-Za-z0-9_-]+)")
 UNTESTED = {
     "notation": "definitions only",
     "defaults": "checked by test_defaults_table_matches_the_code",
-    "deep-token": "the Deep Token loss is not implemented in this package yet",
 }
 
 

@@ -1,4 +1,5 @@
-"""Token-loss ops (docs/math.md#dss-loss, docs/math.md#deep-token) against the plain-torch reference evaluated in float64 on the same values:
+"""Token-loss ops (docs/math.md#dss-loss, docs/math.md#dss-gradient, docs/math.md#dss-full-kl,
+docs/math.md#deep-token) against the plain-torch reference evaluated in float64 on the same values:
 every objective (sft, dss_k2, deep_token, logprob), unfused and lm-head-fused, forward and backward with
 non-uniform upstream gradients, gradcheck in float64, opcheck of every op, and the edge cases of issue 10."""
 import pytest

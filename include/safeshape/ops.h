@@ -33,7 +33,7 @@ at::Tensor lora_cosine(const at::Tensor& lora_b, const at::Tensor& projected_b, 
 // C = V V^T / ||V||_F, float32.
 at::Tensor alignment_projection_matrix(const at::Tensor& aligned, const at::Tensor& base);
 
-// ---- token losses: DSS, SFT, RS, Deep Token (SPEC.md sections 3, 3a); see cpp/schemas.cpp for the math ----
+// ---- token losses: DSS, SFT, RS, Deep Token (docs/math.md#dss-loss, docs/math.md#deep-token); see cpp/schemas.cpp for the math ----
 // Per row of logits [N, V]: (l_t = log softmax(z_t)[y_t] [N], logsumexp [N] float64); ignored rows give 0.
 std::tuple<at::Tensor, at::Tensor> token_logprobs(const at::Tensor& logits, const at::Tensor& labels,
                                                   int64_t ignore_index = -100);

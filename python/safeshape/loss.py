@@ -27,9 +27,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-# Deep Token's beta for positions 1, 2, ..., the last for every later position (docs/math.md#deep-token; the authors' beta 0.1,
-# first-token factor 5, factor 20 up to position 5)
-DEEP_TOKEN_BETAS = (0.5, 2.0, 2.0, 2.0, 2.0, 0.1)
+from .schedules import DEEP_TOKEN_BETAS  # noqa: F401  (re-exported: safeshape.loss.DEEP_TOKEN_BETAS)
 
 
 @dataclass

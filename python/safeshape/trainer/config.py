@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..data import LOSSES as DATA_LOSSES, TRAIN_ON
 from ..errors import SafeshapeError
-from ..loss import DEEP_TOKEN_BETAS
+from ..schedules import DEEP_TOKEN_BETAS
 
 
 # the losses of `safeshape train`: deep-token reads its rows as sft does (no extra fields)
