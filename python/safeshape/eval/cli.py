@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .prompts import DTYPES, UTILITY_METRICS
 
     a = parser.add_argument
-    a("--model", required=True, metavar="DIR", help="local Hugging Face chat model folder (the base of the adapters)")
+    a("--model", required=True, metavar="DIR", help="Hugging Face chat model (the base of the adapters): a folder, or a "
+      "hub id read through the HF cache")
     a("--adapter", dest="adapters", action="append", default=[], metavar="[NAME=]DIR",
       help="a PEFT LoRA adapter for --model (repeat for several; e.g. the trained one and its `safeshape project` "
            "output); each is evaluated next to the base model")

@@ -105,6 +105,22 @@ def _load_policy(cfg: EvalConfig, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
+def _resolve_hub_ids(cfg: EvalConfig) -> EvalConfig:
+    """Every model-like argument may be a folder or a Hugging Face hub id (read through the HF cache, as
+    ``safeshape project``, ``star`` and ``train`` do); adapters keep the name their spec gives them."""
+    from dataclasses import replace
+
+    from ..hub import resolve_folder
+
+    adapters = []
+    for spec in cfg.adapters:
+        name, path = parse_adapter(spec)
+        adapters.append(f"{name}={resolve_folder(path, '--adapter')}")
+    opt = {k: resolve_folder(getattr(cfg, k), "--" + k.replace("_", "-"))
+           for k in ("guard", "project_base") if getattr(cfg, k) is not None}
+    return replace(cfg, model=resolve_folder(cfg.model, "--model"), adapters=adapters, **opt)
+
+
 def _header(cfg: EvalConfig, settings: GenerationSettings) -> dict:
     gen = asdict(settings)
     gen.pop("batch_size")  # batching does not decide a response (up to rounding): a resume may change it
@@ -119,6 +135,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
         raise SafeshapeError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeshapeError(f"--device {cfg.device}: no CUDA device is available")
+    cfg = _resolve_hub_ids(cfg)
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   batch_size=cfg.batch_size, seed=cfg.seed)
     tasks = harness.parse_tasks(cfg.lm_eval)
