@@ -11,3 +11,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, re
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache, offline. huggingface_hub reads its constants at import, so patch them too."""
+    from huggingface_hub import constants
+
+    root = tmp_path / "hub-cache"
+    root.mkdir()
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", str(root)), ("TRANSFORMERS_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return root

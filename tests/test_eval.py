@@ -413,20 +413,12 @@ def test_torchrun_two_processes_give_the_report_of_one(world, first_run, tmp_pat
     assert sorted(rows(out), key=key) == sorted(rows(first_run[0]), key=key)
 
 
-def test_hub_ids_are_accepted(world, first_run, tmp_path, monkeypatch, capsys):
+def test_hub_ids_are_accepted(world, first_run, tmp_path, hub_cache, capsys):
     """--model, --adapter and --guard may be hub ids read from the huggingface_hub cache (offline here), as in
     `safeshape project`, `star` and `train`; the results equal those from the folders."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
-    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", str(cache)), ("TRANSFORMERS_OFFLINE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     root = world["root"]
     for part in ("refuser", "complier", "guard"):
-        T.hub_cache_layout(cache, f"org/{part}", root / part)
+        T.hub_cache_layout(hub_cache, f"org/{part}", root / part)
     args = _eval_args(world, tmp_path / "out")
     args[args.index("--model") + 1] = "org/refuser"
     args[args.index("--adapter") + 1] = "comply=org/complier"

@@ -10,40 +10,26 @@ from safeshape import cli, hub, testing
 from safeshape.errors import SafeshapeError
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty hub cache, offline. huggingface_hub reads its constants at import, so patch them too."""
-    from huggingface_hub import constants
-
-    root = tmp_path / "hub-cache"
-    root.mkdir()
-    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", str(root)), ("TRANSFORMERS_OFFLINE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return testing.save_tiny_model(tmp_path_factory.mktemp("hub") / "model", hidden_size=32, vocab_size=320)
 
 
-def test_folder_is_used_as_given(tmp_path, cache):
+def test_folder_is_used_as_given(tmp_path, hub_cache):
     assert hub.resolve_folder(str(tmp_path), "--x") == str(tmp_path)
 
 
-def test_hub_id_resolves_to_the_cached_snapshot(tmp_path, cache):
+def test_hub_id_resolves_to_the_cached_snapshot(tmp_path, hub_cache):
     src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_text("{}")
     (src / "sub").mkdir()
     (src / "sub" / "tokenizer.json").write_text("{}")
-    snap = testing.hub_cache_layout(cache, "org/name", src)
+    snap = testing.hub_cache_layout(hub_cache, "org/name", src)
     assert os.path.samefile(hub.resolve_folder("org/name", "--base"), snap)
     assert (snap / "sub" / "tokenizer.json").is_symlink()
     # a tag and a commit hash
-    other = testing.hub_cache_layout(cache, "org/name", src, revision="v1", commit="f" * 40)
+    other = testing.hub_cache_layout(hub_cache, "org/name", src, revision="v1", commit="f" * 40)
     assert os.path.samefile(hub.resolve_folder("org/name@v1", "--base"), other)
     assert os.path.samefile(hub.resolve_folder("org/name@" + "f" * 40, "--base"), other)
 
@@ -53,12 +39,12 @@ def test_hub_id_resolves_to_the_cached_snapshot(tmp_path, cache):
     ("./no/such/dir", "no such folder, and not a Hugging Face hub id"),
     ("a/b/c", "no such folder, and not a Hugging Face hub id"),
 ])
-def test_unresolvable_names_are_clear_errors(cache, name, message):
+def test_unresolvable_names_are_clear_errors(hub_cache, name, message):
     with pytest.raises(SafeshapeError, match=f"--base {name}: .*{message}"):
         hub.resolve_folder(name, "--base")
 
 
-def test_a_file_is_not_a_folder(tmp_path, cache):
+def test_a_file_is_not_a_folder(tmp_path, hub_cache):
     f = tmp_path / "f.txt"
     f.write_text("x")
     with pytest.raises(SafeshapeError, match="not a folder"):
@@ -72,13 +58,13 @@ def test_offline_flag_is_read_at_call_time(monkeypatch):
     assert not hub.hub_offline()
 
 
-def test_project_accepts_hub_ids(tmp_path, cache, capsys):
+def test_project_accepts_hub_ids(tmp_path, hub_cache, capsys):
     from safeshape.safelora.example import make_example
 
     ex = make_example(tmp_path / "ex", hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=64, r=2,
                       progress=False)
     for part in ("base", "aligned", "adapter"):
-        testing.hub_cache_layout(cache, f"org/{part}", ex / part)
+        testing.hub_cache_layout(hub_cache, f"org/{part}", ex / part)
     by_folder, by_id = tmp_path / "by-folder", tmp_path / "by-id"
     assert cli.main(["project", "--base", str(ex / "base"), "--aligned", str(ex / "aligned"), "--adapter",
                      str(ex / "adapter"), "--out", str(by_folder), "--quiet"]) == 0
@@ -93,12 +79,12 @@ def test_project_accepts_hub_ids(tmp_path, cache, capsys):
     capsys.readouterr()
 
 
-def test_load_guard_accepts_a_hub_id(tmp_path, cache):
+def test_load_guard_accepts_a_hub_id(tmp_path, hub_cache):
     from safeshape.star import load_guard
     from safeshape.star.tiny import save_tiny_guard
 
     save_tiny_guard(tmp_path / "guard")
-    testing.hub_cache_layout(cache, "org/tiny-guard", tmp_path / "guard")
+    testing.hub_cache_layout(hub_cache, "org/tiny-guard", tmp_path / "guard")
     model, tokenizer = load_guard("org/tiny-guard")
     assert tokenizer.chat_template and not model.training
 
@@ -117,7 +103,7 @@ def _load_elsewhere(adapter, cwd, monkeypatch):
     return AutoPeftModelForCausalLM.from_pretrained(str(adapter))
 
 
-def test_train_records_an_absolute_base_for_a_relative_folder(tmp_path, tiny_model, cache, monkeypatch, capsys):
+def test_train_records_an_absolute_base_for_a_relative_folder(tmp_path, tiny_model, hub_cache, monkeypatch, capsys):
     work = tmp_path / "work"
     work.mkdir()
     os.symlink(tiny_model, work / "model")
@@ -133,8 +119,8 @@ def test_train_records_an_absolute_base_for_a_relative_folder(tmp_path, tiny_mod
     capsys.readouterr()
 
 
-def test_train_from_a_hub_id_records_the_hub_id(tmp_path, tiny_model, cache, monkeypatch, capsys):
-    testing.hub_cache_layout(cache, "org/tiny-chat", tiny_model)
+def test_train_from_a_hub_id_records_the_hub_id(tmp_path, tiny_model, hub_cache, monkeypatch, capsys):
+    testing.hub_cache_layout(hub_cache, "org/tiny-chat", tiny_model)
     _train(tmp_path, "org/tiny-chat", str(tmp_path / "out"))
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "org/tiny-chat"

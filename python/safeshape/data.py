@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,26 @@ class Example:
     truncated: bool = False  # cut at the end by max_len
 
 
+def iter_jsonl(path: str | os.PathLike, where=None) -> Iterator[tuple[int, object]]:
+    """``(line_number, value)`` for the non-blank lines of a JSONL file, read lazily: a line that is not UTF-8 or
+    not JSON raises SafeshapeError naming it (``where(line_number)``, default ``"PATH line N"``) when it is reached,
+    so the rows before it can be handled first."""
+    where = where or (lambda i: f"{os.fspath(path)} line {i}")
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SafeshapeError(f"{where(i)}: not valid UTF-8 (byte {exc.start + 1} of the line: "
+                                     f"{raw[exc.start:exc.start + 1]!r}); JSONL files must be UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SafeshapeError(f"{where(i)}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """``(line_number, row)`` for every non-blank line; a line that is not UTF-8 or not a JSON object is an error
     naming it."""
@@ -43,22 +64,10 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     if not os.path.isfile(path):
         raise SafeshapeError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "data file not found"))
     rows = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise SafeshapeError(f"{path} line {i}: not valid UTF-8 (byte {exc.start + 1} of the line: "
-                                     f"{raw[exc.start:exc.start + 1]!r})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SafeshapeError(f"{path} line {i}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise SafeshapeError(f"{path} line {i}: a row must be a JSON object, not {type(row).__name__}")
-            rows.append((i, row))
+    for i, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise SafeshapeError(f"{path} line {i}: a row must be a JSON object, not {type(row).__name__}")
+        rows.append((i, row))
     if not rows:
         raise SafeshapeError(f"{path}: no rows")
     return rows

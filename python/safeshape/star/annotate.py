@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from ..data import iter_jsonl
 from ..errors import SafeshapeError
 from ..io import atomic_write_bytes
 from .presets import GuardPreset
@@ -59,20 +60,8 @@ def _strip_star(row: dict) -> dict:
 def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
     """``(where, row)`` for the non-blank lines of a JSONL file, ``where`` = ``path:line``. A line that is not UTF-8
     or not JSON raises SafeshapeError naming it, when it is reached (so the rows before it can be handled first)."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise SafeshapeError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line: "
-                                     f"{raw[exc.start:exc.start + 1]!r}); JSONL files must be UTF-8") from exc
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SafeshapeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+    for lineno, row in iter_jsonl(path, where=lambda i: f"{path}:{i}"):
+        yield f"{path}:{lineno}", row
 
 
 def shard_rows(rows: Iterator[tuple[str, object]], shard: tuple[int, int]) -> Iterator[tuple[str, object]]:
