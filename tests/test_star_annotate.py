@@ -197,11 +197,15 @@ def test_cli(tmp_path, capsys):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, ROWS)
     argv = ["--guard", str(tmp_path / "guard"), "--data", str(src), "--out", str(out), "--chunk-words", "3",
-            "--batch-size", "2", "--no-progress", "--json", str(tmp_path / "report.json")]
+            "--batch-size", "2", "--no-progress", "--json", "--report", str(tmp_path / "report.json")]
     assert run_cli(argv) == 0
-    printed = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    printed = captured.out.strip().splitlines()
     report = json.loads(printed[-1])
-    assert printed[0].startswith("STAR: scored 5 rows") and report["rows_scored"] == 5
+    assert len(printed) == 1 and report["rows_scored"] == 5  # --json: stdout is the JSON line alone
+    assert "STAR: scored 5 rows" in captured.err
+    assert run_cli(argv[:-3] + ["--out", str(tmp_path / "human.jsonl")]) == 0  # without --json: the summary line
+    assert capsys.readouterr().out.startswith("STAR: scored 5 rows")
     assert json.loads((tmp_path / "report.json").read_text()) == report
     model, tok = star_common.guard("sdpa")  # same seed: same weights as the saved guard
     for row, o in zip(ROWS, read_jsonl(out)):

@@ -21,7 +21,7 @@ def test_two_processes_equal_one(tmp_path, capsys):
     rows = ROWS + [{"id": 5, "prompt": "And?", "response": tiny.random_text(11, 9)}]  # 6 rows: 3 per rank
     write_jsonl(src, rows, blank_after=2)
     common = ["--guard", str(tmp_path / "guard"), "--data", str(src), "--chunk-words", "3", "--batch-size", "2",
-              "--no-progress"]
+              "--no-progress", "--json"]
     assert run_cli(common + ["--out", str(tmp_path / "one.jsonl")]) == 0
     single = read_jsonl(tmp_path / "one.jsonl")
     capsys.readouterr()

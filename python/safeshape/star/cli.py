@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "block); default today; reported, so a rerun can pin it")
     parser.add_argument("--overwrite", action="store_true", help="start OUT afresh instead of resuming it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the JSON report to PATH")
+    parser.add_argument("--report", default=None, metavar="PATH", help="also write the JSON report to PATH")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as one JSON line on stdout (the summary goes to stderr)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,8 +60,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"note: --safe/--unsafe override the {args.preset} preset's verdict strings", file=sys.stderr)
         preset = get_preset(args.preset, safe=args.safe, unsafe=args.unsafe, verdict_prefix=args.verdict_prefix)
         guard_date = _parse_date(args.guard_date)
-        if args.json and Path(args.json).exists() and not args.overwrite:
-            raise SafeshapeError(f"--json {args.json} exists; pass --overwrite to replace it")
+        if args.report and Path(args.report).exists() and not args.overwrite:
+            raise SafeshapeError(f"--report {args.report} exists; pass --overwrite to replace it")
         if args.device.startswith("cuda"):
             import torch
 
@@ -146,7 +148,7 @@ def _print_report(args, report: dict) -> None:
     print(f"STAR: scored {report['rows_scored']} rows ({report['rows_skipped']} already done) -> {report['output']}; "
           f"{report['guard_tokens']} guard tokens, {report['seconds']:.1f} s ({report['responses_per_s']:.2f} "
           f"responses/s, {report['guard_tokens_per_s']:.0f} guard tokens/s), engine {report['engine']}, "
-          f"M = {report['chunk_words']}")
+          f"M = {report['chunk_words']}", file=sys.stderr if args.json else sys.stdout)
     notes = []
     if report["rows_with_system"]:
         notes.append(f"{report['rows_with_system']} rows had a system message (not shown to the guard)")
@@ -160,9 +162,10 @@ def _print_report(args, report: dict) -> None:
         notes.append(f"guard template date {report['guard_date']} (pin it with --guard-date to reproduce)")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    print(json.dumps(report, sort_keys=True))
     if args.json:
-        write_json(args.json, report, overwrite=True)
+        print(json.dumps(report, sort_keys=True))
+    if args.report:
+        write_json(args.report, report, overwrite=True)
 
 
 def _parse_date(text: str | None) -> datetime.date | None:
