@@ -1,4 +1,4 @@
-"""The TRL recipe: trl.SFTTrainer with safeshape.hf's DSS loss. Its logged entropy and token accuracy are those of
+"""The TRL recipe: trl.SFTTrainer with safeshape.hf's DSS (and Deep Token) loss. Its logged entropy and token accuracy are those of
 a plain SFTTrainer on the same model and batch (TRL's own fused head computes them; our hooks stay out of its
 way), the prepared model still runs plain forwards, and its hooks come off."""
 import pytest
@@ -44,7 +44,7 @@ def setup(tmp_path_factory, one_thread):
     return root, root / "memorised", tok, rows
 
 
-def _train(setup, dss: bool):
+def _train(setup, dss: bool, loss: str = "dss"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -54,12 +54,12 @@ def _train(setup, dss: bool):
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     collator = hf.DSSDataCollator(tok)
     if dss:
-        model = hf.prepare_model(model, kl_coef=0.5)
+        model = hf.prepare_model(model, kl_coef=0.5, loss=loss)
         loss_func = hf.compute_loss
     else:  # plain SFTTrainer (its own loss), the same batches without the STAR column
         loss_func, dss_collator = None, collator
         collator = lambda features: {k: v for k, v in dss_collator(features).items() if k != "star_weights"}  # noqa
-    args = trl.SFTConfig(output_dir=str(root / f"out-{dss}"), max_steps=2, per_device_train_batch_size=8,
+    args = trl.SFTConfig(output_dir=str(root / f"out-{dss}-{loss}"), max_steps=2, per_device_train_batch_size=8,
                          learning_rate=1e-3, logging_steps=1, report_to=[], remove_unused_columns=False,
                          dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=True, save_strategy="no", seed=0,
                          disable_tqdm=True)
@@ -104,3 +104,22 @@ def test_metrics_forward_skips_the_reference_pass(setup, monkeypatch):
     kwargs = {k: v for k, v in batch.items()}
     hf._Hooks.before(getattr(model, hf._STATE), model, (), {**kwargs, "fused_lm_head": True})
     assert getattr(model, hf._STATE).pending is None
+
+
+def test_sft_trainer_with_deep_token(setup):
+    """The same recipe with loss="deep-token" (docs/math.md#deep-token). At step 1 the adapter is zero, so the policy
+    is its reference, r_t = 0 and every token costs (2 / beta_t) log 2: the logged loss is their mean over the
+    batch's response tokens, with beta_t by the token's position in its response."""
+    import math
+
+    from safeshape.schedules import DEEP_TOKEN_BETAS
+
+    _, plain = _train(setup, dss=False)
+    _, deep = _train(setup, dss=True, loss="deep-token")
+    assert deep[0]["mean_token_accuracy"] == pytest.approx(plain[0]["mean_token_accuracy"])
+    rows = setup[3]
+    costs = []
+    for row in rows:
+        n = sum(1 for y in row["labels"][1:] if y != -100)
+        costs += [2 / DEEP_TOKEN_BETAS[min(t, len(DEEP_TOKEN_BETAS)) - 1] * math.log(2) for t in range(1, n + 1)]
+    assert deep[0]["loss"] == pytest.approx(sum(costs) / len(costs), rel=1e-4)
