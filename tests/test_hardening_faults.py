@@ -1,6 +1,6 @@
-"""Fault injection: `safeshape project --overwrite`, `safeshape train` and `safeshape star` are killed with SIGKILL at commit points
-(just before/after a rename, an exchange or a safetensors write, sampled with a fixed seed) and at a random time,
-then rerun. Nothing may be lost, duplicated or torn: OUT is always the old or the new output (or recoverable by
+"""Fault injection: `safeshape project --overwrite`, `safeshape train` and `safeshape star` are killed with SIGKILL
+at commit points (just before/after a rename, an exchange or a safetensors write, sampled with a fixed seed) and at
+a random or fixed time, then rerun. Nothing may be lost, duplicated or torn: OUT is always the old or the new output (or recoverable by
 the next run), the rerun gives exactly what an uninterrupted run gives, and no temporaries are left."""
 import json
 import os
@@ -156,7 +156,7 @@ def test_star_survives_kill_9(tmp_path):
     ref = run_steps(tmp_path, [{"argv": base + ["--out", str(tmp_path / "ref.jsonl")]}], "ref")
     assert ref[0]["status"] == "exit:0"
     want = read_jsonl(tmp_path / "ref.jsonl")
-    times = [1.0, 2.0, 3.0, 4.0, 5.5, 7.5]  # the child has torch imported already; loading the guard takes a second or two
+    times = [1.0, 2.0, 3.0, 4.0, 5.5, 7.5]  # torch is imported before the fork; loading the guard takes a second or two
     outs = [tmp_path / f"run{i}.jsonl" for i in range(len(times))]
     kills = run_steps(tmp_path, [{"argv": base + ["--out", str(o)], "kill": f"time:{t}"} for o, t in zip(outs, times)],
                       "kills")
