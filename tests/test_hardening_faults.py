@@ -1,7 +1,8 @@
 """Fault injection: `safeshape project --overwrite`, `safeshape train` and `safeshape star` are killed with SIGKILL
 at commit points (just before/after a rename, an exchange or a safetensors write, sampled with a fixed seed) and at
-a random or fixed time, then rerun. Nothing may be lost, duplicated or torn: OUT is always the old or the new output (or recoverable by
-the next run), the rerun gives exactly what an uninterrupted run gives, and no temporaries are left."""
+a random or fixed time, then rerun. Nothing may be lost, duplicated or torn: OUT is always the old or the new
+output (or recoverable by the next run), the rerun gives exactly what an uninterrupted run gives, and no
+temporaries are left."""
 import json
 import os
 import random
