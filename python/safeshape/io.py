@@ -69,3 +69,20 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
 
 def write_json(path: str | os.PathLike, obj, overwrite: bool = False, inputs=(), what: str = "report") -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n", overwrite=overwrite, inputs=inputs, what=what)
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str | os.PathLike, overwrite: bool = False, inputs=(), what: str = "output"):
+    """Yield a temporary path next to ``path`` for a writer that wants a file name (a plot, a JSONL another function
+    writes); on success it replaces ``path`` in one rename, on failure it is removed."""
+    p = check_output_path(path, overwrite, inputs, what=what)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.tmp-", suffix=p.suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
