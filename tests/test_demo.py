@@ -345,3 +345,21 @@ def test_plot_prints_every_bar_value_including_zero(tmp_path):
         monkey.undo()
     assert sorted(texts) == sorted(["0", "62", "75", "12"])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_jobs_run_cells_in_processes_with_the_same_results(tiny_sweep, tmp_path):
+    _, report, _ = tiny_sweep
+    demo = Demo(tmp_path / "jobs", seeds=(0, 1), widths=(16,), profile=tiny_profile(), progress=False,
+                log=lambda m: None, jobs=2)
+    rep = demo.run()
+    assert "seed 1: guard model" in demo.timings and "seed 0 width 16: LoRA fine-tuning: dss" in demo.timings
+    want = [c for c in report["cells"] if c["width"] == 16]
+
+    def numbers(cell):  # (paths differ between the work folders)
+        return ([(r["name"], r["safety"], r["utility"], r["modules_projected"], r["details"].get("samples"),
+                  r["details"].get("safelora", {}).get("modules")) for r in cell["runs"]],
+                cell["guard"], cell["alignment_spectrum"])
+
+    assert [numbers(c) for c in rep["cells"]] == [numbers(c) for c in want]
+    with pytest.raises(SafeshapeError, match="--jobs"):
+        Demo(tmp_path / "j0", profile=tiny_profile(), jobs=0)

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--widths", default=None,
                         help="hidden sizes of the policy models, comma-separated, e.g. 64,128,256 (default: 64): "
                              "every seed at every width, and a width sweep of V's spread and Safe LoRA's effect")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run up to this many seeds/widths at once, each in its own process with one torch "
+                             "thread (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete a work folder made with other settings (--fast) and start again")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
@@ -60,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         seeds = (args.seed,) if args.seed is not None else parse_int_list(args.seeds if args.seeds is not None else "0", "--seeds")
         widths = parse_int_list(args.widths, "--widths") if args.widths else None
         demo = Demo(args.workdir, fast=args.fast, seeds=seeds, widths=widths, progress=not args.no_progress,
-                    overwrite=args.overwrite, log=log)
+                    overwrite=args.overwrite, log=log, jobs=args.jobs)
         report = demo.run()
     except SafeshapeError as exc:
         print(f"safeshape demo: {exc}", file=sys.stderr)

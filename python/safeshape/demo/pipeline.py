@@ -152,8 +152,11 @@ class Demo:
     """The demo over ``seeds`` x ``widths``: ``Demo(workdir, seeds=(0, 1, 2)).run()`` returns the report."""
 
     def __init__(self, workdir, fast: bool = False, seeds=(0,), widths=None, progress: bool = True,
-                 overwrite: bool = False, log=print, profile: Profile | None = None):
+                 overwrite: bool = False, log=print, profile: Profile | None = None, jobs: int = 1):
         self.dir = Path(workdir)
+        if not isinstance(jobs, int) or jobs < 1:
+            raise SafeshapeError(f"--jobs {jobs}: must be a positive integer")
+        self.jobs = jobs
         self.profile = profile or PROFILES["fast" if fast else "full"]
         self.seeds = tuple(seeds)
         self.widths = tuple(widths or (self.profile.hidden,))
@@ -454,10 +457,19 @@ class Demo:
         from .report import aggregate, plot
 
         t0 = time.perf_counter()
-        cells = []
-        for seed in self.seeds:
-            for width in self.widths:
-                cells.append(self.run_cell(seed, width))
+        grid = [(seed, width) for seed in self.seeds for width in self.widths]
+        if self.jobs == 1 or len(grid) == 1:
+            cells = [self.run_cell(seed, width) for seed, width in grid]
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawned, not forked: a fork after OpenMP has run can hang
+            with ProcessPoolExecutor(min(self.jobs, len(grid)),
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+                # what a seed's widths share first, then the cells: no two processes ever make the same artifact
+                self._in_processes(pool, self.prepare_seed, [(seed,) for seed in self.seeds])
+                cells = self._in_processes(pool, self.run_cell, grid)
         report = {
             "format": FORMAT,
             "command": self.command(),
@@ -492,10 +504,34 @@ class Demo:
         widths = "" if self.widths == (self.profile.hidden,) else " --widths " + ",".join(map(str, self.widths))
         return f"safeshape demo{fast} --seeds {','.join(map(str, self.seeds))}{widths}"
 
+    def _in_processes(self, pool, method, arg_list: list[tuple]) -> list:
+        """``method(*args)`` for every entry, in the worker processes of ``pool`` (one torch thread each); their
+        stage timings join this run's and their logs follow as each finishes."""
+        settings = {"workdir": str(self.dir), "profile": asdict(self.profile), "seeds": self.seeds,
+                    "widths": self.widths}
+        futures = [pool.submit(_worker, settings, method.__name__, args) for args in arg_list]
+        self.log(f"[demo] {method.__name__} for {', '.join(map(str, arg_list))}: in {self.jobs} processes "
+                 "(their logs follow as each finishes)")
+        results = []
+        for fut in futures:
+            value, timings, skipped, logs = fut.result()
+            self.timings.update(timings)
+            self.skipped += skipped
+            for line in logs:
+                self.log(line)
+            results.append(value)
+        return results
+
+    def prepare_seed(self, seed: int) -> None:
+        """What every width of a seed shares: the guard, the fine-tuning data, its STAR values and RS flags."""
+        self.make_finetune_data(seed)
+        self.make_rs_data(seed)  # makes the guard and the STAR values first
+        self.score_guard(seed)
+
     def run_cell(self, seed: int, width: int) -> dict:
         """Every method at one seed and one width; the cell's report (also written to its folder)."""
+        self.prepare_seed(seed)
         base, aligned = self.make_base(seed, width), self.make_aligned(seed, width)
-        self.make_guard(seed)
         data = self.make_finetune_data(seed)
         runs = [Run("base", "base model (before alignment)", str(base)),
                 Run("aligned", "aligned model (before fine-tuning)", str(aligned))]
@@ -548,6 +584,19 @@ class Demo:
         cell = json.loads(json.dumps(cell))
         _write_json(self.cell_dir(seed, width) / "cell_report.json", cell)
         return cell
+
+
+def _worker(settings: dict, method: str, args: tuple):
+    """One piece of a ``--jobs`` run in a worker process: its return value, stage timings, cached stages, log."""
+    from transformers.utils import logging as hf_logging
+
+    logs: list[str] = []
+    demo = Demo(settings["workdir"], seeds=settings["seeds"], widths=settings["widths"], progress=False,
+                log=logs.append, profile=Profile(**{**settings["profile"],
+                                                    "target_modules": tuple(settings["profile"]["target_modules"])}))
+    demo._torch_setup()
+    hf_logging.disable_progress_bar()
+    return getattr(demo, method)(*args), demo.timings, demo.skipped, logs
 
 
 def safelora_names(parent: str, label: str, projector: str, select: str) -> tuple[str, str]:
