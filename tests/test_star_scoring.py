@@ -36,8 +36,9 @@ def plain_prefix_logit_gaps(model, tok, context, response, chunk_words, preset):
     gaps = []
     for _, end in spans:
         msgs = context + [{"role": "assistant", "content": response[spans[0][0]:end]}]
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + preset.verdict_prefix
-        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        verdict = tok(preset.verdict_prefix, add_special_tokens=False)["input_ids"] if preset.verdict_prefix else []
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"] + verdict])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, -1].double()
         gaps.append((logits[tpl.safe_id] - logits[tpl.unsafe_id]).item())
@@ -75,13 +76,19 @@ def test_engines_match_plain_per_prefix_forward(engine):
         assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
 
 
-def test_chunkwise_tokens_equal_full_text_tokens_for_prose():
-    # the documented tokenization choice: for ordinary prose and a byte-level BPE, the chunk-wise sequence is the
-    # tokenization of the whole rendered guard input (the leading space moves from the head into chunk 1)
+def test_prefix_ids_are_the_tokenization_of_each_rendered_prefix():
     _, tok = star_common.guard("sdpa")
     tpl = GuardTemplate(tok, get_preset("llama-guard-3"))
-    for seed in range(8):
-        assert tpl.build([{"role": "user", "content": PROMPT}], tiny.random_text(60, seed), 5).matches_full_text
+    verdict = tok("\n\n", add_special_tokens=False)["input_ids"]
+    for seed in range(4):
+        response = tiny.random_text(40, seed)
+        gi = tpl.build([{"role": "user", "content": PROMPT}], response, 5)
+        spans = chunk_char_spans(response, 5)
+        for k, (_, end) in enumerate(spans, 1):
+            msgs = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": response[spans[0][0]:end]}]
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            assert gi.prefix_ids(k) == tok(text, add_special_tokens=False)["input_ids"] + verdict
+        assert gi.shared_tokens < gi.naive_tokens / 3
 
 
 @pytest.mark.parametrize("tails", ["cached", "inline"])
@@ -97,42 +104,62 @@ def test_each_tail_sees_exactly_its_prefix(tails):
         return run(model, [other, x], ids, 0)[0][1]
 
     base = shared(gi)
-    K = len(gi.chunks)
+    K = gi.num_prefixes
     assert K == 6
-    for k in (0, 2, K - 1):  # perturb chunk k (0-based): tails 0..k-1 must not change, tail k must
-        chunks = [list(c) for c in gi.chunks]
-        chunks[k] = [(t + 17) % len(tok) for t in chunks[k]]
-        pert = type(gi)(head=gi.head, chunks=chunks, tail=gi.tail, matches_full_text=False)
+    for k in (0, 2, K - 1):  # perturb the body token just before tail k's shared part ends: tails < k keep theirs
+        j = gi.shared[k] - 1
+        body = list(gi.body)
+        body[j] = (body[j] + 17) % len(tok)
+        pert = type(gi)(body=body, shared=gi.shared, tails=gi.tails)
         out = shared(pert)
+        unchanged = [i for i in range(K) if gi.shared[i] <= j]
+        assert unchanged == list(range(k))
         before = (out[:k] - base[:k]).abs().max().item() if k else 0.0
         assert before <= 1e-9, (k, before)
-        assert (out[k] - base[k]).abs().max().item() > 1e-3, k
+        assert (out[k:] - base[k:]).abs().amax(dim=1).min().item() > 1e-4, k
         # and the changed tails agree with a naive pass over the perturbed prefixes
-        naive = engines.naive_logits(model, [pert.prefix_ids(j + 1) for j in range(K)], ids, 0)[0]
+        naive = engines.naive_logits(model, [pert.prefix_ids(i + 1) for i in range(K)], ids, 0)[0]
         assert (naive - out).abs().max().item() <= 1e-4
 
 
 def test_block_mask_layout():
-    # head 2 tokens, chunks of 1 and 2 tokens, tail 2 tokens: 5 body tokens + 2 tails
+    # body 5 tokens; tail 1 shares 3 body tokens, tail 2 all 5 and re-tokenizes nothing; tail 1 is 3 tokens long
     from safeshape.star.template import GuardInput
 
-    gi = GuardInput(head=[1, 2], chunks=[[3], [4, 5]], tail=[6, 7], matches_full_text=True)
+    gi = GuardInput(body=[1, 2, 3, 4, 5], shared=[3, 5], tails=[[9, 6, 7], [6, 7]])
     ids, pos, seg, limit, read = engines.shared_layout(gi)
-    assert ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 6, 7]
-    assert pos.tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6]  # tail 1 follows chunk 1 (3 tokens), tail 2 chunk 2
-    assert read == [6, 8]
+    assert ids.tolist() == [1, 2, 3, 4, 5, 9, 6, 7, 6, 7]
+    assert pos.tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 5, 6]  # tail 1 follows its 3 shared tokens, tail 2 all 5
+    assert read == [7, 9]
+    assert gi.prefix_ids(1) == [1, 2, 3, 9, 6, 7] and gi.prefix_ids(2) == [1, 2, 3, 4, 5, 6, 7]
+    assert (gi.shared_tokens, gi.naive_tokens) == (10, 13)
     mask = engines.block_mask(seg[None], limit[None])[0, 0].int().tolist()
     assert mask == [
-        [1, 0, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 1, 0, 0, 0],  # tail 1: head + chunk 1 + itself
-        [1, 1, 1, 0, 0, 1, 1, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 1, 0],  # tail 2: head + chunks 1-2 + itself, not tail 1
-        [1, 1, 1, 1, 1, 0, 0, 1, 1],
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 1, 0, 0, 0, 0],  # tail 1: its 3 shared tokens + itself
+        [1, 1, 1, 0, 0, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0, 1, 0],  # tail 2: the whole body + itself, not tail 1
+        [1, 1, 1, 1, 1, 0, 0, 0, 1, 1],
     ]
+
+
+def test_a_response_that_shares_too_little_is_scored_one_prefix_at_a_time():
+    from safeshape.star.template import GuardInput
+
+    model, tok = star_common.guard("sdpa")
+    scorer = StarScorer(model, tok, engine="shared")
+    good = scorer.build(PROMPT, RESPONSES[0])
+    # a tokenizer whose prefix ids share almost nothing with the body: the shared layout would cost more
+    bad = GuardInput(body=good.body, shared=[1] * good.num_prefixes,
+                     tails=[good.prefix_ids(k)[1:] for k in range(1, good.num_prefixes + 1)])
+    got = scorer.score_inputs([good, bad])
+    assert scorer.stats["shared_fallbacks"] == 1
+    assert max(abs(a - b) for a, b in zip(got[0], got[1])) <= 1e-5
 
 
 def test_fallback_to_naive_where_the_mask_cannot_be_passed():
@@ -210,6 +237,11 @@ def test_template_variants():
         preset = GuardPreset(safe="safe", unsafe="unsafe", verdict_prefix="\n\n",
                              template_kwargs={"guardian_config": {"risk_name": "harm"}})
         assert len(score_response(model, tok, PROMPT, RESPONSES[0], preset=preset)) == len(want)
+        # a template that renders the user's turn empty (as Llama Guard 3 1B does for string contents) is refused
+        tok.chat_template = original.replace("message['content'] | trim",
+                                             "(message['content'] if message['role'] == 'assistant' else '') | trim")
+        with pytest.raises(SafeshapeError, match=r"dropped the content of message\(s\) \[0\]"):
+            score_response(model, tok, PROMPT, RESPONSES[0])
         # a template that changes the message is refused: prefixes could not share the head and the tail
         tok.chat_template = original.replace("message['content'] | trim", "message['content'] | upper")
         with pytest.raises(SafeshapeError, match="verbatim"):

@@ -92,6 +92,8 @@ def _check_star(row: dict, response: str, where: str) -> tuple[list[float], int]
     if len(values) != n_chunks:
         raise SafeshapeError(f"{where}: `star_values` has {len(values)} values but the response has {n_chunks} "
                              f"chunks of {m} words; the STAR annotation does not belong to this response")
+    if row.get("star_recipe", "exact") not in ("exact", "authors"):
+        raise SafeshapeError(f"{where}: `star_recipe` must be 'exact' or 'authors', not {row['star_recipe']!r}")
     return [float(v) for v in values], m
 
 
@@ -143,7 +145,11 @@ def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: 
     # a token that straddles the prompt/response boundary is prompt: it carries no loss
     is_response = [start >= prompt_chars for start, _ in offsets]
     labels = [t if r else IGNORE_INDEX for t, r in zip(ids, is_response)]
-    if loss == "dss":
+    if loss == "dss" and row.get("star_recipe") == "authors":  # their boundaries: token lengths of each prefix's chat
+        first = is_response.index(True) if True in is_response else len(ids)
+        w = star.authors_token_weights(tokenizer, prompt_msgs, response, values, chunk_words, len(ids), first)
+        weights = [float(x) if r else 0.0 for x, r in zip(w.tolist(), is_response)]
+    elif loss == "dss":
         w = star.token_weights(offsets, response_start, rendered, values, chunk_words)
         weights = [float(x) if r else 0.0 for x, r in zip(torch.as_tensor(w).tolist(), is_response)]
     else:

@@ -51,12 +51,19 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=()
 
 def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False, inputs=(),
                       what: str = "output") -> Path:
+    return atomic_write_bytes(path, [text.encode("utf-8")], overwrite=overwrite, inputs=inputs, what=what)
+
+
+def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes], overwrite: bool = False, inputs=(),
+                       what: str = "output") -> Path:
+    """Write ``chunks`` (streamed, e.g. lines) to a temporary sibling, sync it and rename it over ``path``."""
     p = check_output_path(path, overwrite, inputs, what=what)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)

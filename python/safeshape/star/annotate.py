@@ -6,17 +6,22 @@ P(safe) per chunk, in order) and ``star_chunk_words`` (the M used).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import SafeshapeError
+from ..io import atomic_write_bytes
 from .presets import GuardPreset
 from .scoring import StarScorer
+from .segment import chunk_char_spans
 
-STAR_FIELDS = ("star_values", "star_chunk_words")
+STAR_FIELDS = ("star_values", "star_chunk_words", "star_recipe")
 
 
 def row_conversation(row, where: str) -> tuple[list[dict], str]:
@@ -51,24 +56,122 @@ def _strip_star(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in STAR_FIELDS}
 
 
-def _done_rows(out_path: Path) -> list[dict]:
-    """The complete rows already in OUT. A torn last line (a crash in mid-write) is cut off first."""
-    data = out_path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        warnings.warn(f"{out_path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "
-                      "interrupted run", stacklevel=3)
-        with open(out_path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    rows = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """``(where, row)`` for the non-blank lines of a JSONL file, ``where`` = ``path:line``. A line that is not UTF-8
+    or not JSON raises SafeshapeError naming it, when it is reached (so the rows before it can be handled first)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SafeshapeError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line: "
+                                     f"{raw[exc.start:exc.start + 1]!r}); JSONL files must be UTF-8") from exc
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SafeshapeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+
+
+def shard_rows(rows: Iterator[tuple[str, object]], shard: tuple[int, int]) -> Iterator[tuple[str, object]]:
+    """The rows of shard ``(rank, world)``: rows ``rank, rank + world, ...`` (counting non-blank lines from 0)."""
+    rank, world = shard
+    for i, item in enumerate(rows):
+        if i % world == rank:
+            yield item
+
+
+def _annotated_line(row: dict, values, chunk_words: int, recipe: str = "exact") -> str:
+    """A row's annotated copy; ``star_recipe`` is written only for the authors' recipe (the trainer then maps values
+    to tokens with their boundaries)."""
+    extra = {"star_recipe": recipe} if recipe != "exact" else {}
+    return json.dumps({**row, "star_values": values, "star_chunk_words": chunk_words, **extra},
+                      ensure_ascii=False) + "\n"
+
+
+_MARK = "\u0000STAR-VALUES\u0000"
+_TORN_VALUES = re.compile(r"\[[-+0-9.eE, NaIfinty]*(\].*)?", re.S)
+
+
+def _is_torn_annotation(torn: bytes, row: dict, chunk_words: int, recipe: str) -> bool:
+    """Whether ``torn`` (a last line without its newline) can be the start of the annotated copy of ``row``."""
+    for cut in range(4):  # the write may have stopped inside a multi-byte character
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise SafeshapeError(f"{out_path}:{n}: not valid JSON ({exc}); this is not a partial STAR annotation: "
-                                 "choose another output or overwrite it") from exc
-    return rows
+            text = torn[:len(torn) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return False
+    before, after = _annotated_line(row, _MARK, chunk_words, recipe)[:-1].split(json.dumps(_MARK))
+    if len(text) <= len(before):
+        return before.startswith(text)
+    if not text.startswith(before):
+        return False
+    m = _TORN_VALUES.fullmatch(text[len(before):])
+    return m is not None and (m.group(1) is None or after.startswith(m.group(1)[1:]))
+
+
+def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int, recipe: str, shard=(0, 1)) -> int:
+    """How many rows of an existing OUT to keep. OUT is validated before anything is changed: every complete line
+    must be the annotated copy (same fields, chunk_words, one value per chunk) of the next input row, and a torn
+    last line (a crash in mid-write) the start of one; only then is the torn line cut off. Anything else is
+    refused (SafeshapeError), the file untouched."""
+    if not out_path.exists():
+        return 0
+    if not out_path.is_file():
+        raise SafeshapeError(f"output {out_path} exists and is not a regular file; choose another output")
+    data = out_path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+
+    def refuse(why: str):
+        raise SafeshapeError(f"output {out_path} exists and is not a partial STAR annotation of {in_path} with "
+                             f"chunk_words={chunk_words} ({why}); it was left untouched: choose another output, or "
+                             "pass --overwrite (overwrite=True) to replace it")
+
+    with contextlib.closing(shard_rows(jsonl_rows(in_path), shard)) as inputs:
+
+        def next_input(n: int):
+            try:
+                return next(inputs)
+            except StopIteration:
+                refuse(f"its line {n} has no input row to match: the input has fewer rows")
+            except SafeshapeError as exc:
+                refuse(f"its line {n} would be the annotation of a bad input row: {exc}")
+
+        lines = data[:keep].split(b"\n")[:-1]
+        for n, raw in enumerate(lines, 1):
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                refuse(f"its line {n} is not a UTF-8 JSON row")
+            if not isinstance(row, dict) or row.get("star_chunk_words") != chunk_words or \
+                    row.get("star_recipe", "exact") != recipe or not isinstance(row.get("star_values"), list):
+                refuse(f"its line {n} is not a row annotated with chunk_words={chunk_words} and the {recipe} "
+                       "recipe")
+            where, source = next_input(n)
+            if not isinstance(source, dict) or _strip_star(row) != _strip_star(source):
+                refuse(f"its line {n} is not the annotated copy of {where}")
+            try:
+                chunks = len(chunk_char_spans(row_conversation(source, where)[1], chunk_words))
+            except SafeshapeError as exc:
+                refuse(f"its line {n} would be the annotation of a bad input row: {exc}")
+            values = row["star_values"]
+            if len(values) != chunks or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in values):
+                refuse(f"its line {n} does not hold {chunks} numeric STAR values")
+        if keep == len(data):
+            return len(lines)
+        where, source = next_input(len(lines) + 1)
+    if not isinstance(source, dict) or not _is_torn_annotation(data[keep:], source, chunk_words, recipe):
+        refuse(f"its last line (no newline) is not the start of the annotated copy of {where}")
+    warnings.warn(f"{out_path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "
+                  "interrupted run", stacklevel=3)
+    with open(out_path, "r+b") as f:
+        f.truncate(keep)
+    return len(lines)
 
 
 def _count_rows(path: Path) -> int:
@@ -78,15 +181,21 @@ def _count_rows(path: Path) -> int:
 
 def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset, chunk_words: int = 5,
                   engine: str = "shared", batch_size: int = 8, temperature: float = 1.0, progress: bool = True,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, guard_date=None, recipe: str = "exact", shard: tuple[int, int] = (0, 1)
+                  ) -> dict:
     """Add ``star_values`` and ``star_chunk_words`` to every row of the JSONL file ``in_path``, into ``out_path``.
 
     Resumable: rows already in ``out_path`` (which must be the first rows of ``in_path``, annotated with the same
-    ``chunk_words``) are skipped, and new rows are appended, each in one write, ``batch_size`` rows at a time and
-    synced to disk; a torn last line from a crash is removed on the next run. ``overwrite=True`` starts afresh.
-    A malformed row stops the run with its line number, after the rows before it are written; nothing is written
-    for it. Blank lines are skipped. Returns counts: ``rows_scored``, ``rows_skipped`` (already done),
-    ``guard_tokens`` (guard tokens processed in this run), with the engine used, seconds and more statistics.
+    ``chunk_words``; anything else is refused untouched) are skipped, and new rows are appended, each in one write,
+    ``batch_size`` rows at a time and synced to disk; a torn last line from a crash is removed on the next run.
+    ``overwrite=True`` starts afresh. A malformed row (bad UTF-8, bad JSON, bad fields) stops the run with its line
+    number, after the rows before it are written; nothing is written for it. Blank lines are skipped.
+    ``guard_date`` pins the date a guard template prints (default today; reported). ``recipe="authors"`` scores
+    with the STAR authors' recipe (SPEC.md 2b) and marks the rows ``star_recipe``. ``shard=(rank, world)``
+    annotates only rows ``rank, rank + world, ...`` (one process of a multi-process run). Returns counts:
+    ``rows_scored``, ``rows_skipped`` (already done), ``rows_with_system`` (system messages not shown to the
+    guard), ``shared_fallbacks``, ``guard_tokens`` (guard tokens processed in this run), with the engine used,
+    seconds and more statistics.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
@@ -95,22 +204,24 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
         raise SafeshapeError(f"output {out_path} is the input file: choose another output path")
     if not out_path.parent.is_dir():
         raise SafeshapeError(f"output {out_path}: folder {out_path.parent} does not exist")
+    if out_path.exists() and not out_path.is_file():
+        raise SafeshapeError(f"output {out_path} exists and is not a regular file; choose another output")
     scorer = StarScorer(guard, tokenizer, preset=preset, chunk_words=chunk_words, engine=engine,
-                        batch_size=batch_size, temperature=temperature)
+                        batch_size=batch_size, temperature=temperature, guard_date=guard_date, recipe=recipe)
     if out_path.exists() and overwrite:
         out_path.write_bytes(b"")
-    done = _done_rows(out_path) if out_path.exists() else []
-    total = _count_rows(in_path)
-    if len(done) > total:
-        raise SafeshapeError(f"output {out_path} has {len(done)} rows but input {in_path} has only {total}: it is "
-                             "not a partial annotation of this input (overwrite it or choose another output)")
+    rank, world = shard
+    if not (isinstance(rank, int) and isinstance(world, int) and 0 <= rank < world):
+        raise SafeshapeError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    done = _resumable_rows(out_path, in_path, scorer.chunk_words, scorer.recipe, shard)
+    total = len(range(rank, _count_rows(in_path), world))
 
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     counts = {"rows_scored": 0, "rows_skipped": 0}
-    bar = tqdm(total=total, initial=len(done), unit="row", desc="STAR", disable=not progress, dynamic_ncols=True)
-    with open(in_path, "r", encoding="utf-8") as fin, open(out_path, "ab") as fout:
+    bar = tqdm(total=total, initial=done, unit="row", desc="STAR", disable=not progress, dynamic_ncols=True)
+    with open(out_path, "ab") as fout:
         pending: list[tuple[dict, object]] = []
 
         def flush():
@@ -118,9 +229,7 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
                 return
             values = scorer.score_inputs([gi for _, gi in pending])
             for (row, _), v in zip(pending, values):
-                line = json.dumps({**row, "star_values": v, "star_chunk_words": scorer.chunk_words},
-                                  ensure_ascii=False) + "\n"
-                fout.write(line.encode("utf-8"))  # one write per row
+                fout.write(_annotated_line(row, v, scorer.chunk_words, scorer.recipe).encode("utf-8"))  # one write
             fout.flush()
             os.fsync(fout.fileno())
             counts["rows_scored"] += len(pending)
@@ -129,25 +238,18 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
             bar.set_postfix(guard_tok_s=f"{scorer.stats['guard_tokens'] / elapsed:.0f}")
             pending.clear()
 
-        index = 0
+        rows = shard_rows(jsonl_rows(in_path), shard)
         try:
-            for lineno, line in enumerate(fin, 1):
-                if not line.strip():
-                    continue
-                where = f"{in_path}:{lineno}"
+            while True:
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    flush()
-                    raise SafeshapeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-                if index < len(done):
-                    if not isinstance(row, dict) or _strip_star(done[index]) != _strip_star(row) or \
-                            done[index].get("star_chunk_words") != scorer.chunk_words:
-                        raise SafeshapeError(
-                            f"{out_path}:{index + 1} does not match {where} annotated with chunk_words="
-                            f"{scorer.chunk_words}: the output is not a partial annotation of this input with these "
-                            "settings (overwrite it or choose another output)")
-                    index += 1
+                    item = next(rows, None)
+                except SafeshapeError:
+                    flush()  # the rows before a bad line are kept
+                    raise
+                if item is None:
+                    break
+                where, row = item
+                if counts["rows_skipped"] < done:  # validated by _resumable_rows
                     counts["rows_skipped"] += 1
                     continue
                 try:
@@ -157,16 +259,44 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
                     flush()
                     raise SafeshapeError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from exc
                 pending.append((row, gi))
-                index += 1
                 if len(pending) >= scorer.batch_size:
                     flush()
             flush()
         finally:
+            rows.close()
             bar.close()
     stats = scorer.stats
-    return {**counts, "guard_tokens": stats["guard_tokens"], "guard_slots": stats["guard_slots"],
-            "forward_passes": stats["forward_passes"], "chunks": stats["chunks"],
-            "tokenization_mismatches": stats["tokenization_mismatches"], "engine": scorer.engine,
+    guard_date = scorer.template.guard_date
+    return {**counts, "rows_with_system": stats["system_dropped"], "shared_fallbacks": stats["shared_fallbacks"],
+            "guard_tokens": stats["guard_tokens"], "guard_slots": stats["guard_slots"],
+            "forward_passes": stats["forward_passes"], "chunks": stats["chunks"], "engine": scorer.engine,
+            "recipe": scorer.recipe, "verdicts_both_masked": stats["both_masked"],
             "chunk_words": scorer.chunk_words, "temperature": scorer.temperature,
-            "preset": scorer.template.preset.name, "input": str(in_path), "output": str(out_path),
-            "seconds": time.perf_counter() - start}
+            "preset": scorer.template.preset.name, "guard_date": guard_date.isoformat() if guard_date else None,
+            "input": str(in_path), "output": str(out_path), "seconds": time.perf_counter() - start}
+
+
+def merge_shards(in_path, parts: list[Path], out_path: Path, overwrite: bool = False) -> int:
+    """Interleave the parts of a sharded run (part r holds rows r, r + N, ...) into ``out_path`` in input order,
+    atomically; every part must be complete. Returns the number of rows."""
+    total = _count_rows(Path(in_path))
+    world = len(parts)
+    expected = [len(range(r, total, world)) for r in range(world)]
+    handles = []
+    try:
+        for p, n in zip(parts, expected):
+            with open(p, "rb") as f:
+                have = sum(1 for _ in f)
+            if have != n:
+                raise SafeshapeError(f"part {p} has {have} rows, expected {n}: the run did not finish")
+            handles.append(open(p, "rb"))
+
+        def lines():
+            for i in range(total):
+                yield handles[i % world].readline()
+
+        atomic_write_bytes(out_path, lines(), overwrite=overwrite, inputs=[("--data", in_path)])
+    finally:
+        for h in handles:
+            h.close()
+    return total

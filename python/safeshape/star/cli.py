@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
 from ..errors import SafeshapeError
+from ..io import write_json
 from .presets import PRESET_NAMES, get_preset
+from .recipe import RECIPES
 from .scoring import ENGINES
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -34,42 +38,137 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="guard dtype (default: float32)")
     parser.add_argument("--temperature", type=float, default=1.0, help="verdict softmax temperature (default: 1)")
+    parser.add_argument("--recipe", default="exact", choices=RECIPES,
+                        help="exact: P(safe) from the guard's verdict logits on the exact prefix text (default); "
+                             "authors: the STAR authors' scripts (whitespace-normalised prefixes, their sampling "
+                             "processors; SPEC.md 2b)")
+    parser.add_argument("--guard-date", default=None, metavar="YYYY-MM-DD",
+                        help="the date a guard template prints (Granite Guardian 3.1 puts today's date in its system "
+                             "block); default today; reported, so a rerun can pin it")
     parser.add_argument("--overwrite", action="store_true", help="start OUT afresh instead of resuming it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the JSON report to PATH")
 
 
 def main(args: argparse.Namespace) -> int:
+    """One process, or (under ``torchrun``) one rank of a sharded run: rank r annotates rows r, r + N, ... into
+    its own resumable part ``OUT.part-r-of-N``; rank 0 then merges the parts into OUT in input order."""
+    try:
+        if args.preset != "generic" and (args.safe or args.unsafe):
+            print(f"note: --safe/--unsafe override the {args.preset} preset's verdict strings", file=sys.stderr)
+        preset = get_preset(args.preset, safe=args.safe, unsafe=args.unsafe, verdict_prefix=args.verdict_prefix)
+        guard_date = _parse_date(args.guard_date)
+        if args.json and Path(args.json).exists() and not args.overwrite:
+            raise SafeshapeError(f"--json {args.json} exists; pass --overwrite to replace it")
+        if args.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise SafeshapeError(f"--device {args.device}: no CUDA device is available")
+    except SafeshapeError as exc:
+        print(f"safeshape star: error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _main_sharded(args, preset, guard_date)
+    try:
+        report = _annotate(args, preset, guard_date, args.device, args.out, (0, 1), not args.no_progress)
+    except SafeshapeError as exc:
+        print(f"safeshape star: error: {exc}", file=sys.stderr)
+        return 2
+    _print_report(args, report)
+    return 0
+
+
+def _annotate(args, preset, guard_date, device, out, shard, progress) -> dict:
     import torch
 
     from .annotate import annotate_file
     from .guard import load_guard
 
+    guard, tokenizer = load_guard(args.guard, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    return annotate_file(guard, tokenizer, args.data, out, preset, chunk_words=args.chunk_words,
+                         engine=args.engine, batch_size=args.batch_size, temperature=args.temperature,
+                         progress=progress, overwrite=args.overwrite, guard_date=guard_date, recipe=args.recipe,
+                         shard=shard)
+
+
+def _main_sharded(args, preset, guard_date) -> int:
+    from ..trainer.distributed import setup
+    from .annotate import merge_shards
+
+    d = setup(args.device)
+    out = Path(args.out)
+    parts = [out.with_name(f"{out.name}.part-{r}-of-{d.world_size}") for r in range(d.world_size)]
+    guard_date = d.gather_objects(guard_date or datetime.date.today())[0]  # one date for every rank
+    error, report = None, None
     try:
-        if args.preset != "generic" and (args.safe or args.unsafe):
-            print(f"note: --safe/--unsafe override the {args.preset} preset's verdict strings", file=sys.stderr)
-        preset = get_preset(args.preset, safe=args.safe, unsafe=args.unsafe, verdict_prefix=args.verdict_prefix)
-        if args.json and Path(args.json).exists() and not args.overwrite:
-            raise SafeshapeError(f"--json {args.json} exists; pass --overwrite to replace it")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SafeshapeError(f"--device {args.device}: no CUDA device is available")
-        guard, tokenizer = load_guard(args.guard, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
-        report = annotate_file(guard, tokenizer, args.data, args.out, preset, chunk_words=args.chunk_words,
-                               engine=args.engine, batch_size=args.batch_size, temperature=args.temperature,
-                               progress=not args.no_progress, overwrite=args.overwrite)
+        if out.exists() and not args.overwrite:
+            raise SafeshapeError(f"--out {out} exists: a multi-process run writes OUT once, at the end, from the "
+                                 f"per-rank parts ({out.name}.part-R-of-{d.world_size}, which resume); pass "
+                                 "--overwrite to replace it, or choose another output")
+        report = _annotate(args, preset, guard_date, str(d.device), parts[d.rank], (d.rank, d.world_size),
+                           not args.no_progress and d.is_main)
     except SafeshapeError as exc:
-        print(f"safeshape star: error: {exc}", file=sys.stderr)
-        return 2
+        error = str(exc)
+    results = d.gather_objects((error, report))
+    code = 0
+    if d.is_main:
+        errors = [(r, e) for r, (e, _) in enumerate(results) if e]
+        for r, e in errors:
+            print(f"safeshape star: error: rank {r}: {e}", file=sys.stderr)
+        if not errors:
+            try:
+                merge_shards(args.data, parts, out, overwrite=args.overwrite)
+                reports = [rep for _, rep in results]
+                merged = dict(reports[0], output=str(out), world_size=d.world_size,
+                              seconds=max(rep["seconds"] for rep in reports))
+                for key in ("rows_scored", "rows_skipped", "rows_with_system", "shared_fallbacks", "guard_tokens",
+                            "guard_slots", "forward_passes", "chunks", "verdicts_both_masked"):
+                    merged[key] = sum(rep[key] for rep in reports)
+                for p in parts:
+                    p.unlink()
+                _print_report(args, merged)
+            except SafeshapeError as exc:
+                print(f"safeshape star: error: {exc}", file=sys.stderr)
+                code = 2
+        else:
+            code = 2
+    code = max(d.gather_objects(code))  # every rank exits with the same status
+    d.close()
+    return code
+
+
+def _print_report(args, report: dict) -> None:
     report["guard"] = str(args.guard)
-    rate = report["guard_tokens"] / report["seconds"] if report["seconds"] > 0 else 0.0
+    seconds = report["seconds"] if report["seconds"] > 0 else float("inf")
+    report["responses_per_s"] = report["rows_scored"] / seconds
+    report["guard_tokens_per_s"] = report["guard_tokens"] / seconds
     print(f"STAR: scored {report['rows_scored']} rows ({report['rows_skipped']} already done) -> {report['output']}; "
-          f"{report['guard_tokens']} guard tokens, {report['seconds']:.1f} s ({rate:.0f} tokens/s), "
-          f"engine {report['engine']}, M = {report['chunk_words']}")
-    line = json.dumps(report, sort_keys=True)
-    print(line)
+          f"{report['guard_tokens']} guard tokens, {report['seconds']:.1f} s ({report['responses_per_s']:.2f} "
+          f"responses/s, {report['guard_tokens_per_s']:.0f} guard tokens/s), engine {report['engine']}, "
+          f"M = {report['chunk_words']}")
+    notes = []
+    if report["rows_with_system"]:
+        notes.append(f"{report['rows_with_system']} rows had a system message (not shown to the guard)")
+    if report["shared_fallbacks"]:
+        notes.append(f"{report['shared_fallbacks']} responses scored one prefix at a time (their prefixes' tokens "
+                     "share too little with the response's)")
+    if report["verdicts_both_masked"]:
+        notes.append(f"{report['verdicts_both_masked']} prefixes had both verdict tokens masked by the authors' "
+                     "top-k/top-p (NaN in their scripts; here the softmax of the two unmasked scores)")
+    if report["guard_date"]:
+        notes.append(f"guard template date {report['guard_date']} (pin it with --guard-date to reproduce)")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps(report, sort_keys=True))
     if args.json:
-        target = Path(args.json)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(line + "\n")
-        tmp.replace(target)
-    return 0
+        write_json(args.json, report, overwrite=True)
+
+
+def _parse_date(text: str | None) -> datetime.date | None:
+    if text is None:
+        return None
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise SafeshapeError(f"--guard-date {text!r}: expected a date as YYYY-MM-DD") from None

@@ -1,9 +1,10 @@
 """The two STAR engines: verdict logits of every prefix of every response.
 
-naive:  one guard pass per prefix (head + first k chunks + tail), prefixes batched with right padding.
-shared: every token of [head + all chunks + K copies of the tail] is computed once. Tail k attends to the head,
-        the first k chunks and itself (a 4-D block mask) and takes the positions that follow chunk k, so its last
-        token sees exactly what prefix k's last token sees in the naive pass: same logits, far fewer tokens.
+naive:  one guard pass per prefix (its exact ids, see template.py), prefixes batched with right padding.
+shared: every token of [body (head + response) + K tails] is computed once. Tail k (prefix k's ids after the part
+        they share with the body: re-tokenized boundary tokens, template tail, verdict prefix) attends to its shared
+        part of the body and itself (a 4-D block mask) and takes the positions that follow it, so its last token
+        sees exactly what prefix k's last token sees in the naive pass: same logits, far fewer tokens.
         Two ways to run it:
         - "cached" (default): one pass over head + response (causal, keys/values kept), then one pass over the K
           tails as K rows of a batch, each attending to the cached head + response through a [K, 1, T, P + T]
@@ -66,7 +67,9 @@ def _verdict_logits(model, ids, attention_mask, position_ids, rows, cols, verdic
     extra = {_cache_kwarg(model): cache, "use_cache": True} if cache is not None else {"use_cache": False}
     with _output_head_on(model, rows, cols), torch.inference_mode():
         out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, **extra)
-    return out.logits[0][:, verdict_ids].double()  # [N, 2]: (safe, unsafe)
+    logits = out.logits[0]
+    # [N, 2]: (safe, unsafe); or every column [N, vocab] when verdict_ids is None (the authors' recipe)
+    return (logits if verdict_ids is None else logits[:, verdict_ids]).double()
 
 
 def _key_values(model, ids, attention_mask, position_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -109,26 +112,23 @@ def naive_logits(model, sequences: list[list[int]], verdict_ids: list[int], pad_
 def shared_layout(gi: GuardInput):
     """One response's shared sequence: (ids, positions, segment, limit, read) as 1-D tensors / a list.
 
-    segment[i] = 0 for head and response tokens, k for the tokens of tail k; limit[i] = how many leading tokens of
-    the head+response block token i may see (i + 1 inside the block, head + first k chunks for tail k); read = the
-    index of the last token of each tail (where prefix k's verdict is predicted).
+    The body (head + response) comes first, then the K tails. segment[i] = 0 for body tokens, k for the tokens of
+    tail k; limit[i] = how many leading body tokens token i may see (i + 1 inside the body, ``gi.shared[k]`` for
+    tail k); read = the index of the last token of each tail (where prefix k's verdict is predicted).
     """
-    body = list(gi.head)
-    ends = []
-    for c in gi.chunks:
-        body.extend(c)
-        ends.append(len(body))
-    n_body, n_tail, k = len(body), len(gi.tail), len(gi.chunks)
-    ids = torch.tensor(body + gi.tail * k, dtype=torch.long)
-    ends_t = torch.tensor(ends, dtype=torch.long)
-    j = torch.arange(n_tail, dtype=torch.long)
-    tail_pos = (ends_t[:, None] + j[None, :]).reshape(-1)  # tail k continues from the end of chunk k
-    pos = torch.cat([torch.arange(n_body, dtype=torch.long), tail_pos])
-    seg = torch.cat([torch.zeros(n_body, dtype=torch.long),
-                     torch.arange(1, k + 1, dtype=torch.long).repeat_interleave(n_tail)])
-    limit = torch.cat([torch.arange(1, n_body + 1, dtype=torch.long), ends_t.repeat_interleave(n_tail)])
-    read = [n_body + (i + 1) * n_tail - 1 for i in range(k)]
-    return ids, pos, seg, limit, read
+    n_body, k = len(gi.body), gi.num_prefixes
+    ids = torch.tensor(gi.body + [t for tail in gi.tails for t in tail], dtype=torch.long)
+    pos, seg, limit, read = [torch.arange(n_body)], [torch.zeros(n_body, dtype=torch.long)], \
+        [torch.arange(1, n_body + 1)], []
+    at = n_body
+    for i, (shared, tail) in enumerate(zip(gi.shared, gi.tails)):
+        n = len(tail)
+        pos.append(shared + torch.arange(n))  # tail k continues from its shared part of the body
+        seg.append(torch.full((n,), i + 1, dtype=torch.long))
+        limit.append(torch.full((n,), shared, dtype=torch.long))
+        at += n
+        read.append(at - 1)
+    return ids, torch.cat(pos).long(), torch.cat(seg), torch.cat(limit).long(), read
 
 
 def block_mask(seg: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
@@ -165,11 +165,15 @@ def shared_inline_logits(model, inputs: list[GuardInput], verdict_ids: list[int]
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
     logits = _verdict_logits(model, ids.to(device), mask, pos.to(device), torch.tensor(rows, device=device),
                              torch.tensor(cols, device=device), verdict_ids)
+    return _per_response(logits, inputs), sum(int(l[0].numel()) for l in layouts), ids.numel()
+
+
+def _per_response(logits: torch.Tensor, inputs: list[GuardInput]) -> list[torch.Tensor]:
     out, start = [], 0
     for gi in inputs:
-        out.append(logits[start:start + len(gi.chunks)])
-        start += len(gi.chunks)
-    return out, sum(int(l[0].numel()) for l in layouts), ids.numel()
+        out.append(logits[start:start + gi.num_prefixes])
+        start += gi.num_prefixes
+    return out
 
 
 def shared_logits(model, inputs: list[GuardInput], verdict_ids: list[int], pad_id: int, max_tail_rows: int = 256
@@ -178,14 +182,10 @@ def shared_logits(model, inputs: list[GuardInput], verdict_ids: list[int], pad_i
     padded), then the tails of all of them as rows of a batch (at most ``max_tail_rows`` per pass) that attend to
     the cached keys/values; returns the logits, real tokens, padded slots and forward passes."""
     device = next(model.parameters()).device
-    bodies, limits, owners = [], [], []
-    for b, gi in enumerate(inputs):
-        body = list(gi.head)
-        for c in gi.chunks:
-            body.extend(c)
-            limits.append(len(body))  # tail k sees the first len(head + chunks 1..k) tokens
-            owners.append(b)
-        bodies.append(body)
+    bodies = [gi.body for gi in inputs]
+    limits = [n for gi in inputs for n in gi.shared]  # tail k sees the first shared[k] body tokens
+    owners = [b for b, gi in enumerate(inputs) for _ in gi.tails]
+    tail_ids = [t for gi in inputs for t in gi.tails]
     lens = torch.tensor([len(x) for x in bodies])
     width = int(lens.max())
     ids = torch.full((len(bodies), width), pad_id, dtype=torch.long)
@@ -196,16 +196,21 @@ def shared_logits(model, inputs: list[GuardInput], verdict_ids: list[int], pad_i
     kv = _key_values(model, ids.to(device), mask.to(device), pos.to(device))
     slots = ids.numel()
 
-    tails = torch.tensor([inputs[b].tail for b in owners], dtype=torch.long)  # [N, T]
-    n_rows, n_tail = tails.shape
+    n_rows = len(tail_ids)
     limit = torch.tensor(limits, dtype=torch.long)
     owner = torch.tensor(owners, dtype=torch.long, device=device)
-    tail_causal = torch.ones(n_tail, n_tail, dtype=torch.bool).tril()
     eager = attention_implementation(model) == "eager"
     dtype = next(model.parameters()).dtype
     out = []
     for r0 in range(0, n_rows, max_tail_rows):
         r1 = min(n_rows, r0 + max_tail_rows)
+        rows_tails = tail_ids[r0:r1]
+        tail_lens = torch.tensor([len(t) for t in rows_tails])
+        n_tail = int(tail_lens.max())
+        tails = torch.full((r1 - r0, n_tail), pad_id, dtype=torch.long)  # right padded: pads are never read
+        for i, t in enumerate(rows_tails):
+            tails[i, : len(t)] = torch.tensor(t)
+        tail_causal = torch.ones(n_tail, n_tail, dtype=torch.bool).tril()
         body_visible = torch.arange(width)[None, :] < limit[r0:r1, None]  # [n, width]
         block = torch.cat([body_visible[:, None, :].expand(-1, n_tail, -1),
                            tail_causal.expand(r1 - r0, -1, -1)], dim=2)[:, None].to(device)
@@ -214,13 +219,9 @@ def shared_logits(model, inputs: list[GuardInput], verdict_ids: list[int], pad_i
         tail_pos = (limit[r0:r1, None] + torch.arange(n_tail)[None, :]).to(device)
         cache = _cache_of([(k.index_select(0, owner[r0:r1]), v.index_select(0, owner[r0:r1])) for k, v in kv])
         rows = torch.arange(r1 - r0, device=device)
-        out.append(_verdict_logits(model, tails[r0:r1].to(device), block, tail_pos, rows,
-                                   torch.full_like(rows, n_tail - 1), verdict_ids, cache=cache))
-        slots += (r1 - r0) * n_tail
+        out.append(_verdict_logits(model, tails.to(device), block, tail_pos, rows, (tail_lens - 1).to(device),
+                                   verdict_ids, cache=cache))
+        slots += tails.numel()
     logits = torch.cat(out)
-    per_response, start = [], 0
-    for gi in inputs:
-        per_response.append(logits[start:start + len(gi.chunks)])
-        start += len(gi.chunks)
-    tokens = int(lens.sum()) + n_rows * n_tail
-    return per_response, tokens, slots, 1 + len(out)
+    tokens = int(lens.sum()) + sum(len(t) for t in tail_ids)
+    return _per_response(logits, inputs), tokens, slots, 1 + len(out)

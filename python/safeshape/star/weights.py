@@ -56,3 +56,28 @@ def token_weights(token_offsets: Sequence[tuple[int, int]], response_start: int,
     vals = torch.tensor([0.0, *values], dtype=torch.float32)[None]
     ends = torch.tensor([t0, *chunk_ends.tolist(), n], dtype=torch.int64)[None]
     return star_token_weights(vals, ends, n)[0]
+
+
+def authors_token_weights(tokenizer, prompt_messages: list[dict], response: str, values: Sequence[float],
+                          chunk_words: int, n_tokens: int, first_response_token: int) -> torch.Tensor:
+    """STAR weights with the authors' boundaries (SPEC.md 2b), for a training text of ``n_tokens`` tokens whose
+    response starts at token ``first_response_token``: chunk k's tokens end at the token length of the whole
+    chat rendered with the policy's template up to prefix k (``" ".join(words[:k M])``, end-of-turn tokens
+    included), so each boundary sits a few tokens later than :func:`token_weights`' character mapping. Tokens
+    before the response get 0; tokens after the last boundary the last value."""
+    words = response.split()
+    k = len(values)
+    if k != len(chunk_char_spans(response, chunk_words)):
+        raise SafeshapeError(f"authors_token_weights: values has {k} entries but the response has "
+                             f"{len(chunk_char_spans(response, chunk_words))} chunks of {chunk_words} words")
+    if n_tokens == 0 or k == 0:
+        return torch.zeros(n_tokens, dtype=torch.float32)
+    ends = [first_response_token]
+    for j in range(1, k):
+        msgs = list(prompt_messages) + [{"role": "assistant", "content": " ".join(words[:j * chunk_words])}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ends.append(min(max(length, ends[-1]), n_tokens))  # monotone, inside the text
+    ends.append(n_tokens)
+    vals = torch.tensor([0.0, *values], dtype=torch.float32)[None]
+    return star_token_weights(vals, torch.tensor(ends, dtype=torch.int64)[None], n_tokens)[0]
