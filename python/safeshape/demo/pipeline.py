@@ -136,6 +136,21 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+def code_version() -> str | None:
+    """The git commit the package was run from (with "+changes" when its tree differs), or None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if dirty else "")
+
+
 def _supports_projector() -> bool:
     from safeshape.safelora import project_adapter
 
@@ -302,7 +317,7 @@ class Demo:
             preset = star.GuardPreset(safe=GUARD_SAFE, unsafe=GUARD_UNSAFE, verdict_prefix=GUARD_VERDICT_PREFIX)
             with atomic_output_file(path, overwrite=True) as tmp:
                 star.annotate_file(guard, tok, str(data), str(tmp), preset, chunk_words=STAR_CHUNK_WORDS,
-                                   engine="shared", progress=self.progress)
+                                   engine="shared", progress=self.progress, overwrite=True)
 
         return self._stage(f"seed {seed}: STAR annotation (guard)", self.seed_dir(seed) / "data" / "finetune_star.jsonl",
                            make)
@@ -477,6 +492,7 @@ class Demo:
             "widths": list(self.widths),
             "profile": asdict(self.profile),
             "machine": machine(),
+            "code": code_version(),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "defaults": {"safelora_threshold": SAFELORA_THRESHOLD, "safelora_k": "round(10/64 * modules), >= 1",
                          "safelora_energy_orthogonal": SAFELORA_ENERGY, "dss_kl_coef": DSS_KL_COEF,
