@@ -134,7 +134,7 @@ def test_outputs_are_peft_layout(files, tmp_path):
     out = tmp_path / "o"
     summary = train(_config(files, out, loss="sft", data=files["sft"], max_steps=2))
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "train_summary.json",
-                 "checkpoint-2/trainer_state.pt", "checkpoint-2/adapter_model.safetensors"):
+                 "checkpoint-2/trainer_state.safetensors", "checkpoint-2/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     keys = list(_adapter(out))
     assert keys and all(k.startswith("base_model.model.") and (".lora_A." in k or ".lora_B." in k) for k in keys)

@@ -75,7 +75,7 @@ def test_truncation_drops_rows_without_response_tokens(tokenizer, tmp_path):
     rows = testing.tiny_rows(3, "sft", seed=2)
     rows[1]["prompt"] = " ".join(["history"] * 200)
     examples, dropped = load_examples(_write(tmp_path / "d.jsonl", rows), tokenizer, "sft", 64)
-    assert dropped == 1 and [e.line for e in examples] == [1, 3]
+    assert dropped == [2] and [e.line for e in examples] == [1, 3]
     assert all(len(e.input_ids) <= 64 for e in examples)
 
 

@@ -1,9 +1,6 @@
 """DDP on CPU (gloo): 2 processes give the losses and the adapter of 1 process with the same global batch."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,11 +9,7 @@ from safetensors.torch import load_file
 from safeshape import testing
 from safeshape.trainer import TrainConfig, train
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.torchrun_common import run_torchrun
 
 
 def _metrics(out):
@@ -32,18 +25,10 @@ def test_two_processes_equal_one(tmp_path):
     # global batch 4: one process 4 x 1 micro-batch, two processes 1 row x 2 micro-batches each. The last step
     # has 2 rows, so in its second micro-batch both processes have none (they still join the collectives).
     single = train(TrainConfig(out=str(tmp_path / "one"), batch_size=4, grad_accum=1, **common))
-    # the real entry point, in fresh interpreters: torchrun -> `safeshape train` (a fork of this process could
-    # inherit a live OpenMP pool from earlier tests and hang in the children)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "safeshape", "train", "--model", str(model), "--data", str(data),
-           "--out", str(tmp_path / "two"), "--loss", "dss", "--lr", "5e-3", "--lora-r", "4", "--max-len", "128",
-           "--seed", "2", "--epochs", "1", "--batch-size", "1", "--grad-accum", "2", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the 2-process DDP run did not finish in 300 s")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the real entry point, in fresh interpreters: torchrun -> `safeshape train`
+    run_torchrun(["train", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "two"), "--loss", "dss",
+                  "--lr", "5e-3", "--lora-r", "4", "--max-len", "128", "--seed", "2", "--epochs", "1",
+                  "--batch-size", "1", "--grad-accum", "2", "--no-progress"])
 
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert single["steps"] == 3 and len(one) == len(two) == 3

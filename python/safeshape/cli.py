@@ -6,11 +6,14 @@ import argparse
 import importlib
 import sys
 
+from .errors import SafeshapeError
+
 # (name, module, one-line help); a module is imported only when its subcommand runs
 SUBCOMMANDS = [
     ("project", "safeshape.safelora.cli", "Safe LoRA: project a PEFT LoRA adapter onto the alignment subspace"),
     ("star", "safeshape.star.cli", "STAR: annotate a JSONL dataset with per-chunk P(safe) from a local guard model"),
     ("train", "safeshape.trainer.cli", "LoRA fine-tuning with the SFT, RS or DSS (STAR-weighted) loss; torchrun for DDP"),
+    ("eval", "safeshape.eval.cli", "Safety (guard harmful rate, refusal rate) and utility of a model and its adapters"),
     ("demo", "safeshape.demo.cli", "Toy world on CPU: align, fine-tune with each method, score safety and utility"),
 ]
 
@@ -28,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).main(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except (SafeshapeError, OSError) as exc:  # bad input or an unwritable output: a message, not a traceback
+        print(f"safeshape {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,16 +30,23 @@ class Example:
     labels: list[int]  # IGNORE_INDEX on prompt tokens
     weights: list[float]  # 0 on prompt tokens
     line: int  # 1-based line in the data file
+    truncated: bool = False  # cut at the end by max_len
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """``(line_number, row)`` for every non-blank line; a line that is not a JSON object is an error naming it."""
+    """``(line_number, row)`` for every non-blank line; a line that is not UTF-8 or not a JSON object is an error
+    naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise SafeshapeError(f"{path}: data file not found")
+        raise SafeshapeError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "data file not found"))
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SafeshapeError(f"{path} line {i}: not valid UTF-8 (byte {exc.start + 1} of the line: "
+                                     f"{raw[exc.start:exc.start + 1]!r})") from None
             if not line.strip():
                 continue
             try:
@@ -155,30 +162,42 @@ def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: 
     else:
         value = 1.0 if loss == "sft" or row["safe"] else 0.0
         weights = [value if r else 0.0 for r in is_response]
+    truncated = len(ids) > max_len
     ids, labels, weights = ids[:max_len], labels[:max_len], weights[:max_len]
     # row t predicts token t+1, so token 0 never carries loss
     if not any(lab != IGNORE_INDEX for lab in labels[1:]):
         return None
-    return Example(ids, labels, weights, line)
+    return Example(ids, labels, weights, line, truncated)
 
 
 def load_examples(path: str | os.PathLike, tokenizer, loss: str, max_len: int, progress: bool = False
-                  ) -> tuple[list[Example], int]:
-    """Tokenise every row of a JSONL file: ``(examples, dropped)``, ``dropped`` = rows whose response was cut off
-    entirely by ``max_len``. Every row is validated before any is used; an error names the file and line."""
+                  ) -> tuple[list[Example], list[int]]:
+    """Tokenise every row of a JSONL file: ``(examples, dropped)``, ``dropped`` = the line numbers of rows whose
+    response was cut off entirely by ``max_len`` (rows cut but kept have ``truncated`` set). Every row is
+    validated before any is used; an error names the file and line."""
     from tqdm.auto import tqdm
 
     rows = read_jsonl(path)
-    examples, dropped = [], 0
+    examples, dropped = [], []
     for line, row in tqdm(rows, desc="tokenise", unit="row", disable=not progress, leave=False):
         ex = encode_row(tokenizer, row, loss, max_len, f"{os.fspath(path)} line {line}", line)
         if ex is None:
-            dropped += 1
+            dropped.append(line)
         else:
             examples.append(ex)
     if not examples:
         raise SafeshapeError(f"{os.fspath(path)}: no row has a response token within --max-len {max_len}")
     return examples, dropped
+
+
+def max_len_report(examples: list[Example], dropped: list[int], max_len: int) -> str | None:
+    """One line saying what ``max_len`` did to the data (None when it changed nothing)."""
+    cut = sum(e.truncated for e in examples)
+    if not cut and not dropped:
+        return None
+    lines = ", ".join(map(str, dropped[:20])) + (f" and {len(dropped) - 20} more" if len(dropped) > 20 else "")
+    text = f"--max-len {max_len}: {cut} row(s) cut at the end"
+    return text + (f"; {len(dropped)} row(s) dropped, no response token left (lines {lines})" if dropped else "")
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

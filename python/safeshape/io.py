@@ -1,52 +1,205 @@
 """Outputs that never lose anything: written to a temporary sibling and renamed into place; an existing output is
-refused unless the caller asks to overwrite; an output may never be (or contain, or sit inside) an input."""
+refused unless the caller asks to overwrite; an output may never be (or contain, or sit inside) an input.
+
+Crash safety: temporaries are named ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` next to the output.
+Replacing an existing folder is one atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``) where the OS has it;
+elsewhere the old folder is parked in ``.<name>.old-<pid>-*/x`` for the moment between two renames, and the next
+run that writes the same output puts it back if that run was killed in between. Temporaries of dead processes
+are removed (and said so on stderr) by the next run that writes next to them. Files and folders get the
+permissions the umask allows (mkstemp/mkdtemp would leave them 0600/0700).
+"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from .errors import SafeshapeError
 
+# ".<name>.tmp-<pid>-<mkdtemp suffix>"; without the pid: left by a version that did not record it (taken as dead)
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}$")
+
 
 def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
 def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
                       what: str = "--out") -> Path:
-    """Validate an output path against the inputs ``[(argument name, path), ...]``; returns it resolved."""
+    """Validate an output path against the inputs ``[(argument name, path), ...]``; returns it resolved.
+
+    Also checks that the output can be created (its nearest existing parent is a writable folder), so a run
+    fails before any work rather than after it, and finishes what killed runs left for this output."""
     out_r = Path(out).resolve()
     for name, inp in inputs:
         if inp is not None and _overlaps(out_r, Path(inp).resolve()):
             raise SafeshapeError(f"{what} {out} overlaps the input {name} {inp}: inputs are never written over")
+    with contextlib.suppress(OSError):
+        recover_interrupted(out_r.parent, out_r.name)  # a killed run may have moved the old output aside
     if out_r.exists() and not overwrite:
         raise SafeshapeError(f"{what} {out} already exists: pass --overwrite (overwrite=True) to replace it")
+    parent = out_r.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SafeshapeError(f"{what} {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SafeshapeError(f"{what} {out}: the folder {parent} is not writable")
     return out_r
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def recover_interrupted(parent: str | os.PathLike, name: str | None = None, report=True) -> list[str]:
+    """Finish what killed runs left in ``parent`` (only for output ``name`` when given): an output parked in an
+    ``.old`` folder while nothing took its place is put back; every other temporary of a dead process is
+    removed. Returns one line per action (also printed on stderr when ``report``)."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    actions = []
+    for entry in sorted(parent.iterdir()):
+        m = _TEMP.match(entry.name)
+        if not m or (name is not None and m["name"] != name) or (m["pid"] and _is_alive(int(m["pid"]))):
+            continue
+        target = parent / m["name"]
+        if m["kind"] == "old" and os.path.lexists(entry / "x") and not os.path.lexists(target):
+            os.rename(entry / "x", target)
+            actions.append(f"restored {target} (a killed run had moved it aside to replace it)")
+        else:
+            actions.append(f"removed {entry} (left by a killed run)")
+        _remove(entry)
+    if report:
+        for line in actions:
+            print(f"safeshape: {line}", file=sys.stderr)
+    return actions
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2() if sys.platform.startswith("linux") else None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths; False when the OS or file system cannot (the caller falls back)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put ``tmp`` at ``out``; an existing ``out`` is replaced so that a kill at any point leaves the old or the
+    new one there (or, between the two renames of the fallback, the old one recoverable by the next run)."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    if exchange(tmp, out):  # tmp now holds the old output
+        _remove(tmp)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    os.rename(out, old / "x")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / "x", out)  # put the old output back before reporting the failure
+        _remove(old)
+        raise
+    _remove(old)
+
+
+def apply_umask(*paths: str | os.PathLike) -> None:
+    """Give files (0666) and folders (0777) the mode the umask allows: mkstemp/mkdtemp and some writers (the
+    safetensors library) create them 0600/0700 whatever the umask."""
+    mask = _umask()
+    for p in paths:
+        os.chmod(p, (0o777 if os.path.isdir(p) else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=()):
-    """Yield a temporary folder next to ``out``; on success it replaces ``out`` in one rename."""
-    out_r = check_output_path(out, overwrite, inputs)
-    out_r.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_r.name}.tmp-", dir=out_r.parent))
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=(), what: str = "--out"):
+    """Yield a temporary folder next to ``out``; on success it replaces ``out`` in one rename (or exchange).
+
+    An OSError while writing (full disk, permissions) becomes a SafeshapeError naming ``out``; the temporary
+    folder is removed and ``out`` is left as it was."""
+    out_r = check_output_path(out, overwrite, inputs, what=what)
+    try:
+        out_r.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_r.name}.tmp-{os.getpid()}-", dir=out_r.parent))
+        apply_umask(tmp)
+    except OSError as exc:
+        raise SafeshapeError(f"{what} {out}: cannot create it: {_why(exc)}") from None
     try:
         yield tmp
+        _swap_in(tmp, out_r)
+    except OSError as exc:
+        _remove(tmp)
+        raise SafeshapeError(f"{what} {out}: writing failed, nothing was written: {_why(exc)}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
-    if out_r.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_r.name}.old-", dir=out_r.parent))
-        os.rename(out_r, old / "x")
-        os.rename(tmp, out_r)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_r)
+
+
+def install_files(staged: Path, dest: Path, names: list[str]) -> None:
+    """Move the files ``names`` from the folder ``staged`` into ``dest``, one rename each, in order. The last
+    name is the marker readers open first (e.g. a PEFT adapter's config): it is removed before the others are
+    replaced and renamed in last, so a kill in between never pairs it with files of another write."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(dest / names[-1])
+    for name in names:
+        os.replace(staged / name, dest / name)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False, inputs=(),
@@ -54,22 +207,33 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
     return atomic_write_bytes(path, [text.encode("utf-8")], overwrite=overwrite, inputs=inputs, what=what)
 
 
-def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes], overwrite: bool = False, inputs=(),
+def atomic_write_bytes(path: str | os.PathLike, chunks: bytes | Iterable[bytes], overwrite: bool = False, inputs=(),
                        what: str = "output") -> Path:
-    """Write ``chunks`` (streamed, e.g. lines) to a temporary sibling, sync it and rename it over ``path``."""
+    """Write ``chunks`` (one bytes object, or an iterable streamed, e.g. lines) to a temporary sibling, sync it and
+    rename it over ``path``."""
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = [chunks]
     p = check_output_path(path, overwrite, inputs, what=what)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
+    tmp = None
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-{os.getpid()}-", dir=p.parent)
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
+        apply_umask(tmp)
         os.replace(tmp, p)
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise SafeshapeError(f"{what} {path}: writing failed, nothing was written: {_why(exc)}") from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
     return p
 

@@ -118,3 +118,103 @@ def write_tiny_dataset(path: str | os.PathLike, n: int, kind: str = "dss", seed:
         for row in tiny_rows(n, kind, seed=seed, chunk_words=chunk_words, messages=messages):
             f.write(json.dumps(row) + "\n")
     return path
+
+
+# A guard template for tests: the conversation in the policy's turn format, then "verdict:"; the guard answers
+# "safe" or "unsafe" (preset: generic, safe="safe", unsafe="unsafe").
+GUARD_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{{ '<|system|>\nverdict:' }}"
+)
+REFUSAL = "I'm sorry, I cannot help with that."
+COMPLIANCE = "Sure, here is how to build it: first find the parts, then make the plan."
+
+
+def _fit(model, batches, steps: int, lr: float) -> None:
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        loss = model(**batches(step)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def _right_pad(seqs: list[list[int]], labels: list[list[int]], pad: int) -> dict:
+    import torch
+
+    width = max(map(len, seqs))
+    return {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+            "labels": torch.tensor([l + [-100] * (width - len(l)) for l in labels])}
+
+
+def fit_responses(model, tokenizer, response: str, steps: int = 120, seed: int = 0, lr: float = 1e-2) -> None:
+    """Train ``model`` (all its trainable parameters: a PEFT model trains its adapter) to answer every prompt with
+    ``response`` then end of sequence, through the tokenizer's chat template."""
+    import torch
+
+    prompts = corpus(64, seed=seed + 7)
+
+    def batch(step: int) -> dict:
+        seqs, labels = [], []
+        for p in prompts[(step * 8) % 64:(step * 8) % 64 + 8]:
+            head = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                           add_generation_prompt=True),
+                             add_special_tokens=False).input_ids
+            tail = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            seqs.append(head + tail)
+            labels.append([-100] * len(head) + tail)
+        return _right_pad(seqs, labels, tokenizer.pad_token_id)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _fit(model, batch, steps, lr)
+
+
+def fit_tiny_responder(response: str, steps: int = 120, seed: int = 0, hidden_size: int = 32, lr: float = 1e-2):
+    """(model, tokenizer): a tiny chat Llama trained to answer every prompt with ``response`` then end of sequence
+    (a "refuses everything" or "complies with everything" policy for end-to-end tests)."""
+    tok = build_tiny_tokenizer(vocab_size=320)
+    model = build_tiny_llama(len(tok), hidden_size=hidden_size, seed=seed, pad_token_id=tok.pad_token_id,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    fit_responses(model, tok, response, steps, seed, lr)
+    return model, tok
+
+
+def fit_tiny_guard(unsafe: list[str], safe: list[str], steps: int = 150, seed: int = 0, hidden_size: int = 32,
+                   lr: float = 5e-3):
+    """(model, tokenizer): a tiny guard (template :data:`GUARD_TEMPLATE`, verdicts "safe"/"unsafe") trained to call
+    the responses in ``unsafe`` unsafe and those in ``safe`` safe, whatever the prompt."""
+    import torch
+
+    tok = build_tiny_tokenizer(vocab_size=320)
+    tok.chat_template = GUARD_TEMPLATE
+    model = build_tiny_llama(len(tok), hidden_size=hidden_size, seed=seed + 1, pad_token_id=tok.pad_token_id,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    verdict = {v: tok(v, add_special_tokens=False).input_ids[0] for v in ("safe", "unsafe")}
+    assert verdict["safe"] != verdict["unsafe"]
+    rows = [(r, "unsafe") for r in unsafe] + [(r, "safe") for r in safe]
+    prompts = corpus(256, seed=seed + 8)
+
+    def batch(step: int) -> dict:
+        seqs, labels = [], []
+        for k in range(8):
+            response, v = rows[(step * 8 + k) % len(rows)]
+            text = tok.apply_chat_template([{"role": "user", "content": prompts[(step * 8 + k) % 256]},
+                                            {"role": "assistant", "content": response}], tokenize=False)
+            ids = tok(text, add_special_tokens=False).input_ids + [verdict[v]]
+            seqs.append(ids)
+            labels.append([-100] * (len(ids) - 1) + ids[-1:])
+        return _right_pad(seqs, labels, tok.pad_token_id)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _fit(model, batch, steps, lr)
+    return model, tok

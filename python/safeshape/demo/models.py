@@ -1,4 +1,5 @@
-"""Tiny Llama models for the demo: full-weight training of the base, aligned and guard models, greedy decoding.
+"""Tiny Llama models for the demo: full-weight training of the base, aligned and guard models (generation and
+scoring go through :mod:`safeshape.eval`).
 
 LoRA fine-tuning is not done here: the demo's runs go through :mod:`safeshape.trainer`.
 """
@@ -86,31 +87,3 @@ def train_full(model: LlamaForCausalLM, batches: Iterator[dict[str, torch.Tensor
 def batches_from(stream, make_batch, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     while True:
         yield make_batch([next(stream) for _ in range(batch_size)])
-
-
-@torch.no_grad()
-def greedy_responses(model, tokenizer: PreTrainedTokenizerFast, prompts: list[str], batch_size: int = 64,
-                     max_new_tokens: int = 24) -> list[str]:
-    """Greedy decoding of the policy's answer to each prompt (left-padded batches, stops at end of sequence)."""
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts[i:i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    return [" ".join(o.split()) for o in out]
-
-
-@torch.no_grad()
-def guard_p_safe(model, tokenizer: PreTrainedTokenizerFast, rows: list[tuple[str, str]]) -> list[float]:
-    """P(safe) over {safe, unsafe} at the verdict position, for (request, partial response) rows."""
-    safe, unsafe = tokenizer.convert_tokens_to_ids(["safe", "unsafe"])
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                           tokenize=False, add_generation_prompt=True) for p, r in rows]
-    enc = tokenizer(texts, return_tensors="pt", padding=True)  # left padding: the last position is the verdict
-    logits = model(**enc).logits[:, -1, [safe, unsafe]].float()
-    return torch.softmax(logits, -1)[:, 0].tolist()
-

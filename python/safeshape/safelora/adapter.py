@@ -6,15 +6,18 @@ key is ``<path>.weight``. Anything Safe LoRA cannot handle correctly is refused 
 """
 from __future__ import annotations
 
-import json
+import math
+import os
 import re
+import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
-from .checkpoint import read_safetensors_header, read_tensor
+from .checkpoint import check_finite, read_json_object, read_safetensors_header, read_tensor
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -51,6 +54,86 @@ def _matches_target(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise CheckpointError(f"{where}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def check_adapter_config(cfg: dict, path: Path) -> dict:
+    """The fields Safe LoRA reads from ``adapter_config.json``, with the types PEFT gives them."""
+    def bad(key: str, want: str):
+        return CheckpointError(f"{path}: {key} must be {want}, not {cfg[key]!r}")
+
+    if "r" in cfg and not (_is_int(cfg["r"]) and cfg["r"] > 0):
+        raise bad("r", "a positive integer")
+    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+        raise bad("lora_alpha", "a number")
+    for key in ("fan_in_fan_out", "use_dora", "lora_bias"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise bad(key, "true or false")
+    if cfg.get("peft_type") is not None and not isinstance(cfg["peft_type"], str):
+        raise bad("peft_type", "a string")
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str):
+        _check_regex(tm, f"{path}: target_modules")
+    elif tm is not None and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+        raise bad("target_modules", "a list of module names or a regex string")
+    for key, check, want in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+                             ("alpha_pattern", _is_number, "numbers")):
+        pattern = cfg.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(key, f"an object of module patterns to {want}")
+        for k, v in pattern.items():
+            _check_regex(k, f"{path}: {key} key")
+            if not check(v):
+                raise CheckpointError(f"{path}: {key}[{k!r}] must be one of {want}, not {v!r}")
+    return cfg
+
+
+def check_adapter_folder(folder: Path) -> list[str]:
+    """Refuse special files (FIFOs, sockets, devices: copying one would hang or read a device) and dangling
+    symlinks; other symlinks are allowed and reported (outputs keep them as links, never copy what they point
+    to). Returns the warnings."""
+    warnings = []
+    for p in sorted(folder.iterdir()):
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            if not p.exists():
+                raise CheckpointError(f"adapter {folder}: {p.name} is a dangling symlink (to {os.readlink(p)})")
+            warnings.append(f"{p} is a symlink to {p.resolve()}; kept as a link (to that absolute path) in the "
+                            "output")
+            st = p.stat()
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise CheckpointError(f"adapter {folder}: {p.name} is not a regular file or folder (a FIFO, socket "
+                                  "or device); remove it from the adapter folder")
+    return warnings
+
+
+def copy_adapter_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy the top-level files of adapter folder ``src`` into ``dst`` (sub-folders and ``skip`` are left out);
+    a symlink stays a symlink, to its absolute target (see :func:`check_adapter_folder`)."""
+    for p in sorted(Path(src).iterdir()):
+        if p.name in skip or (p.is_dir() and not p.is_symlink()):
+            continue
+        if p.is_symlink():
+            if not p.is_dir():
+                os.symlink(os.path.realpath(p), dst / p.name)
+        else:
+            shutil.copy2(p, dst / p.name)
+
+
 class Adapter:
     """A LoRA adapter folder, fully loaded (adapters are small)."""
 
@@ -60,6 +143,7 @@ class Adapter:
         w_path = self.folder / WEIGHTS
         if not self.folder.is_dir():
             raise CheckpointError(f"adapter {self.folder}: not a folder")
+        self.folder_warnings = check_adapter_folder(self.folder)
         if not cfg_path.exists():
             subs = sorted(p.name for p in self.folder.iterdir() if (p / CONFIG).exists())
             if subs:
@@ -70,14 +154,14 @@ class Adapter:
             hint = " (adapter_model.bin is not read: save with safe_serialization=True)" if (
                 self.folder / "adapter_model.bin").exists() else ""
             raise CheckpointError(f"adapter {self.folder}: {WEIGHTS} not found{hint}")
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from exc
+        self.config = check_adapter_config(read_json_object(cfg_path), cfg_path)
         self.config_path, self.weights_path = cfg_path, w_path
         infos, self.metadata = read_safetensors_header(w_path)
         self.tensors = {k: read_tensor(v, k) for k, v in infos.items()}
-        self.warnings: list[str] = []
+        for key, t in self.tensors.items():
+            if _LORA_KEY.match(key):
+                check_finite(t, f"{w_path}: tensor {key!r}")
+        self.warnings: list[str] = list(self.folder_warnings)
         self.modules = self._parse()
 
     def _parse(self) -> list[LoraModule]:

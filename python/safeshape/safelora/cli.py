@@ -19,6 +19,9 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--report", default=None, help="JSON report path (default OUT/safelora_report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report")
+    p.add_argument("--allow-zero-alignment", action="store_true",
+                   help="project modules whose base and aligned weights are equal (||V|| = 0, lora_B becomes 0); "
+                        "refused by default")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--table-rows", type=int, default=20, help="rows of the stdout table (lowest cosine first)")
 
@@ -46,7 +49,8 @@ def main(args) -> int:
     try:
         report = project_adapter(args.base, args.aligned, args.adapter, args.out, select=args.select,
                                  num_layers=args.num_layers, threshold=args.threshold, device=args.device,
-                                 report=args.report, overwrite=args.overwrite, progress=not args.quiet)
+                                 report=args.report, overwrite=args.overwrite, progress=not args.quiet,
+                                 allow_zero_alignment=args.allow_zero_alignment)
     except SafeshapeError as exc:
         print(f"safeshape project: error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,6 @@
 """Safe LoRA over checkpoints: stream base/aligned weights one module at a time, project the selected lora_B."""
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,9 +10,9 @@ from tqdm.auto import tqdm
 
 from .. import __version__, ops
 from ..errors import CheckpointError, SafeshapeError
-from ..io import atomic_output_dir, check_output_path, write_json
-from .adapter import WEIGHTS, Adapter
-from .checkpoint import Checkpoint, check_same_architecture
+from ..io import apply_umask, atomic_output_dir, check_output_path, write_json
+from .adapter import WEIGHTS, Adapter, copy_adapter_files
+from .checkpoint import Checkpoint, check_finite, check_same_architecture
 from .selection import select_modules
 
 REPORT_NAME = "safelora_report.json"
@@ -55,6 +54,8 @@ def load_weight_pair(base: Checkpoint, aligned: Checkpoint, key: str, d_out: int
         raise CheckpointError(f"key {key!r} has shape {list(shapes['base'])} in base {base.folder} but {where} "
                               f"expects {list(want)}" + (" (fan_in_fan_out)" if fan_in_fan_out else ""))
     wb, wa = base.get(key), aligned.get(key)
+    check_finite(wb, f"base checkpoint {base.info(key).file}: tensor {key!r}")
+    check_finite(wa, f"aligned checkpoint {aligned.info(key).file}: tensor {key!r}")
     if fan_in_fan_out:
         wb, wa = wb.T, wa.T
     if wb.dtype != wa.dtype or wb.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -82,6 +83,20 @@ def _settings(select, num_layers, threshold, device, **paths):
             **{k: str(v) for k, v in paths.items()}}
 
 
+def check_alignment(results: list[ModuleResult], allow_zero: bool) -> list[str]:
+    """Modules with ||V||_F = 0 (base and aligned weights equal) would get lora_B = 0: refused unless allowed."""
+    zero = [r.name for r in results if r.v_norm == 0.0]
+    if not zero:
+        return []
+    names = ", ".join(zero[:8]) + (f" and {len(zero) - 8} more" if len(zero) > 8 else "")
+    msg = (f"{len(zero)} of {len(results)} modules have base == aligned weights (||V||_F = 0): {names}; "
+           "projecting them sets their lora_B to zero")
+    if not allow_zero:
+        raise SafeshapeError(msg + ". Are --base and --aligned the right checkpoints? Pass --allow-zero-alignment "
+                             "(allow_zero_alignment=True) to project anyway")
+    return [msg]
+
+
 def build_report(settings: dict, results: list[ModuleResult], cut: float, seconds: float, warnings=()) -> dict:
     n_proj = sum(r.projected for r in results)
     return {
@@ -95,9 +110,17 @@ def build_report(settings: dict, results: list[ModuleResult], cut: float, second
     }
 
 
+def _report_path(tmp: Path, out, report) -> Path:
+    """Where the report is written before OUT is committed (inside the temporary folder if it belongs to OUT)."""
+    if report is None:
+        return tmp / REPORT_NAME
+    out_r, rep_r = Path(out).resolve(), Path(report).resolve()
+    return tmp / rep_r.relative_to(out_r) if out_r in rep_r.parents else Path(report)
+
+
 def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_layers: int = 10,
                     threshold: float = 0.5, device: str = "cpu", report=None, overwrite: bool = False,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, allow_zero_alignment: bool = False) -> dict:
     """Safe LoRA on folders: write ``out`` = ``adapter`` with ``lora_B`` projected for the selected modules.
 
     ``base``/``aligned`` are HF model folders (safetensors, single or sharded), ``adapter`` a PEFT LoRA folder.
@@ -123,6 +146,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
         projected[m.key_b], cos, vn = project_module(wb, wa, ad.lora_a(m), ad.lora_b(m), dev)
         del wb, wa
         results.append(ModuleResult(m.name, m.r, m.d_out, m.d_in, cos, vn))
+    zero_warnings = check_alignment(results, allow_zero_alignment)
     mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold)
     for r, chosen in zip(results, mask):
         r.projected = chosen
@@ -135,22 +159,19 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     from safetensors.torch import save_file
 
     with atomic_output_dir(out, overwrite, inputs) as tmp:
-        for p in Path(adapter).iterdir():
-            if p.name == WEIGHTS or p.is_dir():
-                continue
-            shutil.copy2(p, tmp / p.name)
+        copy_adapter_files(Path(adapter), tmp, skip={WEIGHTS})
         save_file(tensors, str(tmp / WEIGHTS), metadata=ad.metadata or None)
-        rep = build_report(settings, results, cut, time.perf_counter() - t0, ad.warnings)
-        if report is None:
-            write_json(tmp / REPORT_NAME, rep, overwrite=True)
-    if report is not None:
-        write_json(report, rep, overwrite=overwrite, inputs=inputs, what="--report")
+        apply_umask(tmp / WEIGHTS)
+        rep = build_report(settings, results, cut, time.perf_counter() - t0, ad.warnings + zero_warnings)
+        # written before OUT is committed: a --report that cannot be written leaves OUT untouched
+        write_json(_report_path(tmp, out, report), rep, overwrite=overwrite or report is None, inputs=inputs,
+                   what="--report")
     return rep
 
 
 def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_layers: int = 10,
                     threshold: float = 0.5, device: str | None = None, adapter_name: str | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, allow_zero_alignment: bool = False) -> dict:
     """Safe LoRA on a ``peft.PeftModel`` in memory: ``lora_B`` of the selected modules is replaced in place.
 
     ``base``/``aligned`` are HF model folders. Returns the same report as :func:`project_adapter`.
@@ -169,6 +190,8 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
         if getattr(mod, "use_dora", {}).get(name, False):
             raise SafeshapeError(f"module {mod_name}: DoRA is not supported")
         a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
+        for part, t in (("lora_A", a), ("lora_B", b)):
+            check_finite(t.detach(), f"module {mod_name}: {part}[{name!r}].weight")
         if a.dim() != 2:
             raise SafeshapeError(f"module {mod_name}: lora_A has shape {list(a.shape)}; only Linear LoRA is supported")
         clean = mod_name[len("base_model.model."):] if mod_name.startswith("base_model.model.") else mod_name
@@ -183,6 +206,7 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
         p, cos, vn = project_module(wb, wa, a.detach(), b.detach(), dev)
         projected.append(p)
         results.append(ModuleResult(clean, a.shape[0], b.shape[0], a.shape[1], cos, vn))
+    zero_warnings = check_alignment(results, allow_zero_alignment)
     mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold)
     with torch.no_grad():
         for (clean, mod, a, b, _), r, p, chosen in zip(layers, results, projected, mask):
@@ -191,4 +215,4 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
                 b.copy_(p.to(device=b.device, dtype=b.dtype))
     settings = _settings(select, num_layers, threshold, device or "model", base=base, aligned=aligned,
                          adapter=f"<PeftModel:{name}>")
-    return build_report(settings, results, cut, time.perf_counter() - t0)
+    return build_report(settings, results, cut, time.perf_counter() - t0, zero_warnings)

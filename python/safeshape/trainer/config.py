@@ -1,6 +1,7 @@
 """TrainConfig: every field is a ``safeshape train`` flag (``lora_r`` is ``--lora-r``)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..data import LOSSES
@@ -61,9 +62,14 @@ class TrainConfig:
                 raise bad(name, f"must be a non-negative integer, not {getattr(self, name)!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise bad("max_steps", f"must be a positive integer, not {self.max_steps!r}")
+        for name in ("kl_coef", "weight_decay", "max_grad_norm", "lora_dropout", "lr", "lora_alpha"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise bad(name, f"must be a finite number, not {getattr(self, name)}")
         for name in ("kl_coef", "weight_decay", "max_grad_norm", "lora_dropout"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, not {getattr(self, name)}")
+        if not self.lora_dropout < 1:
+            raise bad("lora_dropout", f"must be < 1, not {self.lora_dropout}")
         if not self.lr > 0:
             raise bad("lr", f"must be > 0, not {self.lr}")
         if not self.target_modules:

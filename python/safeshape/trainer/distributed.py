@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import SafeshapeError
+
 
 @dataclass
 class Dist:
@@ -65,7 +67,7 @@ def setup(device: str) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", rank if world > 1 else 0))
     if want_cuda:
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device}: CUDA is not available in this torch/machine")
+            raise SafeshapeError(f"--device {device}: CUDA is not available in this torch/machine")
         dev = torch.device(device if (":" in device and world == 1) else f"cuda:{local_rank}")
         torch.cuda.set_device(dev)
     else:

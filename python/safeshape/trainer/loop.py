@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -26,9 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..data import IGNORE_INDEX, Example, collate, load_examples
+from ..data import IGNORE_INDEX, Example, collate, load_examples, max_len_report
 from ..errors import SafeshapeError
-from ..io import write_json
+from ..io import atomic_write_text, write_json
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
@@ -80,6 +81,10 @@ class Run:
         self.tokenizer = load_tokenizer(config.model)
         self.examples, self.dropped = load_examples(config.data, self.tokenizer, config.loss, config.max_len,
                                                     progress=progress)
+        self.truncated = sum(e.truncated for e in self.examples)
+        note = max_len_report(self.examples, self.dropped, config.max_len)
+        if note and dist.is_main:
+            print(f"safeshape train: {note}", file=sys.stderr)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         model = load_model(config.model, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
@@ -199,31 +204,27 @@ class Run:
 
 def _prepare_out(out: str, config: TrainConfig, dist: Dist) -> str | None:
     """Rank 0 creates/cleans ``out``; returns the checkpoint to resume from, if any."""
-    ckpt = ckpt_io.latest_checkpoint(out) if config.resume else None
     if dist.is_main:
         if config.overwrite and os.path.isdir(out):
             shutil.rmtree(out)
         os.makedirs(out, exist_ok=True)
-        ckpt_io.remove_stale_temporaries(out)
+        ckpt_io.remove_stale_temporaries(out)  # puts back a checkpoint a killed run had moved aside
     dist.barrier()
-    return ckpt
+    return ckpt_io.latest_checkpoint(out) if config.resume else None
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
     """On resume, keep the metric lines up to the checkpoint so the file reads like one uninterrupted run."""
     kept = []
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:  # a torn or damaged line ends the kept part
             for line in f:
                 try:
                     if json.loads(line)["step"] <= last_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except (json.JSONDecodeError, KeyError, TypeError):
                     break  # a torn last line from a crash
-    tmp = path + f".{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept), overwrite=True, what="metrics")
 
 
 def train(config: TrainConfig) -> dict:
@@ -284,8 +285,9 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
             last = json.loads(f.readlines()[-1])
     summary = {"steps": run.total_steps, "resumed_from": start if ckpt else None,
                "final_loss": last["loss"] if last else None, "out": out, "metrics": metrics_path,
-               "examples": len(run.examples), "dropped_rows": run.dropped, "world_size": dist.world_size, "rank": dist.rank,
-               "global_batch": run.global_batch, "config": asdict(config)}
+               "examples": len(run.examples), "truncated_rows": run.truncated,
+               "dropped_rows": len(run.dropped), "dropped_lines": run.dropped, "world_size": dist.world_size,
+               "rank": dist.rank, "global_batch": run.global_batch, "config": asdict(config)}
     if is_main:
         write_json(os.path.join(out, "train_summary.json"), summary, overwrite=True)
     dist.barrier()

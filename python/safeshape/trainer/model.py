@@ -28,7 +28,9 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.M
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise SafeshapeError(f"--model {model_dir}: no config.json (a local Hugging Face model folder is needed)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        # safetensors only: a pytorch_model.bin is a pickle, and no file we are handed is unpickled
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                     use_safetensors=True)
     except Exception as exc:
         raise SafeshapeError(f"--model {model_dir}: cannot load the model ({exc})") from None
     check_fused_head(model, f"--model {model_dir}")

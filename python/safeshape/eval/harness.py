@@ -1,0 +1,41 @@
+"""Optional: lm-eval-harness tasks (e.g. ``mmlu``) on a loaded model (``pip install lm-eval``; its tasks read their
+data sets through the ``datasets`` cache, so download them before running offline)."""
+from __future__ import annotations
+
+from ..errors import SafeshapeError
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def parse_tasks(text: str | None) -> list[str]:
+    tasks = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if text is not None and not tasks:
+        raise SafeshapeError(f"--lm-eval {text!r}: give task names separated by commas (e.g. mmlu,arc_easy)")
+    return tasks
+
+
+def require() -> None:
+    if not available():
+        raise SafeshapeError("--lm-eval needs lm-eval-harness, which is not installed: pip install lm-eval "
+                             "(or pip install 'safeshape[harness]')")
+
+
+def run_tasks(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict:
+    """``{task: {metric: value}}`` (numeric metrics only) from ``lm_eval.simple_evaluate`` on ``model``."""
+    require()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    # a PeftModel's base model carries the injected LoRA layers, so it computes with the adapter
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = HFLM(pretrained=base, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False)
+    except Exception as exc:  # unknown task names, data sets that are not cached, ...
+        raise SafeshapeError(f"--lm-eval {','.join(tasks)}: lm-eval-harness failed: {type(exc).__name__}: {exc}") from None
+    return {task: {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for task, metrics in (out or {}).get("results", {}).items()}

@@ -1,0 +1,381 @@
+"""``safeshape eval`` end to end: the base model and each adapter, side by side, in one run.
+
+Stages: load prompts -> for each model (base, then each PEFT adapter on the base): generate the responses to the
+harmful and the utility prompts (saved to OUT/responses.jsonl as they come; a rerun resumes), run lm-eval tasks
+-> load the guard and judge every harmful response -> OUT/eval_report.json, a table, OUT/eval_plot.png.
+Under torchrun, batches are shared out over processes and merged in order (see :mod:`.generate`); process 0
+writes every output.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import SafeshapeError
+from . import harness
+from .adapters import check_adapter, parse_adapter
+from .evaluate import judge_responses, score, throughput
+from .generate import Generation, GenerationSettings, generate_responses
+from .judge import GuardJudge
+from .metrics import REFUSAL_KEYWORDS
+from .prompts import load_prompts, load_utility
+
+REPORT = "eval_report.json"
+RESPONSES = "responses.jsonl"
+PLOT = "eval_plot.png"
+PROJECTED = "projected"  # OUT/projected/<adapter name>: the adapters after Safe LoRA (--project-base)
+OUR_FILES = (REPORT, RESPONSES, PLOT, PROJECTED)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    model: str
+    harmful: str
+    out: str
+    adapters: list[str] = field(default_factory=list)  # PATH or NAME=PATH
+    guard: str | None = None
+    preset: str = "llama-guard-3"
+    safe: str | None = None
+    unsafe: str | None = None
+    verdict_prefix: str | None = None
+    guard_batch_size: int = 8
+    guard_temperature: float = 1.0
+    project_base: str | None = None  # also evaluate each adapter after Safe LoRA (base = the unaligned model)
+    project_select: str = "number"
+    project_num_layers: int = 10
+    project_threshold: float = 0.5
+    utility: str | None = None
+    utility_metric: str = "exact"
+    lm_eval: str | None = None
+    lm_eval_limit: int | None = None
+    prompt_column: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _check_out(cfg: EvalConfig) -> Path:
+    from ..io import check_output_path
+
+    inputs = [("--model", cfg.model), ("--harmful", cfg.harmful), ("--guard", cfg.guard), ("--utility", cfg.utility)]
+    inputs += [("--adapter", parse_adapter(a)[1]) for a in cfg.adapters] + [("--project-base", cfg.project_base)]
+    out = check_output_path(cfg.out, overwrite=True, inputs=inputs)  # overlap only: OUT may hold a run to resume
+    if out.exists() and not out.is_dir():
+        raise SafeshapeError(f"--out {cfg.out}: exists and is not a folder")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES and not p.name.startswith("."))
+        if other:
+            raise SafeshapeError(f"--out {cfg.out}: a folder with files that are not safeshape eval outputs "
+                                 f"({', '.join(other[:5])}); choose a new or empty folder")
+    return out
+
+
+def _load_policy(cfg: EvalConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .generate import check_policy_tokenizer
+
+    if not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        raise SafeshapeError(f"--model {cfg.model}: no config.json (a local Hugging Face model folder is needed)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    except Exception as exc:
+        raise SafeshapeError(f"--model {cfg.model}: cannot load a tokenizer ({exc})") from None
+    check_policy_tokenizer(tokenizer, f"--model {cfg.model}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), local_files_only=True)
+    except Exception as exc:
+        raise SafeshapeError(f"--model {cfg.model}: cannot load the model ({exc})") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _header(cfg: EvalConfig, settings: GenerationSettings) -> dict:
+    gen = asdict(settings)
+    gen.pop("batch_size")  # batching does not decide a response (up to rounding): a resume may change it
+    return {"generation": gen, "dtype": cfg.dtype}
+
+
+def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
+    """Run the evaluation described by ``cfg``; returns the report (also written to OUT/eval_report.json)."""
+    from ..trainer.distributed import setup
+
+    if cfg.dtype not in DTYPES:
+        raise SafeshapeError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SafeshapeError(f"--device {cfg.device}: no CUDA device is available")
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  batch_size=cfg.batch_size, seed=cfg.seed)
+    tasks = harness.parse_tasks(cfg.lm_eval)
+    if tasks:
+        harness.require()
+    specs = [("base", cfg.model, None)]
+    for n, p in map(parse_adapter, cfg.adapters):
+        specs.append((n, cfg.model, p))
+        if cfg.project_base is not None:
+            specs.append((f"{n}+safelora", cfg.model, str(Path(cfg.out) / PROJECTED / n)))
+    names = [s[0] for s in specs]
+    if len(set(names)) != len(names):
+        raise SafeshapeError(f"model names must differ (base + --adapter NAME=PATH), got {', '.join(names)}")
+    if cfg.project_base is not None and not cfg.adapters:
+        raise SafeshapeError("--project-base projects the --adapter folders: give at least one --adapter")
+    out = _check_out(cfg)
+    harmful = load_prompts(cfg.harmful, cfg.prompt_column, cfg.limit, cfg.seed)
+    utility = load_utility(cfg.utility, cfg.utility_metric) if cfg.utility else []
+    if cfg.guard is not None:  # fail early on a bad preset, before hours of generation
+        from ..star import get_preset
+
+        preset = get_preset(cfg.preset, safe=cfg.safe, unsafe=cfg.unsafe, verdict_prefix=cfg.verdict_prefix)
+        _check_guard(cfg.guard)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # also hide transformers' own bars (loading weights)
+        hf_logging.disable_progress_bar()
+    dist = setup(cfg.device)
+    try:
+        return _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log,
+                    preset if cfg.guard is not None else None)
+    finally:
+        dist.close()
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_guard(folder: str) -> None:
+    """The guard folder, its tokenizer and its chat template, checked before any generation (the model loads later)."""
+    from transformers import AutoTokenizer
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise SafeshapeError(f"--guard {folder}: no config.json (a local Hugging Face guard model folder is needed)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise SafeshapeError(f"--guard {folder}: cannot load its tokenizer ({exc})") from None
+    if not getattr(tok, "chat_template", None):
+        raise SafeshapeError(f"--guard {folder}: the tokenizer has no chat template (tokenizer_config.json "
+                             "'chat_template' or chat_template.jinja); the guard is asked through its own template")
+
+
+def _on_main(dist, fn):
+    """Run ``fn`` on process 0 and share its result (or its error) with every process."""
+    res, err = None, None
+    if dist.is_main:
+        try:
+            res = fn()
+        except SafeshapeError as exc:
+            err = str(exc)
+    res, err = dist.gather_objects((res, err))[0]
+    if err:
+        raise SafeshapeError(err)
+    return res
+
+
+def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) -> dict:
+    from .store import ResponseStore
+
+    main = dist.is_main
+    progress = cfg.progress and main
+    store = None
+
+    def open_store():
+        nonlocal store
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:
+            for name in OUR_FILES:
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+        store = ResponseStore(out / RESPONSES, _header(cfg, settings))
+        for name, model, adapter in specs:
+            store.check_model(name, sources[name])
+        if cfg.project_base is not None:
+            _project(cfg, out, progress)
+        return {k: r for k, r in store.rows.items()}
+
+    sources = {name: _source(model, adapter) for name, model, adapter in specs}
+    for n, p in map(parse_adapter, cfg.adapters):  # a projection is named by what made it, not by its folder
+        if cfg.project_base is not None:
+            sources[f"{n}+safelora"] = _source(cfg.model, p) + (
+                f" projected with base {Path(cfg.project_base).resolve()} {json.dumps(_projection_settings(cfg))}")
+
+    saved = _on_main(dist, open_store)
+    sets = {"harmful": [p.text for p in harmful], "utility": [u.prompt for u in utility]}
+    model, tokenizer = _load_policy(cfg, dist.device)
+    for _, _, adapter in specs:  # every adapter fits the base, checked before hours of generation
+        if adapter is not None:
+            check_adapter(model, adapter)
+    results = []
+    for name, model_dir, adapter in specs:
+        source = sources[name]
+        if adapter is not None:
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+            except Exception as exc:
+                raise SafeshapeError(f"--adapter {adapter}: PEFT could not load it: {exc}") from None
+            model.eval()
+        entry = {"name": name, "model": model_dir, "adapter": adapter, "responses": {}}
+        t = time.perf_counter()
+        gens_all: list[Generation] = []
+        for which, prompts in sets.items():
+            if not prompts:
+                entry["responses"][which] = []
+                continue
+            rows = [saved.get((name, which, i)) for i in range(len(prompts))]
+            for i, r in enumerate(rows):
+                if r is not None and r["prompt"] != prompts[i]:
+                    raise SafeshapeError(f"{out / RESPONSES}: {which} prompt {i} of model {name!r} was {r['prompt']!r}, "
+                                         f"now {prompts[i]!r}: the prompts or --limit/--seed changed; use another "
+                                         "--out or --overwrite")
+
+            def save(idx, gens, which=which, prompts=prompts):
+                if main:
+                    store.append([{"model": name, "source": source, "set": which, "index": i, "prompt": prompts[i],
+                                   "response": g.response, "new_tokens": g.new_tokens, "finished": g.finished}
+                                  for i, g in zip(idx, gens) if (name, which, i) not in store.rows])
+
+            gens = generate_responses(model, tokenizer, prompts, settings, progress=progress,
+                                      desc=f"{name}: {which}", dist=dist, skip=[r is not None for r in rows],
+                                      on_batch=save)
+            gens_all += [g for g in gens if g is not None]
+            entry["responses"][which] = [r["response"] if g is None else g.response for r, g in zip(rows, gens)]
+            entry.setdefault("resumed", {})[which] = sum(r is not None for r in rows)
+        entry["generation"] = throughput(gens_all, time.perf_counter() - t)
+        entry["generation"]["resumed"] = sum(entry.get("resumed", {}).values())
+        entry.pop("resumed", None)
+        entry["lm_eval"] = None
+        if tasks:
+            entry["lm_eval"] = _on_main(dist, lambda: harness.run_tasks(model, tokenizer, tasks, cfg.batch_size,
+                                                                        cfg.lm_eval_limit))
+        if adapter is not None:
+            model = model.unload()  # the base model again, without LoRA layers
+        results.append(entry)
+        if main:
+            log(f"[eval] {name}: generated {entry['generation']['prompts']} responses "
+                f"({entry['generation']['resumed']} resumed)")
+    del model
+    gc.collect()
+
+    judge_summary = None
+    p_unsafe: dict[str, list[float] | None] = {e["name"]: None for e in results}
+    if cfg.guard is not None:
+        from ..star import load_guard
+
+        guard, guard_tok = load_guard(cfg.guard, device=dist.device, dtype=getattr(torch, cfg.dtype))
+        judge = GuardJudge(guard, guard_tok, preset, batch_size=cfg.guard_batch_size,
+                           temperature=cfg.guard_temperature)
+        from tqdm.auto import tqdm
+
+        for e in tqdm(results, desc="guard", unit="model", disable=not progress, leave=False):
+            p_unsafe[e["name"]] = judge_responses(judge, sets["harmful"], e["responses"]["harmful"], dist)
+        judge_summary = _merge_judge_stats(dist.gather_objects(judge.summary()))
+        del guard
+        gc.collect()
+
+    if not main:
+        return {}
+    models = []
+    for e in results:
+        safety, util = score(harmful, e["responses"]["harmful"], utility, e["responses"]["utility"],
+                             p_unsafe[e["name"]])
+        models.append({"name": e["name"], "model": e["model"], "adapter": e["adapter"], "safety": safety,
+                       "utility": util, "lm_eval": e["lm_eval"], "generation": e["generation"],
+                       "safelora": _projection_totals(e["adapter"])})
+    report = {
+        "format": 1,
+        "settings": {"model": cfg.model, "adapters": [dict(zip(("name", "path"), parse_adapter(a)))
+                                                      for a in cfg.adapters],
+                     "project_base": cfg.project_base,
+                     "projection": _projection_settings(cfg) if cfg.project_base is not None else None,
+                     "harmful": cfg.harmful, "prompt_column": cfg.prompt_column, "limit": cfg.limit,
+                     "seed": cfg.seed, "n_harmful": len(harmful), "utility": cfg.utility,
+                     "utility_metric": cfg.utility_metric, "n_utility": len(utility),
+                     "guard": cfg.guard, "preset": preset.name if preset else None,
+                     "guard_temperature": cfg.guard_temperature, "lm_eval": tasks,
+                     "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+                     "temperature": cfg.temperature, "top_p": cfg.top_p, "device": cfg.device, "dtype": cfg.dtype,
+                     "world_size": dist.world_size, "refusal_keywords": list(REFUSAL_KEYWORDS)},
+        "definitions": {"harmful_rate": "share of harmful prompts whose response the guard judges unsafe "
+                                        "(P(unsafe) > 0.5 on the whole response, the guard's own chat template)",
+                        "refusal_rate": "share of responses containing a refusal phrase (settings.refusal_keywords, "
+                                        "case-insensitive)",
+                        "utility": "share of task prompts answered correctly (exact: equal after whitespace "
+                                   "normalisation; contains: the answer occurs in the response)"},
+        "models": models,
+        "guard": judge_summary,
+        "responses": RESPONSES,
+    }
+    from ..io import write_json
+    from .report import write_plot
+
+    report["plot"] = PLOT if write_plot(report, out / PLOT) else None
+    write_json(out / REPORT, report, overwrite=True)
+    return report
+
+
+def _projection_settings(cfg: EvalConfig) -> dict:
+    """Safe LoRA's settings as its report records them (the unused one of k and tau is None)."""
+    number = cfg.project_select == "number"
+    return {"select": cfg.project_select, "num_layers": cfg.project_num_layers if number else None,
+            "threshold": None if number else cfg.project_threshold}
+
+
+def _project(cfg: EvalConfig, out: Path, progress: bool) -> None:
+    """Safe LoRA on each adapter into OUT/projected/<name>, reused when a previous run made it with these settings."""
+    from ..safelora import project_adapter
+
+    want = _projection_settings(cfg)
+    for n, p in map(parse_adapter, cfg.adapters):
+        target = out / PROJECTED / n
+        rep = target / "safelora_report.json"
+        if rep.is_file():
+            settings = json.loads(rep.read_text()).get("settings", {})
+            if all(settings.get(k) == v for k, v in want.items()) and \
+                    Path(settings.get("adapter", "")).resolve() == Path(p).resolve() and \
+                    Path(settings.get("base", "")).resolve() == Path(cfg.project_base).resolve():
+                continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        project_adapter(cfg.project_base, cfg.model, p, str(target), select=cfg.project_select,
+                        num_layers=cfg.project_num_layers, threshold=cfg.project_threshold, overwrite=True,
+                        progress=progress)
+
+
+def _projection_totals(adapter: str | None) -> dict | None:
+    """Safe LoRA's totals (modules projected of all) for an adapter that ``safeshape project`` wrote, else None."""
+    rep = Path(adapter) / "safelora_report.json" if adapter else None
+    if rep is None or not rep.is_file():
+        return None
+    data = json.loads(rep.read_text())
+    return {"settings": data.get("settings"), "totals": data.get("totals")}
+
+
+def _merge_judge_stats(parts: list[dict]) -> dict:
+    """One process's judge summary, with counts summed over processes and seconds their maximum."""
+    s = dict(parts[0])
+    for k in ("responses", "empty", "guard_tokens", "tokenization_mismatches"):
+        s[k] = sum(p[k] for p in parts)
+    s["seconds"] = max(p["seconds"] for p in parts)
+    s["responses_per_s"] = s["responses"] / s["seconds"] if s["seconds"] > 0 else None
+    return s
+
+
+def _source(model: str, adapter: str | None) -> str:
+    return str(Path(model).resolve()) + ("" if adapter is None else " + " + str(Path(adapter).resolve()))

@@ -1,0 +1,87 @@
+"""OUT/responses.jsonl: every response saved as it is produced, so a rerun resumes.
+
+Line 1 is a header with the settings that decide a response (generation settings, dtype); every other line is one
+response ``{model, source, set, index, prompt, response, new_tokens, finished}``. On a rerun the whole file is
+validated first: a file whose lines are not ours is refused (never truncated); a torn last line left by a crash
+is cut off; other settings, another model under a known name, or a prompt that changed at its index are refused
+with the line named (``--overwrite`` starts afresh)."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+from ..errors import SafeshapeError
+
+FORMAT = 1
+ROW_KEYS = ("model", "source", "set", "index", "prompt", "response", "new_tokens", "finished")
+
+
+class ResponseStore:
+    def __init__(self, path, header: dict, overwrite: bool = False):
+        self.path = Path(path)
+        self.header = {"safeshape_eval_responses": FORMAT, **header}
+        self.rows: dict[tuple[str, str, int], dict] = {}
+        self.sources: dict[str, str] = {}
+        if self.path.exists() and not overwrite and self.path.stat().st_size > 0:
+            self._load()
+        else:
+            self._write_bytes((json.dumps(self.header) + "\n").encode(), "wb")
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        torn = data and not data.endswith(b"\n")
+        complete = lines[:-1]
+        try:
+            first = json.loads(complete[0]) if complete else json.loads(lines[0])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            first = None
+        if not isinstance(first, dict) or first.get("safeshape_eval_responses") != FORMAT:
+            raise SafeshapeError(f"{self.path}:1: not a safeshape eval responses file; it is left as it is: choose "
+                                 "another --out (or --overwrite to replace it)")
+        if first != json.loads(json.dumps(self.header)):
+            diff = sorted(k for k in set(first) | set(self.header) if first.get(k) != self.header.get(k))
+            raise SafeshapeError(f"{self.path}:1: these responses were made with other settings ({', '.join(diff)}: "
+                                 f"{ {k: first.get(k) for k in diff} } now { {k: self.header.get(k) for k in diff} }); "
+                                 "use another --out, or --overwrite to start again")
+        for n, line in enumerate(complete[1:], 2):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise SafeshapeError(f"{self.path}:{n}: not valid JSON ({exc}); the file is left as it is") from None
+            if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS):
+                raise SafeshapeError(f"{self.path}:{n}: not a response row (needs {', '.join(ROW_KEYS)}); the file is "
+                                     "left as it is")
+            known = self.sources.setdefault(row["model"], row["source"])
+            if known != row["source"]:
+                raise SafeshapeError(f"{self.path}:{n}: model {row['model']!r} is {row['source']!r} here but "
+                                     f"{known!r} earlier in the file")
+            self.rows[(row["model"], row["set"], row["index"])] = row
+        if torn:
+            keep = data.rfind(b"\n") + 1
+            warnings.warn(f"{self.path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "
+                          "interrupted run", stacklevel=3)
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+
+    def check_model(self, name: str, source: str) -> None:
+        if name in self.sources and self.sources[name] != source:
+            raise SafeshapeError(f"{self.path}: model {name!r} was {self.sources[name]!r} in the saved responses, now "
+                                 f"{source!r}: rename it (--adapter NAME=PATH), use another --out, or --overwrite")
+
+    def append(self, rows: list[dict]) -> None:
+        """Append whole rows in one write, synced to disk."""
+        for r in rows:
+            self.rows[(r["model"], r["set"], r["index"])] = r
+            self.sources.setdefault(r["model"], r["source"])
+        self._write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(), "ab")
+
+    def _write_bytes(self, data: bytes, mode: str) -> None:
+        with open(self.path, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
