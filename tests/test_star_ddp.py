@@ -10,7 +10,7 @@ import pytest
 from safeshape.star import tiny
 from tests import star_common
 from tests.test_star_annotate import ROWS, assert_same_rows, read_jsonl, run_cli, write_jsonl
-from tests.test_trainer_ddp import _free_port
+from tests.torchrun_common import free_port as _free_port
 
 one_thread = pytest.fixture(autouse=True)(star_common.one_thread)
 
