@@ -137,15 +137,16 @@ def machine() -> dict:
 
 
 def code_version() -> str | None:
-    """The git commit the package was run from (with "+changes" when its tree differs), or None outside git."""
+    """The git commit the package was run from (with "+changes" when the package's files differ from it), or None
+    outside git. Read when a run starts: a commit made while it runs is not the code that ran."""
     import subprocess
 
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+        commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--untracked-files=no", "--",
+                                "."], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+changes" if dirty else "")
@@ -479,7 +480,7 @@ class Demo:
     def _run(self) -> dict:
         from .report import aggregate, plot
 
-        t0 = time.perf_counter()
+        t0, code = time.perf_counter(), code_version()
         grid = [(seed, width) for seed in self.seeds for width in self.widths]
         if self.jobs == 1 or len(grid) == 1:
             cells = [self.run_cell(seed, width) for seed, width in grid]
@@ -492,7 +493,10 @@ class Demo:
                                      mp_context=multiprocessing.get_context("spawn")) as pool:
                 # what a seed's widths share first, then the cells: no two processes ever make the same artifact
                 self._in_processes(pool, self.prepare_seed, [(seed,) for seed in self.seeds])
-                cells = self._in_processes(pool, self.run_cell, grid)
+                # the widest (slowest) cells first, so that the last to start are the quick ones
+                order = sorted(grid, key=lambda cell: -cell[1])
+                done = dict(zip(order, self._in_processes(pool, self.run_cell, order)))
+                cells = [done[cell] for cell in grid]
         report = {
             "format": FORMAT,
             "command": self.command(),
@@ -500,7 +504,7 @@ class Demo:
             "widths": list(self.widths),
             "profile": asdict(self.profile),
             "machine": machine(),
-            "code": code_version(),
+            "code": code,
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "defaults": {"safelora_threshold": SAFELORA_THRESHOLD, "safelora_k": "round(10/64 * modules), >= 1",
                          "safelora_energy_orthogonal": SAFELORA_ENERGY, "dss_kl_coef": DSS_KL_COEF,
