@@ -3,31 +3,51 @@
 Prints a table and writes JSON (--json). Ratios are measured in one run on the same machine, so they are what to
 compare; absolute times on shared 2-core machines are noisy.
 
-    PYTHONPATH=python python bench/bench_projection.py [--device cpu|cuda] [--quick] [--json out.json]
+    PYTHONPATH=python python bench/bench_projection.py [--device cpu|cuda] [--quick] [--isa avx2] [--json out.json]
+
+The CPU code path (avx512 / avx2 / generic) is printed; --isa forces one (same as the environment variable
+SAFESHAPE_ISA), so both paths can be measured on one AVX-512 machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
+import sys
 import time
 
-import torch
+if "--isa" in sys.argv:  # must be in the environment before the native library picks its path
+    os.environ["SAFESHAPE_ISA"] = sys.argv[sys.argv.index("--isa") + 1]
 
-import safeshape  # noqa: F401
-from safeshape import ops, reference
+import torch  # noqa: E402
+
+import safeshape  # noqa: E402
+from safeshape import ops, reference  # noqa: E402
 
 
-def timeit(fn, device, repeat):
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timeit(fn, device, repeat, clock=time.perf_counter):
     times = []
     for _ in range(repeat):
         if device == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = clock()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
@@ -44,6 +64,11 @@ def main(argv=None):
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) explicit-C reference")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--isa", choices=["avx512", "avx2", "generic"], default=None,
+                    help="force the CPU code path (default: the widest this CPU has)")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="thread: this thread's CPU time (with --threads 1 the op runs on the calling thread), which "
+                         "time slices taken by other jobs on a shared machine do not inflate")
     ap.add_argument("--json", default=None)
     ap.add_argument("--hbm-gbps", type=float, default=None,
                     help="GPU memory bandwidth (GB/s); adds ours / (time to read both weights twice at that speed)")
@@ -51,11 +76,16 @@ def main(argv=None):
     dev = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and (dev != "cpu" or torch.get_num_threads() != 1):
+        ap.error("--clock thread needs --device cpu --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     ranks = [16] if args.quick else [8, 16, 64]
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rows = []
-    print(f"device={dev} threads={torch.get_num_threads()} torch={torch.__version__}")
+    isa = safeshape.build_info()["cpu_isa"]
+    print(f"device={dev} threads={torch.get_num_threads()} clock={args.clock} cpu_isa={isa} cpu={cpu_model()!r} "
+          f"load={os.getloadavg()[0]:.2f} torch={torch.__version__}")
     print(f"{'shape':>12} {'r':>3} {'dtype':>9} {'ours ms':>9} {'ref ms':>9} {'floor ms':>9} "
           f"{'ref/ours':>9} {'ours/floor':>10}")
     g = torch.Generator().manual_seed(0)
@@ -63,19 +93,21 @@ def main(argv=None):
         for dtype in dtypes:
             base = torch.randn(d_out, d_in, generator=g).to(dtype).to(dev)
             aligned = (base.float() + 0.01 * torch.randn(d_out, d_in, generator=g)).to(dtype).to(dev)
-            floor = timeit(lambda: read_floor(aligned, base), dev, args.repeat)
+            floor = timeit(lambda: read_floor(aligned, base), dev, args.repeat, clock)
             for r in ranks:
                 b = (0.01 * torch.randn(d_out, r, generator=g)).to(dtype).to(dev)
                 ops.project_lora_b(aligned, base, b)  # warm-up
-                ours = timeit(lambda: ops.project_lora_b(aligned, base, b), dev, args.repeat)
+                ours = timeit(lambda: ops.project_lora_b(aligned, base, b), dev, args.repeat, clock)
                 ref = None
                 # the reference's cost does not depend on r (forming C dominates): time it once per shape/dtype
                 if not args.no_reference and r == ranks[0]:
-                    ref = timeit(lambda: reference.project_lora_b(aligned, base, b), dev, 1 if dev == "cpu" else 3)
+                    ref = timeit(lambda: reference.project_lora_b(aligned, base, b), dev, 1 if dev == "cpu" else 3,
+                                 clock)
                     ref_cache = ref
                 elif not args.no_reference:
                     ref = ref_cache
                 row = dict(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype).replace("torch.", ""), device=dev,
+                           cpu_isa=isa if dev == "cpu" else None, threads=torch.get_num_threads(), clock=args.clock,
                            ours_s=ours, reference_s=ref, floor_s=floor,
                            reference_over_ours=(ref / ours) if ref else None, ours_over_floor=ours / floor)
                 if args.hbm_gbps:

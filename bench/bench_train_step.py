@@ -46,7 +46,7 @@ def child(args) -> dict:
     from safeshape.trainer.loop import Run
 
     class PlainDSSLoss(nn.Module):
-        """SPEC.md section 3 in plain torch, from materialised logits."""
+        """docs/math.md#dss-loss in plain torch, from materialised logits."""
 
         def __init__(self, kl_coef):
             super().__init__()

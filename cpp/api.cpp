@@ -3,13 +3,16 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "cpu_kernels.h"
+
 namespace safeshape {
 
 BuildInfo build_info() {
+  const char* isa = cpu::isa_name(cpu::active_isa());
 #ifdef SAFESHAPE_WITH_CUDA
-  return {SAFESHAPE_TORCH_VERSION, true, SAFESHAPE_CUDA_VERSION, SAFESHAPE_CUDA_ARCHS};
+  return {SAFESHAPE_TORCH_VERSION, true, SAFESHAPE_CUDA_VERSION, SAFESHAPE_CUDA_ARCHS, isa};
 #else
-  return {SAFESHAPE_TORCH_VERSION, false, "", ""};
+  return {SAFESHAPE_TORCH_VERSION, false, "", "", isa};
 #endif
 }
 

@@ -1,4 +1,4 @@
-// Device-independent torch glue of the DSS loss ops (SPEC.md section 3): argument checks, output allocation and
+// Device-independent torch glue of the DSS loss ops (docs/math.md#dss-loss): argument checks, output allocation and
 // the chunk loop of the lm-head-fused ops. Each device supplies its row kernels as a DssRowKernels table
 // (cpp/dss_loss_cpu.cpp, cpp/dss_loss_cuda.cpp); the kernels themselves see only raw pointers (cuda::DssRows).
 #pragma once

@@ -1,4 +1,4 @@
-// CPU kernels of the DSS loss ops (SPEC.md section 3). Per row only logsumexp(z) and z[y] are needed:
+// CPU kernels of the DSS loss ops (docs/math.md#dss-gradient). Per row only logsumexp(z) and z[y] are needed:
 //   forward:  max, then sum exp(z - max) (two passes over a row that sits in L2), lse = max + log(sum)
 //   backward: grad = g c (exp(z - lse) - onehot(y)), one pass, reusing the forward's lse; may run in place
 //   full KL:  the same passes over z and the reference row r, plus sum exp(z - mz) ((z - mz) - (r - mr))

@@ -1,12 +1,17 @@
-// CPU kernels of the Safe LoRA ops (SPEC.md section 1).
-//   project_lora_b: pass 1 reads both weights tile by tile and accumulates M = V^T B and ||V||^2;
-//                   pass 2 reads them again and forms B' = V M / ||V||. V is never stored whole.
+// CPU kernels of the Safe LoRA ops (docs/math.md#safe-lora-without-forming-c).
+//   project_lora_b: pass 1 reads both weights tile by tile and accumulates M = V^T B and ||V||^2 (float64);
+//                   pass 2 reads them again and forms B' = V M / ||V|| (float32). V is never stored whole.
+//                   The vector kernels are in projection_kernels.inc, one copy per ISA, chosen at run time.
 //   lora_cosine:    cos(C dW, dW) through r x r Gram matrices, accumulated in fp64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -15,200 +20,43 @@
 namespace safeshape {
 namespace {
 
-using cpu::round_up;
+constexpr int64_t kRank = 16;   // rank columns per register block (lora_b is padded to a multiple)
+constexpr int64_t kRows1 = 16;  // rows of V per rank update in pass 1 (lora_b gets as many zero rows of padding)
 
-constexpr int64_t kRank = 16;       // rank columns held in registers at a time (lora_b padded to a multiple)
-constexpr int64_t kRows1 = 8;       // rows of V per rank-8 update in pass 1
-constexpr int64_t kCols1 = 2048;    // widest column tile of pass 1: long row segments keep the prefetchers busy
-constexpr int64_t kRowBlock = 256;  // pass 1 sums this many rows in a fresh accumulator (two-level summation)
-constexpr int64_t kRows2 = 8;       // rows of V per block in pass 2 (each M row load serves 8 rows)
-constexpr int64_t kColBlock = 256;  // pass 2 two-level summation block
+// One namespace per ISA path: the same source (projection_kernels.inc) compiled for its target.
+namespace isa_generic {
+constexpr int kVecRegs = 16, kVecBytes = 16;
+#include "projection_kernels.inc"
+}  // namespace isa_generic
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SAFESHAPE_HAVE_ISA_PATHS 1
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace isa_avx2 {
+constexpr int kVecRegs = 16, kVecBytes = 32;
+#include "projection_kernels.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace isa_avx512 {
+constexpr int kVecRegs = 32, kVecBytes = 64;
+#include "projection_kernels.inc"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif
 
-// out[j] = a[j] - b[j] in float32; adds sum(out^2) to *ss when ss is not null. Explicit 16-wide vectors: the
-// compiler will not vectorise a float reduction on its own (it may not reorder the sum), which left this
-// loop scalar and made it the slowest part of the op.
-template <bool kSumSq>
-SAFESHAPE_CLONES
-void diff_f32_impl(const float* __restrict a, const float* __restrict b, float* __restrict out, int64_t n,
-                   double* ss) {
-  cpu::vf16 acc0 = {}, acc1 = {};
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    const cpu::vf16 v0 = cpu::load16(a + j) - cpu::load16(b + j);
-    const cpu::vf16 v1 = cpu::load16(a + j + 16) - cpu::load16(b + j + 16);
-    cpu::store16(out + j, v0);
-    cpu::store16(out + j + 16, v1);
-    if constexpr (kSumSq) {
-      acc0 += v0 * v0;
-      acc1 += v1 * v1;
-    }
+// f(Kernels{}) with the Kernels of the path cpu::active_isa() names.
+template <typename F>
+void with_kernels(F&& f) {
+#ifdef SAFESHAPE_HAVE_ISA_PATHS
+  switch (cpu::active_isa()) {
+    case cpu::Isa::kAvx512: return f(isa_avx512::Kernels{});
+    case cpu::Isa::kAvx2: return f(isa_avx2::Kernels{});
+    default: break;
   }
-  float tail = 0.f;
-  for (; j < n; ++j) {
-    const float v = a[j] - b[j];
-    out[j] = v;
-    tail += v * v;
-  }
-  if constexpr (kSumSq) *ss += cpu::hsum(acc0 + acc1) + static_cast<double>(tail);
-}
-
-template <bool kSumSq>
-SAFESHAPE_CLONES
-void diff_bf16_impl(const uint16_t* __restrict a, const uint16_t* __restrict b, float* __restrict out, int64_t n,
-                    double* ss) {
-  cpu::vf16 acc = {};
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const cpu::vf16 v = cpu::bf16x16_to_float(a + j) - cpu::bf16x16_to_float(b + j);
-    cpu::store16(out + j, v);
-    if constexpr (kSumSq) acc += v * v;
-  }
-  float tail = 0.f;
-  for (; j < n; ++j) {
-    const float v = cpu::bf16_bits_to_float(a[j]) - cpu::bf16_bits_to_float(b[j]);
-    out[j] = v;
-    tail += v * v;
-  }
-  if constexpr (kSumSq) *ss += cpu::hsum(acc) + static_cast<double>(tail);
-}
-
-void diff_f32(const float* a, const float* b, float* out, int64_t n, double* ss) {
-  ss ? diff_f32_impl<true>(a, b, out, n, ss) : diff_f32_impl<false>(a, b, out, n, ss);
-}
-
-void diff_bf16(const uint16_t* a, const uint16_t* b, float* out, int64_t n, double* ss) {
-  ss ? diff_bf16_impl<true>(a, b, out, n, ss) : diff_bf16_impl<false>(a, b, out, n, ss);
-}
-
-void diff_f16(const c10::Half* a, const c10::Half* b, float* out, int64_t n, double* ss) {
-  float acc = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = static_cast<float>(a[j]) - static_cast<float>(b[j]);
-    out[j] = v;
-    acc += v * v;
-  }
-  if (ss) *ss += acc;
-}
-
-template <typename T>
-void diff_row(const T* a, const T* b, float* out, int64_t n, double* ss) {
-  if constexpr (std::is_same_v<T, float>) {
-    diff_f32(a, b, out, n, ss);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    diff_bf16(reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b), out, n, ss);
-  } else {
-    diff_f16(a, b, out, n, ss);
-  }
-}
-
-// M[j, :] += sum_ii vt[ii, j] * bt[ii, :] for j < w: a rank-kRows1 update of a w x rp tile.
-// Eight columns at a time: eight independent accumulator chains, each bt row load serves eight FMAs.
-SAFESHAPE_CLONES
-void rank_update(float* __restrict M, const float* __restrict vt, int64_t ldv, const float* __restrict bt, int64_t w,
-                 int64_t rp) {
-  static_assert(kRank == 16, "the microkernels hold 16 rank columns in one vf16");
-  constexpr int kCols = 8;
-  int64_t j = 0;
-  for (; j + kCols <= w; j += kCols) {
-    for (int64_t k0 = 0; k0 < rp; k0 += kRank) {
-      cpu::vf16 acc[kCols];
-      for (int c = 0; c < kCols; ++c) acc[c] = cpu::load16(M + (j + c) * rp + k0);
-      for (int ii = 0; ii < kRows1; ++ii) {
-        const cpu::vf16 brow = cpu::load16(bt + ii * rp + k0);
-        const float* vr = vt + ii * ldv + j;
-        for (int c = 0; c < kCols; ++c) acc[c] += vr[c] * brow;
-      }
-      for (int c = 0; c < kCols; ++c) cpu::store16(M + (j + c) * rp + k0, acc[c]);
-    }
-  }
-  for (; j < w; ++j) {
-    float* m = M + j * rp;
-    for (int64_t k0 = 0; k0 < rp; k0 += kRank) {
-      cpu::vf16 acc = cpu::load16(m + k0);
-      for (int ii = 0; ii < kRows1; ++ii) acc += vt[ii * ldv + j] * cpu::load16(bt + ii * rp + k0);
-      cpu::store16(m + k0, acc);
-    }
-  }
-}
-
-SAFESHAPE_CLONES
-void add_into(float* __restrict dst, const float* __restrict src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-}
-
-// out[ii, :] = sum_j v[ii, j] * M[j, :] for ii < kRows2; v is kRows2 x d_in, M is d_in x rp, out kRows2 x rp.
-// kRows2 independent accumulator chains; each M row load serves kRows2 FMAs.
-SAFESHAPE_CLONES
-void rows_times_m(float* __restrict out, const float* __restrict v, const float* __restrict M, int64_t d_in,
-                  int64_t rp) {
-  for (int64_t k0 = 0; k0 < rp; k0 += kRank) {
-    cpu::vf16 total[kRows2] = {};
-    for (int64_t jb = 0; jb < d_in; jb += kColBlock) {
-      const int64_t je = std::min(jb + kColBlock, d_in);
-      cpu::vf16 acc[kRows2] = {};
-      for (int64_t j = jb; j < je; ++j) {
-        const cpu::vf16 m = cpu::load16(M + j * rp + k0);
-        for (int ii = 0; ii < kRows2; ++ii) acc[ii] += v[ii * d_in + j] * m;
-      }
-      for (int ii = 0; ii < kRows2; ++ii) total[ii] += acc[ii];
-    }
-    for (int ii = 0; ii < kRows2; ++ii) cpu::store16(out + ii * rp + k0, total[ii]);
-  }
-}
-
-template <typename T>
-double projection_pass1(const T* a, const T* b, const float* bt, float* M, int64_t d_out, int64_t d_in, int64_t rp) {
-  // one tile per thread where possible (at least 256 columns, at most kCols1)
-  const int64_t width = std::clamp<int64_t>(round_up((d_in + at::get_num_threads() - 1) / at::get_num_threads(), 16),
-                                            256, kCols1);
-  const int64_t ntiles = (d_in + width - 1) / width;
-  std::vector<double> tile_ss(ntiles, 0.0);
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> vt(kRows1 * width, 0.f);
-    std::vector<float> part(width * rp);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j0 = t * width;
-      const int64_t w = std::min(width, d_in - j0);
-      double ss = 0.0;
-      for (int64_t rb = 0; rb < d_out; rb += kRowBlock) {
-        const int64_t re = std::min(rb + kRowBlock, d_out);
-        std::fill(part.begin(), part.begin() + w * rp, 0.f);
-        for (int64_t i0 = rb; i0 < re; i0 += kRows1) {
-          const int64_t rt = std::min(kRows1, re - i0);
-          for (int64_t ii = 0; ii < rt; ++ii)
-            diff_row(a + (i0 + ii) * d_in + j0, b + (i0 + ii) * d_in + j0, vt.data() + ii * width, w, &ss);
-          for (int64_t ii = rt; ii < kRows1; ++ii) std::fill_n(vt.data() + ii * width, w, 0.f);
-          // bt has kRows1 zero rows of padding past d_out, so a short last tile reads zeros.
-          rank_update(part.data(), vt.data(), width, bt + i0 * rp, w, rp);
-        }
-        add_into(M + j0 * rp, part.data(), w * rp);
-      }
-      tile_ss[t] = ss;
-    }
-  });
-  double total = 0.0;
-  for (double s : tile_ss) total += s;
-  return total;
-}
-
-template <typename T>
-void projection_pass2(const T* a, const T* b, const float* M, float* out, float scale, int64_t d_out, int64_t d_in,
-                      int64_t rp) {
-  const int64_t nblocks = (d_out + kRows2 - 1) / kRows2;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> v(kRows2 * d_in, 0.f);
-    std::vector<float> o(kRows2 * rp);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * kRows2;
-      const int64_t rt = std::min(kRows2, d_out - i0);
-      for (int64_t ii = 0; ii < rt; ++ii)
-        diff_row(a + (i0 + ii) * d_in, b + (i0 + ii) * d_in, v.data() + ii * d_in, d_in, nullptr);
-      for (int64_t ii = rt; ii < kRows2; ++ii) std::fill_n(v.data() + ii * d_in, d_in, 0.f);
-      rows_times_m(o.data(), v.data(), M, d_in, rp);
-      for (int64_t ii = 0; ii < rt; ++ii)
-        for (int64_t k = 0; k < rp; ++k) out[(i0 + ii) * rp + k] = o[ii * rp + k] * scale;
-    }
-  });
+#endif
+  f(isa_generic::Kernels{});
 }
 
 std::tuple<at::Tensor, at::Tensor> project_lora_b_cpu(const at::Tensor& aligned, const at::Tensor& base,
@@ -216,29 +64,33 @@ std::tuple<at::Tensor, at::Tensor> project_lora_b_cpu(const at::Tensor& aligned,
   const auto [d_out, d_in, r] = check_projection_args(aligned, base, lora_b, "project_lora_b");
   const at::Tensor a = aligned.contiguous();
   const at::Tensor b = base.contiguous();
-  const int64_t rp = round_up(r, kRank);
+  const int64_t rp = cpu::round_up(r, kRank);
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
-  // lora_b in float32, zero-padded to rp columns and kRows1 extra rows.
-  at::Tensor bt = at::zeros({d_out + kRows1, rp}, f32);
+  auto f64 = f32.dtype(at::kDouble);
+  // lora_b in float64, zero-padded to rp columns and kRows1 extra rows.
+  at::Tensor bt = at::zeros({d_out + kRows1, rp}, f64);
   bt.narrow(0, 0, d_out).narrow(1, 0, r).copy_(lora_b);
-  at::Tensor M = at::zeros({d_in, rp}, f32);
+  at::Tensor M = at::zeros({d_in, rp}, f64);
   at::Tensor out = at::empty({d_out, rp}, f32);
   double sumsq = 0.0;
-  auto run = [&](auto tag) {
+  auto run = [&](auto tag, auto kernels) {
     using scalar_t = decltype(tag);
-    sumsq = projection_pass1<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                                       bt.const_data_ptr<float>(), M.mutable_data_ptr<float>(), d_out, d_in, rp);
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    sumsq = kernels.pass1(pa, pb, bt.const_data_ptr<double>(), M.mutable_data_ptr<double>(), d_out, d_in, rp);
+    const at::Tensor M32 = M.to(at::kFloat);
     const double norm = std::sqrt(sumsq);
-    // V = 0 (aligned == base) gives C = 0: the projection removes the update.
-    const float scale = norm > 0.0 ? static_cast<float>(1.0 / norm) : 0.f;
-    projection_pass2<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                               M.const_data_ptr<float>(), out.mutable_data_ptr<float>(), scale, d_out, d_in, rp);
+    // V = 0 (aligned == base) gives C = 0: the projection removes the update. A NaN norm stays NaN.
+    const float scale = norm == 0.0 ? 0.f : static_cast<float>(1.0 / norm);
+    kernels.pass2(pa, pb, M32.const_data_ptr<float>(), out.mutable_data_ptr<float>(), scale, d_out, d_in, rp);
   };
-  switch (a.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    default: run(c10::Half{}); break;  // check_projection_args admits only these three
-  }
+  with_kernels([&](auto kernels) {
+    switch (a.scalar_type()) {
+      case at::kFloat: run(float{}, kernels); break;
+      case at::kBFloat16: run(c10::BFloat16{}, kernels); break;
+      default: run(c10::Half{}, kernels); break;  // check_projection_args admits only these three
+    }
+  });
   at::Tensor projected = out.narrow(1, 0, r).to(lora_b.scalar_type()).contiguous();
   return {projected, at::scalar_tensor(std::sqrt(sumsq), f32)};
 }
@@ -299,8 +151,12 @@ at::Tensor lora_cosine_cpu(const at::Tensor& lora_b, const at::Tensor& projected
       for (int64_t k = 0; k < r; ++k)
         for (int64_t l = 0; l < r; ++l) tr[q] += s[k * r + l] * G[l * r + k];
     }
-  double cosine = 0.0;  // defined as 0 when dW = 0 or C dW = 0
-  if (tr[1] > 0.0 && tr[2] > 0.0) cosine = std::clamp(tr[0] / std::sqrt(tr[1] * tr[2]), 0.0, 1.0);
+  double cosine = 0.0;  // defined as 0 when dW = 0 or C dW = 0; NaN when an input is not finite
+  if (!std::isfinite(tr[0]) || !std::isfinite(tr[1]) || !std::isfinite(tr[2])) {
+    cosine = std::numeric_limits<double>::quiet_NaN();
+  } else if (tr[1] > 0.0 && tr[2] > 0.0) {
+    cosine = std::clamp(tr[0] / std::sqrt(tr[1] * tr[2]), 0.0, 1.0);
+  }
   return at::scalar_tensor(cosine, at::TensorOptions().dtype(at::kDouble));
 }
 

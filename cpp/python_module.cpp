@@ -15,6 +15,7 @@ PYBIND11_MODULE(_C, m) {
     info["cuda"] = b.cuda;
     info["cuda_version"] = b.cuda ? py::object(py::str(b.cuda_version)) : py::object(py::none());
     info["cuda_archs"] = b.cuda_archs;
+    info["cpu_isa"] = b.cpu_isa;
     return info;
-  }, "What this build was compiled against: torch version, CUDA on/off, CUDA version and arch list.");
+  }, "What this build was compiled against: torch version, CUDA on/off, CUDA version and arch list, CPU code path.");
 }

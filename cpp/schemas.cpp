@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(safeshape, m) {
-  // ---- Safe LoRA (SPEC.md section 1) ----
+  // ---- Safe LoRA (docs/math.md#safe-lora) ----
   // B' = V (V^T B) / ||V||_F with V = aligned - base; never forms V V^T, never stores V.
   // Returns (projected_b in lora_b's dtype, ||V||_F as a float32 scalar).
   m.def("project_lora_b(Tensor aligned, Tensor base, Tensor lora_b) -> (Tensor, Tensor)");
@@ -14,7 +14,7 @@ TORCH_LIBRARY(safeshape, m) {
   // The explicit C = V V^T / ||V||_F (d_out x d_out, float32), for parity checks.
   m.def("alignment_projection_matrix(Tensor aligned, Tensor base) -> Tensor");
 
-  // ---- DSS loss (SPEC.md section 3) ----
+  // ---- DSS loss (docs/math.md#dss-loss) ----
   // Per row of logits [N, V]: logsumexp and z[y] in one pass; rows whose label is ignore_index give 0.
   // Statistics are float32 (float64 for float64 logits). Returns (logprobs, logsumexp).
   m.def("token_logprobs(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
@@ -50,7 +50,7 @@ TORCH_LIBRARY(safeshape, m) {
         "Tensor ref_logprobs, Tensor grad_loss, float kl_coef, int ignore_index, int chunk_rows, "
         "bool compute_grad_weight) -> (Tensor, Tensor, Tensor, Tensor)");
 
-  // ---- STAR (SPEC.md section 2) ----
+  // ---- STAR (docs/math.md#star-token-weights) ----
   // weights[b, t] = values[b, k] for the first chunk k (in order) with chunk_ends[b, k] > t, i.e. chunk k's value
   // on the tokens at/after the previous end and before its own end; a negative end (-1) marks a padding chunk;
   // tokens at/after the last end get 0. values [B, K] float, chunk_ends [B, K] int64/int32 -> [B, seq_len].

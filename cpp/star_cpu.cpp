@@ -1,4 +1,4 @@
-// CPU kernel of star_token_weights (SPEC.md section 2): expand per-chunk STAR values to per-token weights.
+// CPU kernel of star_token_weights (docs/math.md#star-token-weights): expand per-chunk STAR values to per-token weights.
 // weights[b, t] = values[b, k] for the first chunk k with chunk_ends[b, k] > t; 0 when no chunk ends after t.
 // With the running maximum M[k] of the ends, "first k with end > t" is "first k with M[k] > t", which is monotone
 // in t: each task binary-searches its first token once and then fills whole runs of tokens with one value.

@@ -1,4 +1,4 @@
-// CUDA row kernels of the DSS loss ops (SPEC.md section 3). One block per row of logits:
+// CUDA row kernels of the DSS loss ops (docs/math.md#dss-gradient). One block per row of logits:
 //   forward:  each thread keeps an online (max, sum exp) over its elements (16-byte vector loads), the block
 //             merges the pairs; thread 0 forms lse, l = z[y] - lse and the loss.
 //   backward: grad = g c (exp(z - lse) - onehot(y)), one pass with vector loads and stores; may run in place.

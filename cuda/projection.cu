@@ -1,7 +1,8 @@
-// CUDA kernels of the Safe LoRA ops (SPEC.md section 1). Two passes over the weights, V never stored:
-//   pass 1: partial[s, j, :] = sum_{i in split s} V[i, j] B[i, :]  and per-block sums of V^2
+// CUDA kernels of the Safe LoRA ops (docs/math.md#safe-lora-without-forming-c). Two passes over the weights, V never stored:
+//   pass 1: partial[s, j, :] = sum_{i in split s} V[i, j] B[i, :] (float64)  and per-block sums of V^2
 //   reduce: M[j, :] = sum_s partial[s, j, :],  norm = sqrt(sum of the block sums)   (fp64 for the norm)
-//   pass 2: B'[i, :] = sum_j V[i, j] M[j, :] / norm, one block per row.
+//   pass 2: B'[i, :] = sum_j V[i, j] M[j, :] / norm, several rows per block (pass2_rows).
+// V^T B is accumulated in float64 (as on the CPU); ||V||^2 per thread in float32, across blocks in float64.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,16 +25,16 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 // grid (ceil(d_in / kThreads), nsplit, ceil(r / R)); each thread owns column j and R rank columns.
 template <typename T, int R>
 __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ lora_b,
-                             float* __restrict__ partial, float* __restrict__ block_ss, int64_t d_out, int64_t d_in,
+                             double* __restrict__ partial, float* __restrict__ block_ss, int64_t d_out, int64_t d_in,
                              int64_t r, int64_t rows_per_split) {
   __shared__ float bs[kRowsPerTile][R];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t k0 = static_cast<int64_t>(blockIdx.z) * R;
   const int64_t i_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t i_end = min(d_out, i_begin + rows_per_split);
-  float acc[R];
+  double acc[R];  // float64: products of float32 values are exact, and V^T B may cancel (hard modules)
 #pragma unroll
-  for (int k = 0; k < R; ++k) acc[k] = 0.f;
+  for (int k = 0; k < R; ++k) acc[k] = 0.0;
   float ss = 0.f;
   for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowsPerTile) {
     const int rows = static_cast<int>(min(static_cast<int64_t>(kRowsPerTile), i_end - i0));
@@ -49,12 +50,12 @@ __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, c
         const float v = to_float(a[idx]) - to_float(b[idx]);
         ss += v * v;
 #pragma unroll
-        for (int k = 0; k < R; ++k) acc[k] += v * bs[ii][k];
+        for (int k = 0; k < R; ++k) acc[k] += static_cast<double>(v) * bs[ii][k];
       }
     }
   }
   if (j < d_in) {
-    float* p = partial + (static_cast<int64_t>(blockIdx.y) * d_in + j) * r + k0;
+    double* p = partial + (static_cast<int64_t>(blockIdx.y) * d_in + j) * r + k0;
 #pragma unroll
     for (int k = 0; k < R; ++k)
       if (k0 + k < r) p[k] = acc[k];
@@ -67,12 +68,12 @@ __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, c
 }
 
 // M[e] = sum_s partial[s, e] over e < d_in * r; then block 0 sums the block sums of V^2 into the norm.
-__global__ void reduce_kernel(const float* __restrict__ partial, float* __restrict__ M, int64_t n, int nsplit) {
+__global__ void reduce_kernel(const double* __restrict__ partial, float* __restrict__ M, int64_t n, int nsplit) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (e >= n) return;
-  float s = 0.f;
+  double s = 0.0;
   for (int q = 0; q < nsplit; ++q) s += partial[q * n + e];
-  M[e] = s;
+  M[e] = static_cast<float>(s);
 }
 
 __global__ void norm_kernel(const float* __restrict__ block_ss, int64_t n, double* __restrict__ norm64,
@@ -87,39 +88,61 @@ __global__ void norm_kernel(const float* __restrict__ block_ss, int64_t n, doubl
   }
 }
 
-// grid (d_out, ceil(r / R)); block-wide dot of row i of V with M[:, k0:k0+R].
-template <typename T, int R>
+// grid (ceil(d_out / ROWS), ceil(r / R)); block-wide dots of ROWS rows of V with M[:, k0:k0+R]. Each M row
+// a thread loads serves ROWS rows of V, so M (d_in x r) is re-read from L2 d_out / ROWS times, not d_out times.
+template <typename T, int R, int ROWS>
 __global__ void pass2_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ M,
-                             const double* __restrict__ norm64, float* __restrict__ out, int64_t d_in, int64_t r) {
-  __shared__ float red[kThreads / 32][R];
-  const int64_t i = blockIdx.x;
+                             const double* __restrict__ norm64, float* __restrict__ out, int64_t d_out, int64_t d_in,
+                             int64_t r) {
+  __shared__ float red[kThreads / 32][ROWS * R];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * ROWS;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * R;
   const int kn = static_cast<int>(min(static_cast<int64_t>(R), r - k0));
-  float acc[R];
+  const int rows = static_cast<int>(min(static_cast<int64_t>(ROWS), d_out - i0));
+  float acc[ROWS][R];
 #pragma unroll
-  for (int k = 0; k < R; ++k) acc[k] = 0.f;
-  const T* ar = a + i * d_in;
-  const T* br = b + i * d_in;
+  for (int q = 0; q < ROWS; ++q)
+#pragma unroll
+    for (int k = 0; k < R; ++k) acc[q][k] = 0.f;
   for (int64_t j = threadIdx.x; j < d_in; j += kThreads) {
-    const float v = to_float(ar[j]) - to_float(br[j]);
-    const float* m = M + j * r + k0;
+    float m[R];
+    const float* mr = M + j * r + k0;
 #pragma unroll
-    for (int k = 0; k < R; ++k)
-      if (k < kn) acc[k] += v * m[k];
+    for (int k = 0; k < R; ++k) m[k] = k < kn ? mr[k] : 0.f;
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q) {
+      if (q < rows) {
+        const int64_t idx = (i0 + q) * d_in + j;
+        const float v = to_float(a[idx]) - to_float(b[idx]);
+#pragma unroll
+        for (int k = 0; k < R; ++k) acc[q][k] += v * m[k];
+      }
+    }
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int k = 0; k < R; ++k) {
-    const float s = warp_sum(acc[k]);
-    if (lane == 0) red[warp][k] = s;
-  }
+  for (int q = 0; q < ROWS; ++q)
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const float s = warp_sum(acc[q][k]);
+      if (lane == 0) red[warp][q * R + k] = s;
+    }
   __syncthreads();
-  if (threadIdx.x < kn) {
+  const double nrm = norm64[0];
+  for (int e = threadIdx.x; e < ROWS * R; e += kThreads) {
+    const int q = e / R, k = e % R;
+    if (q >= rows || k >= kn) continue;
     float s = 0.f;
-    for (int w = 0; w < kThreads / 32; ++w) s += red[w][threadIdx.x];
-    const double nrm = norm64[0];
-    out[i * r + k0 + threadIdx.x] = nrm > 0.0 ? static_cast<float>(s / nrm) : 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) s += red[w][e];
+    // V = 0 gives 0; a NaN norm (non-finite weights) stays NaN
+    out[(i0 + q) * r + k0 + k] = nrm == 0.0 ? 0.f : static_cast<float>(s / nrm);
   }
+}
+
+// rows of V per pass-2 block: ROWS x R accumulators per thread (at most 64 registers)
+template <int R>
+constexpr int pass2_rows() {
+  return R <= 16 ? 4 : R == 32 ? 2 : 1;
 }
 
 int rank_tile(int64_t r) { return r <= 8 ? 8 : r <= 16 ? 16 : r <= 32 ? 32 : 64; }
@@ -128,14 +151,23 @@ struct Plan {
   int64_t col_blocks, nsplit, rows_per_split;
 };
 
+// Pass 1 splits the rows so that the grid fills the GPU: at least 8 blocks per SM (and 1024 in all), at least
+// kMinRowsPerSplit rows per split. workspace_bytes and the launch both call this, on the same device.
+constexpr int64_t kMinRowsPerSplit = 4;
 Plan make_plan(int64_t d_out, int64_t d_in) {
   Plan p;
-  p.col_blocks = (d_in + kThreads - 1) / kThreads;
-  // aim for about 1024 blocks in pass 1, at least 64 rows per split
-  int64_t want = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, p.col_blocks));
-  p.nsplit = std::min<int64_t>(want, std::max<int64_t>(1, d_out / 64));
-  p.rows_per_split = (d_out + p.nsplit - 1) / p.nsplit;
-  p.nsplit = (d_out + p.rows_per_split - 1) / p.rows_per_split;
+  p.col_blocks = std::max<int64_t>(1, (d_in + kThreads - 1) / kThreads);
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    sms = 132;
+    cudaGetLastError();  // the failed query must not be reported as the launch's error
+  }
+  const int64_t target = std::max<int64_t>(1024, 8 * static_cast<int64_t>(sms));
+  const int64_t want = std::max<int64_t>(1, (target + p.col_blocks - 1) / p.col_blocks);
+  p.nsplit = std::min<int64_t>(want, std::max<int64_t>(1, d_out / kMinRowsPerSplit));
+  p.rows_per_split = std::max<int64_t>(1, (d_out + p.nsplit - 1) / p.nsplit);  // d_out = 0: one empty split
+  p.nsplit = std::max<int64_t>(1, (d_out + p.rows_per_split - 1) / p.rows_per_split);
   return p;
 }
 
@@ -145,8 +177,8 @@ template <typename T, int R>
 void launch_passes(const T* a, const T* b, const float* lora_b, float* projected, float* v_norm, int64_t d_out,
                    int64_t d_in, int64_t r, char* ws, cudaStream_t stream) {
   const Plan p = make_plan(d_out, d_in);
-  float* partial = reinterpret_cast<float*>(ws);
-  ws += align256(sizeof(float) * p.nsplit * d_in * r);
+  double* partial = reinterpret_cast<double*>(ws);
+  ws += align256(sizeof(double) * p.nsplit * d_in * r);
   float* M = reinterpret_cast<float*>(ws);
   ws += align256(sizeof(float) * d_in * r);
   float* block_ss = reinterpret_cast<float*>(ws);
@@ -160,8 +192,9 @@ void launch_passes(const T* a, const T* b, const float* lora_b, float* projected
   reduce_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
       partial, M, n, static_cast<int>(p.nsplit));
   norm_kernel<<<1, kThreads, 0, stream>>>(block_ss, p.nsplit * p.col_blocks, norm64, v_norm);
-  dim3 g2(static_cast<unsigned>(d_out), static_cast<unsigned>(rchunks));
-  pass2_kernel<T, R><<<g2, kThreads, 0, stream>>>(a, b, M, norm64, projected, d_in, r);
+  constexpr int rows = pass2_rows<R>();
+  dim3 g2(static_cast<unsigned>((d_out + rows - 1) / rows), static_cast<unsigned>(rchunks));
+  pass2_kernel<T, R, rows><<<g2, kThreads, 0, stream>>>(a, b, M, norm64, projected, d_out, d_in, r);
 }
 
 template <typename T>
@@ -200,8 +233,12 @@ __global__ void cosine_kernel(const double* __restrict__ grams, int64_t r, doubl
   double t[3];
   for (int q = 0; q < 3; ++q) t[q] = block_sum(tr[q]);
   if (threadIdx.x == 0) {
-    double c = 0.0;
-    if (t[1] > 0.0 && t[2] > 0.0) c = fmin(fmax(t[0] / sqrt(t[1] * t[2]), 0.0), 1.0);
+    double c = 0.0;  // 0 when dW = 0 or C dW = 0; NaN when an input is not finite (as on the CPU)
+    if (!isfinite(t[0]) || !isfinite(t[1]) || !isfinite(t[2])) {
+      c = nan("");
+    } else if (t[1] > 0.0 && t[2] > 0.0) {
+      c = fmin(fmax(t[0] / sqrt(t[1] * t[2]), 0.0), 1.0);
+    }
     cosine[0] = c;
   }
 }
@@ -210,7 +247,7 @@ __global__ void cosine_kernel(const double* __restrict__ grams, int64_t r, doubl
 
 size_t project_lora_b_workspace_bytes(int64_t d_out, int64_t d_in, int64_t r) {
   const Plan p = make_plan(d_out, d_in);
-  return align256(sizeof(float) * p.nsplit * d_in * r) + align256(sizeof(float) * d_in * r) +
+  return align256(sizeof(double) * p.nsplit * d_in * r) + align256(sizeof(float) * d_in * r) +
          align256(sizeof(float) * p.nsplit * p.col_blocks) + align256(sizeof(double));
 }
 
@@ -219,6 +256,11 @@ int launch_project_lora_b(DType dtype, const void* aligned, const void* base, co
                           size_t workspace_bytes, void* stream) {
   if (workspace_bytes < project_lora_b_workspace_bytes(d_out, d_in, r)) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
+  if (d_out == 0 || d_in == 0 || r == 0) {  // V has no elements: ||V|| = 0 and B' = 0, as on the CPU
+    if (d_out * r > 0) cudaMemsetAsync(projected, 0, sizeof(float) * d_out * r, s);
+    cudaMemsetAsync(v_norm, 0, sizeof(float), s);
+    return static_cast<int>(cudaGetLastError());
+  }
   char* ws = static_cast<char*>(workspace);
   switch (dtype) {
     case DType::kFloat32: launch_for_dtype<float>(aligned, base, lora_b, projected, v_norm, d_out, d_in, r, ws, s); break;
@@ -240,6 +282,10 @@ int launch_lora_cosine(const double* lora_b, const double* projected_b, const do
   double* grams = static_cast<double*>(workspace);  // G, P^T B, P^T P, B^T B
   const int64_t rr = r * r;
   const unsigned blocks = static_cast<unsigned>(rr);
+  if (rr == 0) {  // r = 0: dW = 0, cosine 0 (an empty grid is not a valid launch)
+    cosine_kernel<<<1, kThreads, 0, s>>>(grams, r, cosine);
+    return static_cast<int>(cudaGetLastError());
+  }
   gram_kernel<<<blocks, kThreads, 0, s>>>(lora_a, 1, d_in, lora_a, 1, d_in, d_in, r, grams);
   gram_kernel<<<blocks, kThreads, 0, s>>>(projected_b, r, 1, lora_b, r, 1, d_out, r, grams + rr);
   gram_kernel<<<blocks, kThreads, 0, s>>>(projected_b, r, 1, projected_b, r, 1, d_out, r, grams + 2 * rr);

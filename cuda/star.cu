@@ -1,4 +1,4 @@
-// CUDA kernel of star_token_weights (SPEC.md section 2): weights[b, t] = values[b, k] for the first chunk k with
+// CUDA kernel of star_token_weights (docs/math.md#star-token-weights): weights[b, t] = values[b, k] for the first chunk k with
 // chunk_ends[b, k] > t, else 0. One thread per token; a block walks the row's chunk ends in shared-memory tiles
 // and stops as soon as every token of the block has found its chunk. The copy is bitwise (any float dtype).
 #include <cuda_runtime.h>

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import safeshape  # noqa: F401  registers the ops
+import safeshape.ops  # noqa: F401  registers the ops
 
 HAS_CUDA = torch.cuda.is_available() and safeshape.build_info()["cuda"]
 

@@ -1,4 +1,4 @@
-"""`safeshape eval` (SPEC.md 3b): prompt files, refusal keywords, utility metrics, batched generation against
+"""`safeshape eval` (docs/math.md#evaluation-metrics): prompt files, refusal keywords, utility metrics, batched generation against
 one-at-a-time and plain HF generate, guard judging against safeshape.star, the command end to end on tiny trained
 models (a refusing base and a complying adapter, judged by a tiny guard trained to agree), resume, bad input,
 and torchrun sharding (2 gloo processes give the report of 1)."""

@@ -1,5 +1,5 @@
 """safeshape.hf.dss_compute_loss as transformers.Trainer's compute_loss_func on a tiny Llama: the loss and the
-gradient of an accumulated step equal SPEC.md section 3 over the whole batch."""
+gradient of an accumulated step equal docs/math.md#dss-normalisation over the whole batch."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -89,8 +89,8 @@ def test_missing_weights_and_missing_hooks_are_clear(tiny):
     with pytest.raises(SafeshapeError, match="call safeshape.hf.prepare_model"):
         hf.dss_compute_loss(model(input_ids=torch.tensor([[1, 5, 6]])), torch.tensor([[1, 5, 6]]))
     hf.prepare_model(model)
-    with pytest.raises(SafeshapeError, match="no `star_weights`.*remove_unused_columns=False"):
-        model(input_ids=torch.tensor([[1, 5, 6]]))
+    with pytest.raises(SafeshapeError, match="no STAR weights.*remove_unused_columns=False"):
+        hf.dss_compute_loss(model(input_ids=torch.tensor([[1, 5, 6]])), torch.tensor([[1, 5, 6]]))
     with pytest.raises(SafeshapeError, match="rows lack \\['weights'\\]"):
         hf.DSSDataCollator(tok)([{"input_ids": [1, 2], "labels": [1, 2]}])
     with pytest.raises(SafeshapeError, match="a PEFT model is needed"):

@@ -1,5 +1,6 @@
 """safeshape.loss.DSSLoss: the reduction (valid tokens or num_items_in_batch), the sft/kl parts, fused == unfused,
-and the SFT and rejection-sampling special cases against torch's cross-entropy."""
+and the SFT and rejection-sampling special cases against torch's cross-entropy (docs/math.md#dss-normalisation,
+docs/math.md#sft-and-rejection-sampling)."""
 import pytest
 import torch
 import torch.nn.functional as F

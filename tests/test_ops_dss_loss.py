@@ -1,4 +1,5 @@
-"""DSS loss ops (SPEC.md section 3) against the plain-torch reference evaluated in float64 on the same values:
+"""DSS loss ops (docs/math.md#dss-loss, docs/math.md#dss-gradient, docs/math.md#dss-full-kl) against the
+plain-torch reference evaluated in float64 on the same values:
 forward and backward with non-uniform upstream gradients, gradcheck in float64, opcheck of every op."""
 import pytest
 import torch

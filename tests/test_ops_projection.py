@@ -1,5 +1,5 @@
 """project_lora_b, lora_cosine and alignment_projection_matrix against the plain-torch reference and an fp64
-evaluation of SPEC.md section 1."""
+evaluation of docs/math.md#safe-lora-projection."""
 import pytest
 import torch
 
@@ -67,7 +67,8 @@ def test_lora_cosine_matches_fp64(shape, r, dtype, device):
 
 
 def test_cosine_gram_form_beats_direct_fp32():
-    # SPEC: a direct fp32 cosine is off by ~1e-3 at scale, the Gram form by ~1e-8; check the Gram form at 1e-9.
+    # docs/math.md#safe-lora-without-forming-c: a direct fp32 cosine is off by ~1e-3 at scale, the Gram form by
+    # ~1e-8; check the Gram form at 1e-9.
     aligned, base, b, a = make_module(1024, 1024, 16, torch.float32, "cpu", seed=2)
     p, _ = ops.project_lora_b(aligned, base, b)
     exact = reference.lora_cosine(b, p, a, compute_dtype=torch.float64).item()
@@ -103,7 +104,7 @@ def test_alignment_projection_matrix(dtype, device):
     want = reference.alignment_projection_matrix(aligned, base, compute_dtype=torch.float64)
     assert c.dtype == torch.float32 and c.shape == (80, 80)
     torch.testing.assert_close(c.double(), want, rtol=1e-5, atol=1e-5)
-    # C is PSD and not idempotent (SPEC): C B equals the projection op's result
+    # C is PSD and not idempotent (docs/math.md#safe-lora-projection): C B equals the projection op's result
     p, _ = ops.project_lora_b(aligned, base, b)
     torch.testing.assert_close((c @ b.float()), p.float(), rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-4)
 
@@ -139,3 +140,133 @@ def test_opcheck(dtype, device):
     p, _ = ops.project_lora_b(aligned, base, b)
     torch.library.opcheck(torch.ops.safeshape.lora_cosine.default, (b, p, a))
     torch.library.opcheck(torch.ops.safeshape.alignment_projection_matrix.default, (aligned, base))
+
+
+def hard_module(d_out, d_in, r, share=1e-6, ratio=1e3, k2=8, seed=0):
+    """A module where float32 accumulation of V^T B fails: V has one singular value `ratio` times the next k2,
+    lora_B lies in those next directions with `share` of its norm in V's top left-singular direction. Then
+    C B = sum_i sigma_i^2 u_i (u_i^T B) / ||V|| gets comparable terms from the tiny top component and the rest."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    base = torch.randn(d_out, d_in, **f64) * 0.02
+    u, _ = torch.linalg.qr(torch.randn(d_out, k2 + 1, **f64))
+    w, _ = torch.linalg.qr(torch.randn(d_in, k2 + 1, **f64))
+    s = torch.cat([torch.ones(1, dtype=torch.float64), torch.linspace(1, 0.5, k2, dtype=torch.float64) / ratio])
+    aligned = (base + (u * s) @ w.T * 0.2).float()
+    b = u[:, 1:] @ torch.randn(k2, r, **f64)
+    b += 0.3 * torch.randn(d_out, r, **f64) / d_out**0.5 * b.norm(dim=0)
+    b -= torch.outer(u[:, 0], u[:, 0] @ b)
+    b += share * b.norm(dim=0) * u[:, :1]
+    a = torch.randn(r, d_in, **f64)
+    return aligned, base.float(), b.float(), a.float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,seed", [((1024, 1024), 0), ((2048, 512), 1)])
+def test_cosine_hard_module_within_1e6_of_fp64(shape, seed, device):
+    # issue 14 item 2: with V^T B summed in float32 this module's cosine was off by ~1e-5 (5e-4 on real ones)
+    aligned, base, b, a = hard_module(*shape, 16, seed=seed)
+    v = aligned.double() - base.double()
+    exact = reference.lora_cosine(b, v @ (v.T @ b.double()) / v.norm(), a).item()
+    assert 0.2 < exact < 0.8  # the module is hard: the cosine depends on the 1e-6 component
+    aligned, base, b, a = (t.to(device) for t in (aligned, base, b, a))
+    p, _ = ops.project_lora_b(aligned, base, b)
+    assert abs(ops.lora_cosine(b, p, a).item() - exact) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["aligned", "base", "lora_b", "lora_a"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_gives_nan(where, value, device):
+    # issue 10 item 3: a NaN/Inf anywhere must not come out as a finite cosine (it was 0: "project this module")
+    aligned, base, b, a = make_module(32, 24, 4, torch.float32, device)
+    {"aligned": aligned, "base": base, "lora_b": b, "lora_a": a}[where][1, 2] = value
+    p, n = ops.project_lora_b(aligned, base, b)
+    if where != "lora_a":
+        assert not torch.isfinite(p).all()
+    cos = ops.lora_cosine(b, p, a)
+    assert torch.isnan(cos), cos
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d_out,d_in", [(0, 16), (16, 0), (0, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_size_zero_shapes(d_out, d_in, dtype, device):
+    # issue 10 item 15: empty weights are an empty V: ||V|| = 0, B' = 0, cosine 0, on every device
+    aligned = torch.randn(d_out, d_in).to(dtype).to(device)
+    base = torch.randn(d_out, d_in).to(dtype).to(device)
+    b = torch.randn(d_out, 3).to(dtype).to(device)
+    a = torch.randn(3, d_in).to(dtype).to(device)
+    p, n = ops.project_lora_b(aligned, base, b)
+    assert p.shape == (d_out, 3) and p.dtype == dtype and n.item() == 0.0
+    assert torch.count_nonzero(p) == 0
+    assert ops.lora_cosine(b, p, a).item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_zero(device):
+    # r = 0 is refused by project_lora_b on every device (shared check); lora_cosine of an empty update is 0
+    aligned, base, b, a = make_module(16, 8, 2, torch.float32, device)
+    with pytest.raises(RuntimeError, match="rank >= 1"):
+        ops.project_lora_b(aligned, base, b[:, :0])
+    assert ops.lora_cosine(b[:, :0], b[:, :0], a[:0]).item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,r", [((130, 70), 65), ((300, 40), 96), ((333, 129), 130), ((517, 260), 16),
+                                     ((1024, 200), 8)])
+def test_large_rank_and_rows(shape, r, device):
+    # issue 14 item 4: r > 64 (CUDA gridDim.z > 1), d_out > 300 and d_out not a multiple of the rows per block
+    aligned, base, b, a = make_module(*shape, r, torch.float32, device, seed=5)
+    got, _ = ops.project_lora_b(aligned, base, b)
+    want, _ = fp64_projection(aligned, base, b)
+    assert ((got.double() - want).norm() / want.norm()).item() <= 1e-5
+
+
+def misaligned(t):
+    """The same values in a buffer that starts one element past an aligned allocation (contiguous)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_inputs(dtype, device):
+    aligned, base, b, a = make_module(77, 45, 5, dtype, device, seed=6)
+    want, wn = ops.project_lora_b(aligned, base, b)
+    got, gn = ops.project_lora_b(misaligned(aligned), misaligned(base), misaligned(b))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert gn.item() == wn.item()
+    assert ops.lora_cosine(misaligned(b), misaligned(got), misaligned(a)).item() == ops.lora_cosine(b, want, a).item()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_every_isa_path_agrees(isa):
+    # SAFESHAPE_ISA forces a code path (read once per process, so each path runs in a child)
+    import subprocess
+    import sys
+    code = ("import torch, safeshape; from safeshape import ops; from tests.test_ops_projection import make_module;"
+            "print(safeshape.build_info()['cpu_isa']);"
+            "al, ba, b, a = make_module(300, 77, 33, torch.float32, 'cpu', seed=4);"
+            "p, n = ops.project_lora_b(al, ba, b); v = al.double() - ba.double();"
+            "w = v @ (v.T @ b.double()) / v.norm(); print(((p.double() - w).norm() / w.norm()).item())")
+    import os
+    env = dict(os.environ, SAFESHAPE_ISA=isa)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if run.returncode != 0 and "does not support" in run.stderr:
+        pytest.skip(f"this CPU has no {isa}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    got_isa, rel = run.stdout.split()
+    assert got_isa == isa and float(rel) <= 1e-5
+
+
+def test_unknown_isa_is_an_error():
+    import os
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", "import safeshape; safeshape.build_info()"],
+                         env=dict(os.environ, SAFESHAPE_ISA="avx9"), capture_output=True, text=True)
+    assert run.returncode != 0 and "SAFESHAPE_ISA=avx9: expected avx512, avx2 or generic" in run.stderr

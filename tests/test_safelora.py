@@ -1,4 +1,5 @@
-"""Safe LoRA over folders and PeftModels: streaming reader, adapter validation, selection, atomic outputs."""
+"""Safe LoRA over folders and PeftModels: streaming reader, adapter validation, selection
+(docs/math.md#safe-lora-selection), atomic outputs."""
 import hashlib
 import json
 import shutil
@@ -13,6 +14,7 @@ from safeshape.errors import CheckpointError, SafeshapeError
 from safeshape.safelora import Adapter, Checkpoint, apply_safe_lora, project_adapter, select_modules
 from safeshape.safelora.example import make_example
 from safeshape.cli import main as cli_main
+from tests.safelora_common import make_peft_setup
 
 SMALL = dict(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=128, r=4)
 
@@ -36,7 +38,7 @@ def copy_example(example, tmp_path):
 
 
 def brute_force(ex: Path, mode="number", k=10, tau=0.5):
-    """SPEC.md section 1 the reference way: whole tensors, explicit C, direct fp64 cosine."""
+    """docs/math.md#safe-lora the reference way: whole tensors, explicit C, direct fp64 cosine."""
     ad = load_file(ex / "adapter" / "adapter_model.safetensors")
     base, aligned = Checkpoint(ex / "base"), Checkpoint(ex / "aligned")
     out = {}
@@ -266,24 +268,7 @@ def test_several_adapters_refused(example, tmp_path):
 def test_apply_safe_lora_on_peft_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128)
-    base = transformers.LlamaForCausalLM(cfg)
-    base.save_pretrained(tmp_path / "base")
-    aligned = transformers.LlamaForCausalLM(cfg)
-    aligned.load_state_dict(base.state_dict())
-    with torch.no_grad():
-        for n, p in aligned.named_parameters():
-            if "proj" in n:
-                p.add_(0.01 * torch.randn(p.shape[0], 2) @ torch.randn(2, p.shape[1]))
-    aligned.save_pretrained(tmp_path / "aligned")
-    model = peft.get_peft_model(aligned, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    model.save_pretrained(tmp_path / "adapter")
+    model = make_peft_setup(tmp_path)
     rep_folder = project_adapter(tmp_path / "base", tmp_path / "aligned", tmp_path / "adapter", tmp_path / "out",
                                  num_layers=2, progress=False)
     rep_mem = apply_safe_lora(model, tmp_path / "base", tmp_path / "aligned", num_layers=2, progress=False)

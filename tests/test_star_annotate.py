@@ -1,4 +1,5 @@
-"""Dataset annotation (annotate_file) and the ``safeshape star`` command."""
+"""Dataset annotation (annotate_file) and the ``safeshape star`` command (docs/math.md#star: values stored with
+the rows)."""
 import argparse
 import json
 
@@ -214,7 +215,7 @@ def test_cli(tmp_path, capsys):
     assert run_cli(argv[:-2] + ["--preset", "generic"]) == 2
     assert "generic" in capsys.readouterr().err
     assert run_cli(["--guard", str(tmp_path / "missing")] + argv[2:-2]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err
     assert run_cli(argv[:-2] + ["--guard-date", "yesterday"]) == 2
     assert "--guard-date 'yesterday'" in capsys.readouterr().err
     assert report["responses_per_s"] > 0 and report["guard_tokens_per_s"] > 0

@@ -1,4 +1,5 @@
-"""star_token_weights against its plain-torch reference and a literal reading of its definition (SPEC.md s. 2)."""
+"""star_token_weights against its plain-torch reference and a literal reading of its definition
+(docs/math.md#star-token-weights)."""
 import pytest
 import torch
 

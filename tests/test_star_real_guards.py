@@ -1,7 +1,8 @@
 """STAR against the real guard chat templates (Llama Guard 3 1B/8B, Granite Guardian 3.0/3.1) and the real Llama 3.2
 tokenizer: every prefix's guard ids equal Hugging Face's (apply_chat_template, then the tokenizer, then the verdict
 prefix), and both engines' P(safe) equal a plain forward over those ids, on a random guard with the real 128k
-vocabulary. Skipped where the fixtures (shared/fixtures/guards) or the tokenizer package are absent."""
+vocabulary. Skipped where the fixtures (shared/fixtures/guards) or the tokenizer package are absent. (docs/math.md#star-exact-guard-input,
+docs/math.md#star-shared-engine)"""
 import datetime
 import math
 

@@ -1,4 +1,4 @@
-"""The STAR authors' recipe (SPEC.md 2b): whitespace-normalised prefixes and the verdict distribution after Hugging
+"""The STAR authors' recipe (docs/math.md#star-authors-recipe): whitespace-normalised prefixes and the verdict distribution after Hugging
 Face's logits processors (repetition penalty 1.2, temperature 0.2, top-k 50, top-p 0.9), checked against
 transformers' own processors and against generate()'s scores."""
 import math

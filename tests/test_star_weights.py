@@ -1,4 +1,5 @@
-"""Chunk spans and per-token STAR weights for the trainer (SPEC.md section 2)."""
+"""Chunk spans and per-token STAR weights for the trainer (docs/math.md#star-chunks-and-prefixes,
+docs/math.md#star-token-weights)."""
 import pytest
 import torch
 

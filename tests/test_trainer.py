@@ -1,4 +1,4 @@
-"""The trainer on a tiny Llama (CPU): the loss it minimises is SPEC.md section 3's, accumulation is exact, resume
+"""The trainer on a tiny Llama (CPU): the loss it minimises is docs/math.md#dss-loss's, accumulation is exact, resume
 is exact, outputs are PEFT-layout and atomic, bad input gives clear errors."""
 import json
 import os
@@ -28,13 +28,13 @@ def files(tmp_path_factory):
 
 def _config(files, out, **kw):
     base = dict(model=files["model"], data=files["dss"], out=str(out), loss="dss", lr=5e-3, batch_size=4,
-                lora_r=4, max_len=128, progress=False, seed=1)
+                lora_r=4, max_len=128, progress=False, seed=1, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
 
 def _spec_loss(run: Run, rows: list[int], kl_coef: float) -> float:
-    """SPEC.md section 3 in plain torch, through the model's own forward with full logits."""
+    """docs/math.md#dss-loss in plain torch, through the model's own forward with full logits."""
     model = run.peft_model
     batch = collate([run.examples[i] for i in rows], run.pad_id)
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_cli(files, tmp_path, capsys):
     out = tmp_path / "o"
     argv = ["train", "--model", files["model"], "--data", files["rs"], "--out", str(out), "--loss", "rs",
             "--batch-size", "4", "--max-steps", "1", "--target-modules", "q_proj,k_proj", "--no-progress", "--json",
-            "--lora-r", "2"]
+            "--lora-r", "2", "--device", "cpu"]
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 1 and summary["out"] == str(out)

@@ -1,4 +1,5 @@
-"""Data loading for the trainer: chat-template rendering, prompt-masked labels, per-token weights, clear errors."""
+"""Data loading for the trainer: chat-template rendering, prompt-masked labels, per-token weights
+(docs/math.md#star-token-weights), clear errors."""
 import json
 
 import pytest
@@ -50,7 +51,8 @@ def test_rs_weights_follow_the_safe_flag(tokenizer):
     unsafe = encode_row(tokenizer, {**rows[1], "safe": False}, "rs", 512, "row")
     assert {w for w, t in zip(safe.weights, safe.labels) if t != IGNORE_INDEX} == {1.0}
     assert set(unsafe.weights) == {0.0}
-    # rejected rows keep their labels: they count among the valid tokens (SPEC: RS is w in {0, 1})
+    # rejected rows keep their labels: they count among the valid tokens (RS is w in {0, 1},
+    # docs/math.md#sft-and-rejection-sampling)
     assert any(t != IGNORE_INDEX for t in unsafe.labels)
 
 

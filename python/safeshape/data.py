@@ -1,5 +1,5 @@
-"""Training rows: read and validate JSONL, render the policy's chat template, tokenise with prompt-masked labels
-and per-token weights (SFT: 1, RS: the row's ``safe`` flag, DSS: STAR values mapped to tokens).
+"""Training rows: read (:mod:`safeshape.datafiles`) and validate, render the policy's chat template, tokenise with
+prompt-masked labels and per-token weights (SFT: 1, RS: the row's ``safe`` flag, DSS: STAR values mapped to tokens).
 
 Row layouts (one JSON object per line):
 - ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}`` whose last message is the
@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import SafeshapeError
 
+if TYPE_CHECKING:  # torch is imported where it is used, so the CLI's --help stays light
+    import torch
+
 IGNORE_INDEX = -100
 LOSSES = ("dss", "sft", "rs")
+TRAIN_ON = ("last", "all")  # which assistant turns of a `messages` row carry loss
 
 
 @dataclass
@@ -133,10 +136,40 @@ def _render(tokenizer, prompt_msgs: list[dict], response: str, where: str) -> tu
     raise SafeshapeError(f"{where}: the response does not appear verbatim in the chat-templated text")
 
 
-def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: int = 0) -> Example | None:
-    """Tokenise one row; ``None`` when truncation to ``max_len`` leaves no response token."""
+def _earlier_assistant_spans(tokenizer, messages: list[dict], text: str, where: str) -> list[tuple[int, int]]:
+    """Character spans in ``text`` (the whole rendered conversation) of every assistant turn but the last: from the
+    end of its generation prompt to the end of the turn as the template renders it."""
+    spans = []
+    for i, m in enumerate(messages[:-1]):
+        if m["role"] != "assistant":
+            continue
+        try:
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        except Exception as exc:
+            raise SafeshapeError(f"{where}: the chat template failed on the turns before message {i + 1}: {exc}"
+                                 ) from None
+        if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
+            raise SafeshapeError(f"{where}: --train-on all: the chat template does not render the conversation up to "
+                                 f"message {i + 1} as a prefix of the whole, so its turn cannot be located "
+                                 "(use --train-on last)")
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: int = 0,
+               train_on: str = "last") -> Example | None:
+    """Tokenise one row; ``None`` when truncation to ``max_len`` leaves no response token. ``train_on="all"``
+    puts loss on every assistant turn of a ``messages`` row, not only the last (sft and rs)."""
+    import torch
+
     from . import star
 
+    if train_on not in TRAIN_ON:
+        raise SafeshapeError(f"train_on must be one of {TRAIN_ON}, not {train_on!r}")
+    if train_on == "all" and loss == "dss":
+        raise SafeshapeError("--train-on all: STAR values cover the last response only; train all assistant turns "
+                             "with --loss sft or rs")
     prompt_msgs, response = split_row(row, where)
     if loss == "dss":
         values, chunk_words = _check_star(row, response, where)
@@ -151,6 +184,9 @@ def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: 
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     # a token that straddles the prompt/response boundary is prompt: it carries no loss
     is_response = [start >= prompt_chars for start, _ in offsets]
+    if train_on == "all" and "messages" in row:
+        spans = _earlier_assistant_spans(tokenizer, row["messages"], text, where)
+        is_response = [r or any(a <= start < b for a, b in spans) for (start, _), r in zip(offsets, is_response)]
     labels = [t if r else IGNORE_INDEX for t, r in zip(ids, is_response)]
     if loss == "dss" and row.get("star_recipe") == "authors":  # their boundaries: token lengths of each prefix's chat
         first = is_response.index(True) if True in is_response else len(ids)
@@ -170,17 +206,20 @@ def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: 
     return Example(ids, labels, weights, line, truncated)
 
 
-def load_examples(path: str | os.PathLike, tokenizer, loss: str, max_len: int, progress: bool = False
-                  ) -> tuple[list[Example], list[int]]:
-    """Tokenise every row of a JSONL file: ``(examples, dropped)``, ``dropped`` = the line numbers of rows whose
-    response was cut off entirely by ``max_len`` (rows cut but kept have ``truncated`` set). Every row is
-    validated before any is used; an error names the file and line."""
+def load_examples(path: str | os.PathLike, tokenizer, loss: str, max_len: int, progress: bool = False,
+                  split: str | None = None, train_on: str = "last") -> tuple[list[Example], list[int]]:
+    """Tokenise every row of a data file or folder (:func:`safeshape.datafiles.read_rows`: JSONL, JSON, parquet,
+    CSV, save_to_disk): ``(examples, dropped)``, ``dropped`` = the line (or row) numbers of rows whose response
+    was cut off entirely by ``max_len`` (rows cut but kept have ``truncated`` set). Every row is validated before
+    any is used; an error names the file and line (or row)."""
     from tqdm.auto import tqdm
 
-    rows = read_jsonl(path)
+    from .datafiles import read_rows
+
+    unit, rows = read_rows(path, split)
     examples, dropped = [], []
     for line, row in tqdm(rows, desc="tokenise", unit="row", disable=not progress, leave=False):
-        ex = encode_row(tokenizer, row, loss, max_len, f"{os.fspath(path)} line {line}", line)
+        ex = encode_row(tokenizer, row, loss, max_len, f"{os.fspath(path)} {unit} {line}", line, train_on)
         if ex is None:
             dropped.append(line)
         else:
@@ -202,6 +241,8 @@ def max_len_report(examples: list[Example], dropped: list[int], max_len: int) ->
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row: ``input_ids``, ``attention_mask``, ``labels``, ``weights`` (``[B, T]``)."""
+    import torch
+
     width = max(len(e.input_ids) for e in examples)
     n = len(examples)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)

@@ -14,9 +14,15 @@ reference pass need two more pieces, so the recipe is::
 ``prepare_model`` registers forward hooks on the PEFT model: before forward they take ``star_weights`` out of the
 inputs, ask for hidden states and for the logits of the last position only (full logits are never formed); after
 forward they attach ``star_weights``, the ``lm_head`` weight and (when ``kl_coef > 0``) the final hidden states of
-the same model with the adapter disabled (no_grad) to the outputs. ``dss_compute_loss`` then runs the same fused
-ops as ``safeshape train`` and divides by ``num_items_in_batch`` (the valid tokens of the whole accumulated batch,
-which Trainer counts) as SPEC.md section 3 asks.
+the same model with the adapter disabled (no_grad) to the outputs. A forward without ``star_weights`` (generation,
+a plain evaluation) is left alone, and so is TRL's metrics forward (``fused_lm_head=True``: TRL computes entropy and
+token accuracy with its own fused head). ``unprepare_model`` removes the hooks. ``dss_compute_loss`` then runs
+the same fused ops as ``safeshape train`` and divides by ``num_items_in_batch`` (the valid tokens of the whole
+accumulated batch, which Trainer counts) as docs/math.md#dss-normalisation asks.
+
+TRL (``trl >= 1``): the same pieces go into ``trl.SFTTrainer``: pass ``compute_loss_func=hf.dss_compute_loss``,
+``data_collator=hf.DSSDataCollator(tokenizer)``, a dataset of :func:`encode_rows` rows and
+``SFTConfig(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})``.
 """
 from __future__ import annotations
 
@@ -80,9 +86,9 @@ class _Hooks:
 
     def before(self, module, args, kwargs):
         weights = kwargs.pop("star_weights", None)
-        if weights is None:
-            raise SafeshapeError("safeshape.hf: the batch has no `star_weights`; use safeshape.hf.DSSDataCollator "
-                                 "and TrainingArguments(remove_unused_columns=False)")
+        if weights is None or kwargs.get("fused_lm_head"):  # a plain forward, or TRL's metrics forward
+            self.pending = None
+            return args, kwargs
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.pending = (weights, input_ids, kwargs.get("attention_mask"))
         kwargs["output_hidden_states"] = True
@@ -90,6 +96,8 @@ class _Hooks:
         return args, kwargs
 
     def after(self, module, args, kwargs, output):
+        if self.pending is None:
+            return output
         weights, input_ids, attention_mask = self.pending
         self.pending = None
         body, head_weight = body_and_head(self.model)
@@ -112,20 +120,30 @@ def prepare_model(model: nn.Module, kl_coef: float = 0.5) -> nn.Module:
     if kl_coef < 0:
         raise SafeshapeError(f"safeshape.hf.prepare_model: kl_coef must be >= 0, not {kl_coef}")
     check_fused_head(hf_model(model), type(hf_model(model)).__name__)
-    if getattr(model, _STATE, None) is not None:
-        for handle in getattr(model, _STATE).handles:
-            handle.remove()
+    unprepare_model(model)  # preparing twice replaces the hooks
     setattr(model, _STATE, _Hooks(model, kl_coef))
+    return model
+
+
+def unprepare_model(model: nn.Module) -> nn.Module:
+    """Remove the hooks :func:`prepare_model` installed (no-op on a model without them); returns the model."""
+    hooks = getattr(model, _STATE, None)
+    if hooks is not None:
+        for handle in hooks.handles:
+            handle.remove()
+        delattr(model, _STATE)
     return model
 
 
 def dss_compute_loss(outputs, labels: Tensor, num_items_in_batch: Tensor | int | None = None, *,
                      fused: bool = True) -> Tensor:
-    """``compute_loss_func`` for ``transformers.Trainer``: the DSS loss (SPEC.md section 3) of a batch, divided by
+    """``compute_loss_func`` for ``transformers.Trainer``: the DSS loss (docs/math.md#dss-loss) of a batch, divided by
     ``num_items_in_batch`` when given (else by the batch's valid tokens). Needs :func:`prepare_model`."""
     if _STATE not in outputs:
         raise SafeshapeError("safeshape.hf.dss_compute_loss: the model outputs carry no STAR weights; call "
-                             "safeshape.hf.prepare_model(model) before building the Trainer")
+                             "safeshape.hf.prepare_model(model) before building the Trainer, and feed batches from "
+                             "safeshape.hf.DSSDataCollator with TrainingArguments(remove_unused_columns=False) so "
+                             "they keep `star_weights`")
     kl_coef = float(outputs[_STATE])
     hidden = outputs["hidden_states"][-1]
     weight = outputs["lm_head_weight"]

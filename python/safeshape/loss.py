@@ -1,4 +1,4 @@
-"""The DSS training loss (SPEC.md section 3) as a module: what the trainer minimises on every step.
+"""The DSS training loss (docs/math.md#dss-loss) as a module: what the trainer minimises on every step.
 
     loss = (1 / N) * sum_t [ w_t * (-l_t) + kl_coef * (1 - w_t) * 0.5 * (l_t - l_ref_t)^2 ]
 

@@ -218,3 +218,26 @@ def fit_tiny_guard(unsafe: list[str], safe: list[str], steps: int = 150, seed: i
         torch.manual_seed(seed)
         _fit(model, batch, steps, lr)
     return model, tok
+def hub_cache_layout(cache_dir: str | os.PathLike, repo_id: str, folder: str | os.PathLike, revision: str = "main",
+                     commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Put ``folder``'s files into a Hugging Face hub cache at ``cache_dir`` as if ``repo_id`` had been downloaded:
+    ``models--org--name/blobs/<sha256>``, ``refs/<revision>`` holding ``commit``, and
+    ``snapshots/<commit>/<file>`` symlinks to the blobs (the layout huggingface_hub writes). Returns the snapshot."""
+    import hashlib
+    import shutil
+
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)  # no trailing newline, as huggingface_hub writes it
+    for src in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        rel = src.relative_to(folder)
+        blob = repo / "blobs" / hashlib.sha256(src.read_bytes()).hexdigest()
+        if not blob.exists():
+            shutil.copyfile(src, blob)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot

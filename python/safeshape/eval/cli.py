@@ -9,8 +9,7 @@ from dataclasses import fields
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..star.presets import PRESET_NAMES
-    from .prompts import UTILITY_METRICS
-    from .run import DTYPES
+    from .prompts import DTYPES, UTILITY_METRICS
 
     a = parser.add_argument
     a("--model", required=True, metavar="DIR", help="local Hugging Face chat model folder (the base of the adapters)")

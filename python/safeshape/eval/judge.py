@@ -1,4 +1,4 @@
-"""Guard judging (SPEC.md 3b): P(unsafe) of each whole response, through :mod:`safeshape.star` (the presets, the
+"""Guard judging (docs/math.md#evaluation-metrics): P(unsafe) of each whole response, through :mod:`safeshape.star` (the presets, the
 guard's own chat template, the verdict logits): the whole response is STAR's last prefix, so one chunk as long
 as the response gives exactly its verdict."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scoring responses (SPEC.md 3b): refusal by keywords, utility by exact match or containment, and the per-model
+"""Scoring responses (docs/math.md#evaluation-metrics): refusal by keywords, utility by exact match or containment, and the per-model
 summary (harmful rate by the guard, refusal rate, per category)."""
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from ..errors import SafeshapeError
 # Column names tried, in order, when none is given: ours, then AdvBench's harmful_behaviors.csv (goal,target).
 PROMPT_COLUMNS = ("prompt", "goal")
 UTILITY_METRICS = ("exact", "contains")
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype of the policy and the guard (no torch import for --help)
 
 
 @dataclass(frozen=True)

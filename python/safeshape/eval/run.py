@@ -26,14 +26,13 @@ from .evaluate import judge_responses, score, throughput
 from .generate import Generation, GenerationSettings, generate_responses
 from .judge import GuardJudge
 from .metrics import REFUSAL_KEYWORDS
-from .prompts import load_prompts, load_utility
+from .prompts import DTYPES, load_prompts, load_utility
 
 REPORT = "eval_report.json"
 RESPONSES = "responses.jsonl"
 PLOT = "eval_plot.png"
 PROJECTED = "projected"  # OUT/projected/<adapter name>: the adapters after Safe LoRA (--project-base)
 OUR_FILES = (REPORT, RESPONSES, PLOT, PROJECTED)
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ---- the command ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Typed Python wrappers of ``torch.ops.safeshape.*``, with their fake kernels and autograd formulas.
 
-Each feature's ops live in their own module; everything is re-exported here.
+Each feature's ops live in their own module; everything is re-exported here. Importing this package loads the
+native library (after checking it was built for the torch imported).
 """
+from .. import _native  # noqa: F401  loads torch.ops.safeshape.* before the fake kernels register
 from .dss_loss import (
     dss_loss,
     dss_loss_and_logprobs,

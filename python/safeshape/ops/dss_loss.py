@@ -1,4 +1,4 @@
-"""DSS loss ops (SPEC.md section 3): STAR-weighted cross-entropy plus a KL to the reference, per token.
+"""DSS loss ops (docs/math.md#dss-loss): STAR-weighted cross-entropy plus a KL to the reference, per token.
 
 Per token ``t`` with label ``y_t`` (``ignore_index`` = no loss), ``l_t = log softmax(z_t)[y_t]``:
 

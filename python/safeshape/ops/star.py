@@ -1,4 +1,4 @@
-"""STAR op (SPEC.md section 2): expand per-chunk STAR values to per-token weights."""
+"""STAR op (docs/math.md#star-token-weights): expand per-chunk STAR values to per-token weights."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The plain-torch DSS loss (SPEC.md section 3): log_softmax over the whole [N, V] logits, gather, autograd for the
+"""The plain-torch DSS loss (docs/math.md#dss-loss): log_softmax over the whole [N, V] logits, gather, autograd for the
 gradients. What the native ops are tested and benchmarked against."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The reference Safe LoRA way: form C = V V^T / ||V||_F explicitly (SPEC.md section 1)."""
+"""The reference Safe LoRA way: form C = V V^T / ||V||_F explicitly (docs/math.md#safe-lora-projection)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Plain-torch reference of the STAR op (SPEC.md section 2)."""
+"""Plain-torch reference of the STAR op (docs/math.md#star-token-weights)."""
 from __future__ import annotations
 
 import torch

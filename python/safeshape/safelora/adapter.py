@@ -102,19 +102,34 @@ def check_adapter_config(cfg: dict, path: Path) -> dict:
     return cfg
 
 
+def _hub_blob_link(p: Path) -> bool:
+    """A Hugging Face hub cache snapshot's file: a symlink from ``models--*/snapshots/<rev>/`` into the same repo's
+    ``blobs/`` (how huggingface_hub stores every downloaded file). Such files are copied like regular files."""
+    snap = p.parent
+    repo = snap.parent.parent
+    if not (snap.parent.name == "snapshots" and repo.name.startswith("models--")):
+        return False
+    return Path(os.path.realpath(p)).parent == Path(os.path.realpath(repo / "blobs"))
+
+
 def check_adapter_folder(folder: Path) -> list[str]:
     """Refuse special files (FIFOs, sockets, devices: copying one would hang or read a device) and dangling
     symlinks; other symlinks are allowed and reported (outputs keep them as links, never copy what they point
-    to). Returns the warnings."""
+    to), except a hub cache snapshot's links into its own blobs, which are its files. Returns the warnings."""
     warnings = []
     for p in sorted(folder.iterdir()):
         st = p.lstat()
         if stat.S_ISLNK(st.st_mode):
             if not p.exists():
                 raise CheckpointError(f"adapter {folder}: {p.name} is a dangling symlink (to {os.readlink(p)})")
+            st = p.stat()
+            if _hub_blob_link(p):
+                if not stat.S_ISREG(st.st_mode):
+                    raise CheckpointError(f"adapter {folder}: {p.name} points to a hub blob that is not a regular "
+                                          "file")
+                continue
             warnings.append(f"{p} is a symlink to {p.resolve()}; kept as a link (to that absolute path) in the "
                             "output")
-            st = p.stat()
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise CheckpointError(f"adapter {folder}: {p.name} is not a regular file or folder (a FIFO, socket "
                                   "or device); remove it from the adapter folder")
@@ -123,11 +138,12 @@ def check_adapter_folder(folder: Path) -> list[str]:
 
 def copy_adapter_files(src: Path, dst: Path, skip: set[str]) -> None:
     """Copy the top-level files of adapter folder ``src`` into ``dst`` (sub-folders and ``skip`` are left out);
-    a symlink stays a symlink, to its absolute target (see :func:`check_adapter_folder`)."""
+    a symlink stays a symlink, to its absolute target, except a hub cache snapshot's links into its blobs, which are
+    copied (see :func:`check_adapter_folder`)."""
     for p in sorted(Path(src).iterdir()):
         if p.name in skip or (p.is_dir() and not p.is_symlink()):
             continue
-        if p.is_symlink():
+        if p.is_symlink() and not _hub_blob_link(p):
             if not p.is_dir():
                 os.symlink(os.path.realpath(p), dst / p.name)
         else:

@@ -1,28 +1,40 @@
 """`safeshape project`: Safe LoRA on a PEFT adapter folder."""
 from __future__ import annotations
 
+import json
 import sys
 
 from ..errors import SafeshapeError
 
 
 def add_arguments(p):
-    p.add_argument("--base", required=True, help="unaligned base model folder (HF, safetensors)")
-    p.add_argument("--aligned", required=True, help="aligned model folder made from the base (HF, safetensors)")
-    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder trained on the aligned model")
+    p.add_argument("--base", required=True, help="unaligned base model: folder (HF, safetensors) or hub id")
+    p.add_argument("--aligned", required=True, help="aligned model made from the base: folder or hub id")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter trained on the aligned model: folder or hub id")
     p.add_argument("--out", required=True, help="output adapter folder (refused if it exists, unless --overwrite)")
     p.add_argument("--select", choices=["number", "threshold"], default="number",
                    help="number: project the --num-layers modules of lowest cosine (ties included); "
                         "threshold: project modules with cosine <= --threshold (default: number)")
     p.add_argument("--num-layers", type=int, default=10, help="k for --select number (default 10)")
     p.add_argument("--threshold", type=float, default=0.5, help="tau for --select threshold (default 0.5)")
+    p.add_argument("--projector", choices=["paper", "orthogonal"], default="paper",
+                   help="paper: C = V V^T / ||V||_F, the published method (default); orthogonal: the orthogonal "
+                        "projection onto the top singular directions of V holding --energy of ||V||_F^2")
+    p.add_argument("--energy", type=float, default=0.95, help="share of ||V||_F^2 kept by --projector orthogonal "
+                                                              "(default 0.95)")
+    p.add_argument("--cosine-decimals", type=int, default=None, metavar="N",
+                   help="round cosines to N decimals before selecting, as the reference code does with N = 5 "
+                        "(default: no rounding)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--report", default=None, help="JSON report path (default OUT/safelora_report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report")
     p.add_argument("--allow-zero-alignment", action="store_true",
                    help="project modules whose base and aligned weights are equal (||V|| = 0, lora_B becomes 0); "
                         "refused by default")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bar (--quiet is the old name)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as one JSON line on stdout (the table goes to stderr)")
     p.add_argument("--table-rows", type=int, default=20, help="rows of the stdout table (lowest cosine first)")
 
 
@@ -37,6 +49,12 @@ def print_table(report: dict, rows: int = 20, file=None):
     if len(mods) > rows:
         print(f"... {len(mods) - rows} more modules in the JSON report", file=file)
     t = report["totals"]
+    st = report.get("settings", {})
+    if st.get("projector") == "orthogonal":
+        print(f"projector: orthogonal onto the top singular directions of V holding {st['energy']} of ||V||_F^2",
+              file=file)
+    else:
+        print("projector: paper (C = V V^T / ||V||_F)", file=file)
     print(f"projected {t['num_projected']} of {t['num_modules']} modules "
           f"({100 * t['fraction_projected']:.1f}%), cosine cut {t['cosine_cut']:.6f}, {t['seconds']:.1f} s", file=file)
     for w in report.get("warnings", []):
@@ -49,11 +67,15 @@ def main(args) -> int:
     try:
         report = project_adapter(args.base, args.aligned, args.adapter, args.out, select=args.select,
                                  num_layers=args.num_layers, threshold=args.threshold, device=args.device,
-                                 report=args.report, overwrite=args.overwrite, progress=not args.quiet,
-                                 allow_zero_alignment=args.allow_zero_alignment)
+                                 report=args.report, overwrite=args.overwrite, progress=not args.no_progress,
+                                 allow_zero_alignment=args.allow_zero_alignment, projector=args.projector,
+                                 energy=args.energy, cosine_decimals=args.cosine_decimals)
     except SafeshapeError as exc:
         print(f"safeshape project: error: {exc}", file=sys.stderr)
         return 2
-    print_table(report, args.table_rows)
-    print(f"wrote {args.out} and {args.report or f'{args.out}/{REPORT_NAME}'}")
+    human = sys.stderr if args.json else sys.stdout
+    print_table(report, args.table_rows, file=human)
+    print(f"wrote {args.out} and {args.report or f'{args.out}/{REPORT_NAME}'}", file=human)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
     return 0

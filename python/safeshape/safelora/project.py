@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, ops
+from .. import __version__
 from ..errors import CheckpointError, SafeshapeError
+from ..hub import resolve_folder
 from ..io import apply_umask, atomic_output_dir, check_output_path, write_json
 from .adapter import WEIGHTS, Adapter, copy_adapter_files
 from .checkpoint import Checkpoint, check_finite, check_same_architecture
+from .projector import check_projector, project
 from .selection import select_modules
 
 REPORT_NAME = "safelora_report.json"
@@ -27,6 +29,7 @@ class ModuleResult:
     cosine: float
     v_norm: float
     projected: bool = False
+    rank_kept: int | None = None  # --projector orthogonal: k, the directions of V kept
 
 
 def _device(device: str) -> torch.device:
@@ -63,24 +66,30 @@ def load_weight_pair(base: Checkpoint, aligned: Checkpoint, key: str, d_out: int
     return wb, wa
 
 
-def project_module(w_base, w_aligned, lora_a, lora_b, device) -> tuple[torch.Tensor, float, float]:
+def project_module(w_base, w_aligned, lora_a, lora_b, device, *, projector: str = "paper",
+                   energy: float = 0.95) -> tuple[torch.Tensor, float, float]:
     """``(projected_b on the CPU in lora_b's dtype, cosine, ||V||_F)`` for one module.
 
     B' is computed and used for the cosine in float32; only the returned tensor is rounded to lora_b's dtype
-    (a bf16-rounded B' would move the cosine by ~1e-4).
+    (a bf16-rounded B' would move the cosine by ~1e-4). ``projector``: ``paper`` or ``orthogonal``
+    (safelora/projector.py).
     """
+    projected, cosine, v_norm, _ = _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy)
+    return projected, cosine, v_norm
+
+
+def _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy):
     dev = _device(device) if isinstance(device, str) else device
-    wb, wa = w_base.to(dev), w_aligned.to(dev)
-    b, a = lora_b.to(dev, torch.float32), lora_a.to(dev)
-    projected, v_norm = ops.project_lora_b(wa, wb, b)
-    cosine = ops.lora_cosine(b, projected, a)
-    return projected.to("cpu", lora_b.dtype), float(cosine), float(v_norm)
+    projected, cosine, v_norm, k = project(w_aligned.to(dev), w_base.to(dev), lora_a.to(dev),
+                                           lora_b.to(dev, torch.float32), projector, energy)
+    return projected.to("cpu", lora_b.dtype), cosine, v_norm, k
 
 
-def _settings(select, num_layers, threshold, device, **paths):
+def _settings(select, num_layers, threshold, device, projector, energy, cosine_decimals, **paths):
     return {"select": select, "num_layers": num_layers if select == "number" else None,
             "threshold": threshold if select == "threshold" else None, "device": str(device),
-            **{k: str(v) for k, v in paths.items()}}
+            "projector": projector, "energy": energy if projector == "orthogonal" else None,
+            "cosine_decimals": cosine_decimals, **{k: str(v) for k, v in paths.items()}}
 
 
 def check_alignment(results: list[ModuleResult], allow_zero: bool) -> list[str]:
@@ -120,21 +129,29 @@ def _report_path(tmp: Path, out, report) -> Path:
 
 def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_layers: int = 10,
                     threshold: float = 0.5, device: str = "cpu", report=None, overwrite: bool = False,
-                    progress: bool = True, allow_zero_alignment: bool = False) -> dict:
+                    progress: bool = True, allow_zero_alignment: bool = False, projector: str = "paper",
+                    energy: float = 0.95, cosine_decimals: int | None = None) -> dict:
     """Safe LoRA on folders: write ``out`` = ``adapter`` with ``lora_B`` projected for the selected modules.
 
-    ``base``/``aligned`` are HF model folders (safetensors, single or sharded), ``adapter`` a PEFT LoRA folder.
+    ``base``/``aligned`` are HF model folders (safetensors, single or sharded), ``adapter`` a PEFT LoRA folder;
+    each may be a hub id instead (:func:`safeshape.hub.resolve_folder`).
     The config and every tensor not projected are written byte-identical. ``out`` is written to a temporary
     folder and renamed; an existing ``out`` is refused unless ``overwrite``. The JSON report goes to
-    ``report`` (default ``out/safelora_report.json``) and is returned.
+    ``report`` (default ``out/safelora_report.json``) and is returned. ``projector``: ``paper`` (the published
+    ``C = V V^T / ||V||_F``) or ``orthogonal`` (onto the top singular subspace of V holding ``energy`` of its
+    squared norm); ``cosine_decimals``: round cosines to that many decimals before selecting (the reference code
+    rounds to 5).
     """
     t0 = time.perf_counter()
+    base, aligned = resolve_folder(base, "--base"), resolve_folder(aligned, "--aligned")
+    adapter = resolve_folder(adapter, "--adapter")
     inputs = [("--base", base), ("--aligned", aligned), ("--adapter", adapter)]
     check_output_path(out, overwrite, inputs)
     if report is not None:
         check_output_path(report, overwrite, inputs, what="--report")
     dev = _device(device)
-    select_modules([], select, num_layers, threshold)  # validate the settings before any work
+    check_projector(projector, energy)
+    select_modules([], select, num_layers, threshold, cosine_decimals)  # validate the settings before any work
     ck_base, ck_aligned = Checkpoint(base, "base"), Checkpoint(aligned, "aligned")
     check_same_architecture(ck_base, ck_aligned)
     ad = Adapter(adapter)
@@ -143,11 +160,11 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     for m in tqdm(ad.modules, desc="safe-lora", unit="module", disable=not progress):
         where = f"{ad.weights_path}: {m.key_b}"
         wb, wa = load_weight_pair(ck_base, ck_aligned, m.weight_key, m.d_out, m.d_in, m.fan_in_fan_out, where)
-        projected[m.key_b], cos, vn = project_module(wb, wa, ad.lora_a(m), ad.lora_b(m), dev)
+        projected[m.key_b], cos, vn, k = _project_one(wb, wa, ad.lora_a(m), ad.lora_b(m), dev, projector, energy)
         del wb, wa
-        results.append(ModuleResult(m.name, m.r, m.d_out, m.d_in, cos, vn))
+        results.append(ModuleResult(m.name, m.r, m.d_out, m.d_in, cos, vn, rank_kept=k))
     zero_warnings = check_alignment(results, allow_zero_alignment)
-    mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold)
+    mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold, cosine_decimals)
     for r, chosen in zip(results, mask):
         r.projected = chosen
 
@@ -155,7 +172,8 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     for m, r in zip(ad.modules, results):
         if r.projected:
             tensors[m.key_b] = projected[m.key_b].to(ad.lora_b(m).dtype).contiguous()
-    settings = _settings(select, num_layers, threshold, dev, base=base, aligned=aligned, adapter=adapter, out=out)
+    settings = _settings(select, num_layers, threshold, dev, projector, energy, cosine_decimals, base=base,
+                         aligned=aligned, adapter=adapter, out=out)
     from safetensors.torch import save_file
 
     with atomic_output_dir(out, overwrite, inputs) as tmp:
@@ -171,13 +189,16 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
 
 def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_layers: int = 10,
                     threshold: float = 0.5, device: str | None = None, adapter_name: str | None = None,
-                    progress: bool = True, allow_zero_alignment: bool = False) -> dict:
+                    progress: bool = True, allow_zero_alignment: bool = False, projector: str = "paper",
+                    energy: float = 0.95, cosine_decimals: int | None = None) -> dict:
     """Safe LoRA on a ``peft.PeftModel`` in memory: ``lora_B`` of the selected modules is replaced in place.
 
-    ``base``/``aligned`` are HF model folders. Returns the same report as :func:`project_adapter`.
+    ``base``/``aligned`` are HF model folders or hub ids. Returns the same report as :func:`project_adapter`.
     """
     t0 = time.perf_counter()
-    select_modules([], select, num_layers, threshold)
+    base, aligned = resolve_folder(base, "base"), resolve_folder(aligned, "aligned")
+    check_projector(projector, energy)
+    select_modules([], select, num_layers, threshold, cosine_decimals)
     ck_base, ck_aligned = Checkpoint(base, "base"), Checkpoint(aligned, "aligned")
     check_same_architecture(ck_base, ck_aligned)
     name = adapter_name or getattr(peft_model, "active_adapter", "default")
@@ -203,16 +224,16 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
         wb, wa = load_weight_pair(ck_base, ck_aligned, f"{clean}.weight", b.shape[0], a.shape[1], fifo,
                                   f"LoRA module {clean}")
         dev = device or b.device
-        p, cos, vn = project_module(wb, wa, a.detach(), b.detach(), dev)
+        p, cos, vn, k = _project_one(wb, wa, a.detach(), b.detach(), dev, projector, energy)
         projected.append(p)
-        results.append(ModuleResult(clean, a.shape[0], b.shape[0], a.shape[1], cos, vn))
+        results.append(ModuleResult(clean, a.shape[0], b.shape[0], a.shape[1], cos, vn, rank_kept=k))
     zero_warnings = check_alignment(results, allow_zero_alignment)
-    mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold)
+    mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold, cosine_decimals)
     with torch.no_grad():
         for (clean, mod, a, b, _), r, p, chosen in zip(layers, results, projected, mask):
             r.projected = chosen
             if chosen:
                 b.copy_(p.to(device=b.device, dtype=b.dtype))
-    settings = _settings(select, num_layers, threshold, device or "model", base=base, aligned=aligned,
-                         adapter=f"<PeftModel:{name}>")
+    settings = _settings(select, num_layers, threshold, device or "model", projector, energy, cosine_decimals,
+                         base=base, aligned=aligned, adapter=f"<PeftModel:{name}>")
     return build_report(settings, results, cut, time.perf_counter() - t0, zero_warnings)

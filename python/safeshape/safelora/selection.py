@@ -1,14 +1,16 @@
-"""Which modules Safe LoRA projects (SPEC.md section 1, both modes of the reference code)."""
+"""Which modules Safe LoRA projects (docs/math.md#safe-lora-selection, both modes of the reference code)."""
 from __future__ import annotations
 
 from typing import Sequence
+
+import numpy
 
 from ..errors import SafeshapeError
 
 MODES = ("number", "threshold")
 
 
-def validate_selection(mode: str, num_layers, threshold) -> None:
+def validate_selection(mode: str, num_layers, threshold, cosine_decimals=None) -> None:
     """Both settings are checked whatever the mode, so a typo never waits for the other mode to bite."""
     if mode not in MODES:
         raise SafeshapeError(f"select: mode must be one of {MODES}, got {mode!r}")
@@ -24,18 +26,26 @@ def validate_selection(mode: str, num_layers, threshold) -> None:
         threshold_ok = False
     if not threshold_ok:
         raise SafeshapeError(f"--threshold must be a number in [0, 1] (cosines lie there), got {threshold!r}")
+    if cosine_decimals is not None and (isinstance(cosine_decimals, bool) or not isinstance(cosine_decimals, int)
+                                        or not 0 <= cosine_decimals <= 15):
+        raise SafeshapeError(f"--cosine-decimals must be an integer in [0, 15], got {cosine_decimals!r}")
 
 
 def select_modules(cosines: Sequence[float], mode: str = "number", num_layers: int = 10,
-                   threshold: float = 0.5) -> tuple[list[bool], float]:
+                   threshold: float = 0.5, cosine_decimals: int | None = None) -> tuple[list[bool], float]:
     """Return ``(mask, cut)``: project module i iff ``cosines[i] <= cut``.
+
+    ``cosine_decimals``: compare ``numpy.round(cosine, cosine_decimals)`` instead (the reference code rounds to 5
+    decimals, round-half-to-even, before both modes); ``None`` compares the cosines as computed.
 
     - ``threshold``: ``cut = threshold``.
     - ``number``: ``cut`` = the ``num_layers``-th smallest cosine (ties can project more than ``num_layers``;
       ``num_layers`` larger than the count projects all).
     """
-    validate_selection(mode, num_layers, threshold)
+    validate_selection(mode, num_layers, threshold, cosine_decimals)
     cos = [float(c) for c in cosines]
+    if cosine_decimals is not None:
+        cos = [float(numpy.round(c, cosine_decimals)) for c in cos]
     if mode == "threshold":
         cut = float(threshold)
     else:

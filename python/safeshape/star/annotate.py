@@ -191,7 +191,7 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
     ``overwrite=True`` starts afresh. A malformed row (bad UTF-8, bad JSON, bad fields) stops the run with its line
     number, after the rows before it are written; nothing is written for it. Blank lines are skipped.
     ``guard_date`` pins the date a guard template prints (default today; reported). ``recipe="authors"`` scores
-    with the STAR authors' recipe (SPEC.md 2b) and marks the rows ``star_recipe``. ``shard=(rank, world)``
+    with the STAR authors' recipe (docs/math.md#star-authors-recipe) and marks the rows ``star_recipe``. ``shard=(rank, world)``
     annotates only rows ``rank, rank + world, ...`` (one process of a multi-process run). Returns counts:
     ``rows_scored``, ``rows_skipped`` (already done), ``rows_with_system`` (system messages not shown to the
     guard), ``shared_fallbacks``, ``guard_tokens`` (guard tokens processed in this run), with the engine used,

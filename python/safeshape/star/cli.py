@@ -10,15 +10,15 @@ from pathlib import Path
 
 from ..errors import SafeshapeError
 from ..io import write_json
-from .presets import PRESET_NAMES, get_preset
-from .recipe import RECIPES
-from .scoring import ENGINES
+from .presets import ENGINES, PRESET_NAMES, RECIPES, get_preset
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--guard", required=True, metavar="DIR", help="local Hugging Face guard model folder")
+    parser.add_argument("--guard", required=True, metavar="DIR|HUB_ID",
+                        help="Hugging Face guard model: a folder, or a hub id read through the HF cache "
+                             "(HF_HUB_OFFLINE=1: the cache only)")
     parser.add_argument("--data", required=True, metavar="IN.jsonl",
                         help="rows {prompt, response} or {messages: [...]} (last message = assistant response)")
     parser.add_argument("--out", required=True, metavar="OUT.jsonl",
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="exact", choices=RECIPES,
                         help="exact: P(safe) from the guard's verdict logits on the exact prefix text (default); "
                              "authors: the STAR authors' scripts (whitespace-normalised prefixes, their sampling "
-                             "processors; SPEC.md 2b)")
+                             "processors; docs/math.md#star-authors-recipe)")
     parser.add_argument("--guard-date", default=None, metavar="YYYY-MM-DD",
                         help="the date a guard template prints (Granite Guardian 3.1 puts today's date in its system "
                              "block); default today; reported, so a rerun can pin it")

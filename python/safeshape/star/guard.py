@@ -1,4 +1,4 @@
-"""Loading a guard model from a local folder (no network)."""
+"""Loading a guard model from a local folder or a hub id (through the Hugging Face cache; see safeshape.hub)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,21 +6,21 @@ from pathlib import Path
 import torch
 
 from ..errors import SafeshapeError
+from ..hub import resolve_folder
 
 
 def load_guard(path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                attn_implementation: str = "sdpa"):
-    """(model, tokenizer) of a local Hugging Face causal-LM guard folder, model in eval mode on ``device``.
+    """(model, tokenizer) of a Hugging Face causal-LM guard, model in eval mode on ``device``.
 
-    Only local files are read (``local_files_only``). ``attn_implementation`` defaults to ``sdpa``, which the
-    shared STAR engine needs (``eager`` works too; flash attention makes it fall back to the naive engine).
+    ``path`` is a local folder or a hub id (``meta-llama/Llama-Guard-3-1B``) resolved through the Hugging Face
+    cache (:func:`safeshape.hub.resolve_folder`; ``HF_HUB_OFFLINE=1`` reads the cache only); the model and
+    tokenizer are then read from that folder (``local_files_only``). ``attn_implementation`` defaults to ``sdpa``,
+    which the shared STAR engine needs (``eager`` works too; flash attention makes it fall back to the naive engine).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise SafeshapeError(f"guard folder {folder} does not exist or is not a directory (STAR loads local guards "
-                             "only; download the model first)")
+    folder = Path(resolve_folder(path, "guard"))
     if not (folder / "config.json").is_file():
         raise SafeshapeError(f"guard folder {folder} has no config.json: not a Hugging Face model folder")
     try:

@@ -91,6 +91,10 @@ PRESETS: dict[str, GuardPreset] = {
 }
 PRESET_NAMES = (*PRESETS, "generic")
 
+#: scoring engines (:mod:`safeshape.star.engines`): one pass per response, or one pass per prefix
+ENGINES = ("shared", "naive")
+RECIPES = ("exact", "authors")  # docs/math.md#star-exact-guard-input or docs/math.md#star-authors-recipe
+
 
 def get_preset(name: str | GuardPreset, safe: str | None = None, unsafe: str | None = None,
                verdict_prefix: str | None = None) -> GuardPreset:

@@ -1,4 +1,4 @@
-"""The STAR authors' verdict distribution (SPEC.md 2b), for reproducing their numbers.
+"""The STAR authors' verdict distribution (docs/math.md#star-authors-recipe), for reproducing their numbers.
 
 Their scripts read ``generate(...).scores`` with ``do_sample=True, temperature=0.2, top_k=50, top_p=0.9,
 repetition_penalty=1.2``: the next-token logits after Hugging Face's logits processors, in generate's order
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-RECIPES = ("exact", "authors")
 REPETITION_PENALTY = 1.2
 TEMPERATURE = 0.2
 TOP_K = 50

@@ -1,4 +1,4 @@
-"""STAR scoring: P(safe) of every prefix of a response, from a guard model (SPEC.md section 2)."""
+"""STAR scoring: P(safe) of every prefix of a response, from a guard model (docs/math.md#star-verdict-probability)."""
 from __future__ import annotations
 
 import warnings
@@ -8,12 +8,11 @@ import torch
 
 from ..errors import SafeshapeError
 from . import engines
-from .presets import GuardPreset, get_preset
-from .recipe import RECIPES, authors_p_safe
+from .presets import ENGINES, RECIPES, GuardPreset, get_preset
+from .recipe import authors_p_safe
 from .segment import check_chunk_words
 from .template import GuardInput, GuardTemplate, guard_context
 
-ENGINES = ("shared", "naive")
 Conversation = Union[str, Sequence[dict]]
 
 

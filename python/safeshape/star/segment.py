@@ -1,4 +1,4 @@
-"""Segmentation of a response into chunks of M whitespace words (SPEC.md section 2)."""
+"""Segmentation of a response into chunks of M whitespace words (docs/math.md#star-chunks-and-prefixes)."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""Guard inputs as token ids: exactly the ids Hugging Face would feed the guard for every prefix (SPEC.md 2a).
+"""Guard inputs as token ids: exactly the ids Hugging Face would feed the guard for every prefix (docs/math.md#star-exact-guard-input).
 
 The guard input for prefix k is ``tokenizer(render(context + [assistant: prefix k]), add_special_tokens=False)``
 followed by the ids of the preset's verdict prefix, where ``render`` is the guard's own chat template through
@@ -205,7 +205,7 @@ class GuardTemplate:
         """Token ids for every prefix of ``response`` after the conversation ``context`` (messages before it).
 
         Prefix k is the response from its first word to the end of chunk k; with ``normalize_whitespace`` (the STAR
-        authors' recipe, SPEC.md 2b) it is ``" ".join(response.split()[:k * chunk_words])``.
+        authors' recipe, docs/math.md#star-authors-recipe) it is ``" ".join(response.split()[:k * chunk_words])``.
         """
         spans = chunk_char_spans(response, chunk_words)
         if not spans:

@@ -1,4 +1,4 @@
-"""STAR values -> per-token weights of the policy model's training text (SPEC.md section 2)."""
+"""STAR values -> per-token weights of the policy model's training text (docs/math.md#star-token-weights)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -60,7 +60,7 @@ def token_weights(token_offsets: Sequence[tuple[int, int]], response_start: int,
 
 def authors_token_weights(tokenizer, prompt_messages: list[dict], response: str, values: Sequence[float],
                           chunk_words: int, n_tokens: int, first_response_token: int) -> torch.Tensor:
-    """STAR weights with the authors' boundaries (SPEC.md 2b), for a training text of ``n_tokens`` tokens whose
+    """STAR weights with the authors' boundaries (docs/math.md#star-authors-recipe), for a training text of ``n_tokens`` tokens whose
     response starts at token ``first_response_token``: chunk k's tokens end at the token length of the whole
     chat rendered with the policy's template up to prefix k (``" ".join(words[:k M])``, end-of-turn tokens
     included), so each boundary sits a few tokens later than :func:`token_weights`' character mapping. Tokens

@@ -4,23 +4,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..data import LOSSES
+from ..data import LOSSES, TRAIN_ON
 from ..errors import SafeshapeError
 
 
 @dataclass
 class TrainConfig:
-    """LoRA fine-tuning with the SFT, RS or DSS loss (SPEC.md section 3)."""
+    """LoRA fine-tuning with the SFT, RS or DSS loss (docs/math.md#dss-loss,
+    docs/math.md#sft-and-rejection-sampling)."""
 
-    model: str  # local HF causal-LM folder (the aligned chat model) with its tokenizer and chat template
-    data: str  # JSONL rows: {prompt, response} or {messages}; + `safe` for rs; + STAR fields for dss
+    model: str  # HF causal-LM folder or hub id (the aligned chat model) with its tokenizer and chat template
+    data: str  # rows {prompt, response} or {messages} (+ `safe` for rs, STAR fields for dss): a file or a dataset folder
     out: str  # output folder: final adapter (PEFT layout), metrics.jsonl, checkpoint-<step>/
     loss: str = "dss"  # dss | sft (w = 1, no KL) | rs (per-row w = safe in {0, 1}, no KL)
+    split: str | None = None  # the split of a datasets.save_to_disk folder given as `data`
+    train_on: str = "last"  # last | all: which assistant turns of a `messages` row carry loss (all: sft and rs)
     kl_coef: float = 0.5  # lambda of the DSS KL term (dss only)
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # Linear leaf names, as PEFT matches a list
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # Linear leaf names, as PEFT matches a list; or all-linear
     epochs: int = 1
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -32,13 +35,19 @@ class TrainConfig:
     max_len: int = 512  # tokens per row (longer rows are cut at the end)
     seed: int = 0
     bf16: bool = False  # load the base weights in bfloat16 (LoRA weights stay float32)
+    mixed_precision: str = "no"  # no | bf16: forward passes under bfloat16 autocast (weights keep their dtype)
+    gradient_checkpointing: bool = False  # recompute the decoder layers' activations in backward (less memory)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     resume: bool = False  # continue from the newest checkpoint in `out` (starts fresh if there is none)
     overwrite: bool = False  # replace an existing `out`
     max_steps: int | None = None  # optimizer steps to run, instead of --epochs (sets the schedule length)
-    device: str = "cpu"  # cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda[:N] (under torchrun: cuda:LOCAL_RANK)
     progress: bool = True  # progress bar on rank 0
     fused: bool = True  # fused lm-head loss ops (False: logits are formed, for comparison)
+    eval_data: str | None = None  # held-out rows (same layout as `data`): the loss over them is logged as eval_loss
+    eval_split: str | None = None  # the split of a save_to_disk folder given as `eval_data`
+    eval_every: int = 0  # evaluate every N optimizer steps (0: after the last step only)
+    report_to: str = "none"  # none | tensorboard (OUT/runs) | wandb: a copy of metrics.jsonl for dashboards
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -57,7 +66,7 @@ class TrainConfig:
         for name in ("lora_r", "epochs", "batch_size", "grad_accum", "max_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, f"must be a positive integer, not {getattr(self, name)!r}")
-        for name in ("save_every", "warmup_steps"):
+        for name in ("save_every", "warmup_steps", "eval_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, f"must be a non-negative integer, not {getattr(self, name)!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
@@ -74,9 +83,24 @@ class TrainConfig:
             raise bad("lr", f"must be > 0, not {self.lr}")
         if not self.target_modules:
             raise bad("target_modules", "names no module")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise bad("target_modules", "all-linear stands alone (it already names every Linear but the output head)")
+        if self.train_on not in TRAIN_ON:
+            raise bad("train_on", f"must be one of {', '.join(TRAIN_ON)}, not {self.train_on!r}")
+        if self.train_on == "all" and self.loss == "dss":
+            raise bad("train_on", "all: STAR values cover the last response only; use --loss sft or rs")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise bad("report_to", f"must be none, tensorboard or wandb, not {self.report_to!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise bad("device", f"must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.resume and self.overwrite:
             raise SafeshapeError("--resume and --overwrite exclude each other")
 
 
+MIXED_PRECISION = ("no", "bf16")
+
 # fields that may change between a run and its --resume without changing what is computed
-RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device"}
+RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device", "gradient_checkpointing",
+                     "eval_data", "eval_split", "eval_every", "report_to"}

@@ -3,8 +3,8 @@
 1. take the step's rows from the epoch's seeded permutation (a pure function of the step, which makes --resume
    exact) and split them into ``grad_accum`` micro-batches per process;
 2. count the valid (shifted) label tokens of the whole step over all micro-batches and processes: every
-   micro-batch loss is divided by that count (SPEC.md section 3), so k micro-batches give the update one batch of
-   the same rows would;
+   micro-batch loss is divided by that count (docs/math.md#dss-normalisation), so k micro-batches give the update
+   one batch of the same rows would;
 3. per micro-batch: reference log-probs from the same model with the adapter disabled (DSS only, no_grad, fused
    lm-head op), then the policy's final hidden states through DDP and the fused DSS loss; backward;
 4. clip, step, log a JSONL line, checkpoint every ``save_every`` steps and at the end.
@@ -18,7 +18,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -28,12 +28,16 @@ from torch import Tensor
 
 from .. import ops
 from ..data import IGNORE_INDEX, Example, collate, load_examples, max_len_report
+from ..datafiles import fingerprint
 from ..errors import SafeshapeError
+from ..hub import portable_name, resolve_folder
 from ..io import atomic_write_text, write_json
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
-from .model import PolicyHidden, apply_lora, body_and_head, load_model, load_tokenizer, reference_hidden
+from .model import (PolicyHidden, apply_lora, body_and_head, enable_checkpointing, load_model, load_tokenizer,
+                    reference_hidden)
+from .report import open_reporter
 
 METRICS = "metrics.jsonl"
 
@@ -43,7 +47,10 @@ def check_out(config: TrainConfig) -> str:
     from ..io import check_output_path
 
     # overwrite=True here: only the overlap with the inputs is checked; an existing `out` is judged below
-    out = str(check_output_path(config.out, True, [("--model", config.model), ("--data", config.data)]))
+    inputs = [("--model", config.model), ("--data", config.data)]
+    if config.eval_data:
+        inputs.append(("--eval-data", config.eval_data))
+    out = str(check_output_path(config.out, True, inputs))
     if os.path.exists(out) and not os.path.isdir(out):
         raise SafeshapeError(f"--out {config.out}: exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not (config.resume or config.overwrite):
@@ -52,17 +59,13 @@ def check_out(config: TrainConfig) -> str:
     return out
 
 
-def lr_lambda(config: TrainConfig, total_steps: int):
-    warm, decay = config.warmup_steps, config.schedule == "linear"
+def lr_scheduler(config: TrainConfig, optimizer, total_steps: int):
+    """transformers' schedules, as Trainer uses them: linear warmup from 0 over ``warmup_steps``, then linear decay
+    to 0 at ``total_steps`` (``linear``) or a constant rate (``constant``)."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if not decay:
-            return 1.0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
-    return factor
+    name = {"linear": "linear", "constant": "constant_with_warmup"}[config.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
 
 
 def seed_all(seed: int) -> None:
@@ -78,18 +81,28 @@ class Run:
         self.config, self.dist = config, dist
         progress = config.progress and dist.is_main
         seed_all(config.seed)  # identical LoRA initialisation on every process
-        self.tokenizer = load_tokenizer(config.model)
+        model_dir = resolve_folder(config.model, "--model")  # a folder, or a hub id through the HF cache
+        self.tokenizer = load_tokenizer(model_dir)
         self.examples, self.dropped = load_examples(config.data, self.tokenizer, config.loss, config.max_len,
+                                                    split=config.split, train_on=config.train_on,
                                                     progress=progress)
         self.truncated = sum(e.truncated for e in self.examples)
         note = max_len_report(self.examples, self.dropped, config.max_len)
         if note and dist.is_main:
             print(f"safeshape train: {note}", file=sys.stderr)
+        self.eval_examples = []
+        if config.eval_data:
+            self.eval_examples, _ = load_examples(config.eval_data, self.tokenizer, config.loss, config.max_len,
+                                                  split=config.eval_split, train_on=config.train_on)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        model = load_model(config.model, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
+        model = load_model(model_dir, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
+        if config.gradient_checkpointing:  # non-reentrant: LoRA inputs need no requires_grad, RNG is replayed
+            enable_checkpointing(model)
         self.peft_model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                      config.target_modules)
+        # the saved adapter names its base so that it loads from any directory (AutoPeftModelForCausalLM)
+        self.peft_model.peft_config["default"].base_model_name_or_path = portable_name(config.model)
         self.peft_model.train()
         seed_all(config.seed + dist.rank)  # distinct dropout streams per process
         self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
@@ -97,11 +110,13 @@ class Run:
         self.global_batch = config.batch_size * config.grad_accum * dist.world_size
         self.steps_per_epoch = math.ceil(len(self.examples) / self.global_batch)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.total_steps))
+        self.scheduler = lr_scheduler(config, self.optimizer, self.total_steps)
         self.policy = PolicyHidden(self.peft_model)
         self.ddp = self.policy
         self.lm_head_weight = body_and_head(self.peft_model)[1]
         self.use_reference = config.loss == "dss" and config.kl_coef > 0
+        # bf16 autocast of the forward passes, independent of the dtype the weights were loaded in (--bf16)
+        self.autocast_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
         from ..loss import DSSLoss
 
         self.loss_module = DSSLoss(kl_coef=config.kl_coef if self.use_reference else 0.0, kl="k2",
@@ -133,8 +148,9 @@ class Run:
             batches.append({k: v.to(self.dist.device) for k, v in collate(examples, self.pad_id).items()})
         return batches
 
-    def micro_loss(self, batch: dict[str, Tensor], num_items: int):
-        """Loss of one micro-batch, normalised by the step's valid-token count ``num_items``."""
+    def micro_loss(self, batch: dict[str, Tensor], num_items: int, policy: torch.nn.Module | None = None):
+        """Loss of one micro-batch, normalised by the step's valid-token count ``num_items``; ``policy`` (default:
+        the DDP-wrapped model) computes the final hidden states."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = batch["labels"][:, 1:].reshape(-1)  # row t predicts token t + 1
         weights = batch["weights"][:, 1:].reshape(-1)
@@ -149,20 +165,29 @@ class Run:
 
         ref = None
         if self.use_reference:
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 ref = self.reference_logprobs(pick(reference_hidden(self.peft_model, ids, mask)), labels)
-        hidden = pick(self.ddp(ids, mask))
+        with self.autocast():
+            hidden = pick((policy or self.ddp)(ids, mask))
+        if hidden.dtype != w_head.dtype:  # autocast ran the body in bf16: the head matmul too, as autocast would
+            w_head = w_head.to(hidden.dtype)
         if self.config.fused:
             return self.loss_module(hidden=hidden, lm_head_weight=w_head, labels=labels, weights=weights,
                                     ref_logprobs=ref, num_items_in_batch=num_items)
         return self.loss_module(logits=F.linear(hidden, w_head), labels=labels, weights=weights,
                                 ref_logprobs=ref, num_items_in_batch=num_items)
 
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
     def reference_logprobs(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """log p_ref(y_t) from the adapter-disabled model's final hidden states ``[N, H]``."""
+        w_head = self.lm_head_weight.to(hidden.dtype)
         if self.config.fused:
-            return ops.fused_linear_token_logprobs(hidden, self.lm_head_weight, labels)
-        return ops.token_logprobs(F.linear(hidden, self.lm_head_weight), labels)
+            return ops.fused_linear_token_logprobs(hidden, w_head, labels)
+        return ops.token_logprobs(F.linear(hidden, w_head), labels)
 
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
@@ -197,6 +222,25 @@ class Run:
                 "sft_loss": sft, "kl_loss": kl, "mean_weight": wsum / tokens if tokens else 0.0,
                 "tokens": int(tokens), "grad_norm": float(grad_norm), "lr": lr,
                 "tokens_per_s": seen / seconds if seconds > 0 else 0.0}
+
+    def evaluate(self) -> dict:
+        """The training objective over the eval rows, no dropout, no grad, divided by all their valid tokens.
+
+        Each process takes every world_size-th row; the unwrapped model is used, so processes may run different
+        numbers of batches (DDP's forward would need them in step)."""
+        mine = self.eval_examples[self.dist.rank::self.dist.world_size]
+        local = sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in mine)
+        total = int(self.dist.sum([local]).item())
+        loss_sum, bs = 0.0, self.config.batch_size
+        self.peft_model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(mine), bs):
+                    batch = {k: v.to(self.dist.device) for k, v in collate(mine[i:i + bs], self.pad_id).items()}
+                    loss_sum += float(self.micro_loss(batch, total, policy=self.policy).loss)
+        finally:
+            self.peft_model.train()
+        return {"eval_loss": float(self.dist.sum([loss_sum])[0]), "eval_tokens": total}
 
     def rng_states(self) -> list[dict]:
         return self.dist.gather_objects(ckpt_io.rng_state())
@@ -243,7 +287,7 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
     from tqdm.auto import tqdm
 
     out = check_out(config)
-    data_sha = ckpt_io.file_sha256(config.data)
+    data_sha = fingerprint(config.data)
     run = Run(config, dist)
     ckpt = _prepare_out(out, config, dist)
     start = 0
@@ -263,15 +307,20 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
                                     data_sha, step / run.steps_per_epoch)
         dist.barrier()
 
+    reporter = open_reporter(config.report_to if is_main else "none", out, config)
     last = None
     bar = tqdm(total=run.total_steps, initial=start, desc="train", unit="step",
                disable=not (config.progress and is_main))
-    with bar:
+    with bar, closing(reporter):
         for step in range(start, run.total_steps):
             last = run.train_step(step)
+            if run.eval_examples and ((config.eval_every and (step + 1) % config.eval_every == 0)
+                                      or step + 1 == run.total_steps):
+                last.update(run.evaluate())
             if is_main:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(last) + "\n")
+                reporter.log(last, last["step"])
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             bar.update(1)
             done = step + 1
@@ -285,6 +334,7 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
             last = json.loads(f.readlines()[-1])
     summary = {"steps": run.total_steps, "resumed_from": start if ckpt else None,
                "final_loss": last["loss"] if last else None, "out": out, "metrics": metrics_path,
+               "eval_loss": last.get("eval_loss") if last else None,
                "examples": len(run.examples), "truncated_rows": run.truncated,
                "dropped_rows": len(run.dropped), "dropped_lines": run.dropped, "world_size": dist.world_size,
                "rank": dist.rank, "global_batch": run.global_batch, "config": asdict(config)}

@@ -37,6 +37,17 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.M
     return model.to(device)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing of the decoder layers, non-reentrant (LoRA needs no input grads)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated there)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise SafeshapeError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+
+
 def check_fused_head(model: nn.Module, source: str) -> None:
     """The fused ops compute ``logits = h W^T`` from the final hidden states; refuse heads that do more."""
     config = model.config
@@ -56,20 +67,24 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...]) -> nn.Module:
-    """Wrap ``model`` in a PEFT LoRA adapter on the named modules (leaf names, as PEFT matches a list)."""
+    """Wrap ``model`` in a PEFT LoRA adapter on the named modules (leaf names, as PEFT matches a list), or on every
+    Linear but the output head for ``("all-linear",)`` (PEFT's own rule)."""
     from peft import LoraConfig, get_peft_model
 
     linear_names = linear_module_names(model)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
-    matched = [n for n in names if n.rsplit(".", 1)[-1] in target_modules or n in target_modules]
+    all_linear = tuple(target_modules) == ("all-linear",)
+    matched = [n for n in names if n.rsplit(".", 1)[-1] in target_modules or n in target_modules or
+               (all_linear and n != head_name)]
     if not matched:
         raise SafeshapeError(f"--target-modules {','.join(target_modules)}: matches no Linear layer of the model; "
                              f"its Linear layers are named {linear_names}")
     if head_name in matched:
         raise SafeshapeError(f"--target-modules: `{head_name}` is the output head; the fused loss reads the head's "
                              "frozen weight directly, so it cannot carry LoRA")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules="all-linear" if all_linear else list(target_modules),
                         bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
