@@ -171,6 +171,12 @@ def test_fast_demo_end_to_end(fast_demo):
                 assert n_proj >= 1  # k = round(10/64 * 4) = 1; ties can add more
             cos = [m["cosine"] for m in r["details"]["safelora"]["modules"]]
             assert n_proj == sum(c <= 0.5 for c in cos) or mode == "number"
+    if _has("safeshape.safelora.projector"):  # the orthogonal projector: k directions of V per module
+        for mode in ("number", "threshold"):
+            r = runs[f"sft+safelora-orthogonal-{mode}"]
+            assert r["status"] == "ok" and r["details"]["safelora"]["settings"]["projector"] == "orthogonal"
+            for m in r["details"]["safelora"]["modules"]:
+                assert 1 <= m["rank_kept"] <= {s["name"]: s["rank_95"] for s in spectrum}[m["name"]] + 1
     # the aggregate of one seed is that seed's numbers
     summary = {r["name"]: r for r in report["summary"][0]["runs"]}
     for name, r in runs.items():
@@ -280,6 +286,12 @@ def test_aggregate_counts_seeds_where_a_method_is_above_its_reference():
         {"higher": 1, "equal": 1, "lower": 1, "n": 3}
     assert comp["dss"]["safety"]["diff"]["mean"] == pytest.approx((1.0 + 0.0 - 0.25) / 3)
     assert comp["sft"]["compared_with"] == "aligned" and comp["sft"]["utility"]["equal"] == 3
+    from safeshape.demo.report import every_seed_claims
+
+    claims = every_seed_claims({"comparisons": aggregate(report)["comparisons"]})
+    assert "width 8: sft safety below aligned's (3 of 3 seeds)" in claims
+    assert "width 8: dss utility equal to sft's (3 of 3 seeds)" in claims
+    assert not any("dss safety" in c for c in claims)  # mixed: one seed each way
 
 
 def test_more_seeds_reuse_the_cells_already_made(tiny_sweep):

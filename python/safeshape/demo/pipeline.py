@@ -635,13 +635,15 @@ def safelora_names(parent: str, label: str, projector: str, select: str) -> tupl
     return name, f"{label} + Safe LoRA ({how}{proj})"
 
 
+MODULE_FIELDS = ("name", "cosine", "projected", "v_norm", "rank_kept")  # of safelora_report.json, kept per module
+
+
 def _read_safelora_report(run: Run) -> None:
     rep = json.loads((Path(run.adapter) / "safelora_report.json").read_text())
     totals = rep["totals"]
     run.modules_projected = f"{totals['num_projected']}/{totals['num_modules']}"
     run.details["safelora"] = {"settings": rep["settings"], "totals": totals,
-                               "modules": [{key: m[key] for key in ("name", "cosine", "projected", "v_norm")}
-                                           for m in rep["modules"]]}
+                               "modules": [{key: m[key] for key in MODULE_FIELDS if key in m} for m in rep["modules"]]}
 
 
 def tiny_profile(**changes) -> Profile:

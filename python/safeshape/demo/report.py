@@ -135,10 +135,26 @@ def table(report: dict) -> str:
                      f"{u['higher']}/{u['equal']}/{u['lower']}",
                      f"{100 * s['diff']['mean']:+.1f} / {100 * u['diff']['mean']:+.1f}"))
     lines += ["  " + line for line in _columns(rows)]
+    lines += ["", "held on every seed:"] + [f"  {c}" for c in every_seed_claims(report)]
     if notes:
         lines += ["", "not run:"] + [f"  {name} (width {', '.join(map(str, ws))}): {why}"
                                      for (name, why), ws in notes.items()]
     return "\n".join(lines)
+
+
+def every_seed_claims(report: dict) -> list[str]:
+    """The comparisons that went the same way on every seed (at least two), in words; the rest are mixed."""
+    out = []
+    for c in report["comparisons"]:
+        for key in ("safety", "utility"):
+            k = c[key]
+            if k["n"] < 2:
+                continue
+            for way, word in (("higher", "above"), ("equal", "equal to"), ("lower", "below")):
+                if k[way] == k["n"]:
+                    out.append(f"width {c['width']}: {c['name']} {key} {word} {c['compared_with']}'s "
+                               f"({k['n']} of {k['n']} seeds)")
+    return out or ["(nothing: every comparison was mixed, or there was one seed)"]
 
 
 def readme_block(report: dict) -> str:
