@@ -159,9 +159,22 @@ def _supports_projector() -> bool:
 
 
 def _has_loss(loss: str) -> bool:
-    from safeshape.data import LOSSES
+    from safeshape.trainer import TrainConfig
 
-    return loss in LOSSES
+    try:
+        TrainConfig(model="-", data="-", out="-", loss=loss)  # validates the loss name, touches no file
+    except SafeshapeError:
+        return False
+    return True
+
+
+def _rs_method() -> str:
+    """How this build's ``--loss rs`` treats the rows the guard rejects (dropped, as the authors do, or weight 0)."""
+    from safeshape.trainer import TrainConfig
+
+    if "rs_keep_rejected" in TrainConfig.__dataclass_fields__:
+        return "RS: rejection sampling by the guard (rejected rows dropped)"
+    return "RS: rejection sampling by the guard (rejected rows weight 0)"
 
 
 class Demo:
@@ -578,7 +591,7 @@ class Demo:
 
         train = lambda name, loss, rows: lambda: self.train_run(seed, width, name, loss, rows)  # noqa: E731
         sft = attempt(Run("sft", "vanilla SFT (LoRA)", str(aligned)), train("sft", "sft", data))
-        attempt(Run("rs", "RS: rejection sampling by the guard", str(aligned)),
+        attempt(Run("rs", _rs_method(), str(aligned)),
                 lambda: self.train_run(seed, width, "rs", "rs", self.make_rs_data(seed)))
         attempt(Run("deep-token", "Deep Token (Qi et al. betas)", str(aligned)),
                 train("deep-token", "deep-token", data))
