@@ -510,6 +510,8 @@ class Demo:
                 order = sorted(grid, key=lambda cell: -cell[1])
                 done = dict(zip(order, self._in_processes(pool, self.run_cell, order)))
                 cells = [done[cell] for cell in grid]
+        # a stage another process of this run made first is this run's work, not the cache's
+        self.skipped = [name for name in dict.fromkeys(self.skipped) if name not in self.timings]
         report = {
             "format": FORMAT,
             "command": self.command(),
