@@ -1,12 +1,15 @@
-"""DSS loss, forward + backward of a mean loss over [N] tokens: ours (unfused, fused) against the plain-torch
-reference, time and peak extra memory, printed as ratios measured in one run.
+"""Token losses (DSS k2, Deep Token, SFT), forward + backward of a mean loss over [N] tokens: ours (unfused, fused)
+against the plain-torch reference, time and peak extra memory, printed as ratios measured in one run.
 
-Implementations (every one ends with d(loss)/d(hidden) and d(loss)/d(lm_head weight), or d/d(logits) for the
-"rows" pair, which leaves the lm-head GEMMs out and measures the row kernels alone):
-    reference      logits = h @ W^T, reference.dss_loss (log_softmax + gather), autograd
-    unfused        logits = h @ W^T, ops.dss_loss (native row kernels), autograd through the GEMM
-    fused          ops.fused_linear_dss_loss, per-token output (backward recomputes the chunk logits: 4 GEMMs)
-    fused_sum      ops.fused_linear_dss_loss_sum, what DSSLoss(fused=True) runs (gradients in the forward: 3 GEMMs)
+Objectives (--objectives): dss_k2 (kl_coef 0.5, STAR-like weights), deep_token (betas 0.5, 2 x4, 0.1; positions in
+rows of 128 tokens), sft. Implementations (every one ends with d(loss)/d(hidden) and d(loss)/d(lm_head weight), or
+d/d(logits) for the "rows" pair, which leaves the lm-head GEMMs out and measures the row kernels alone):
+    reference      logits = h @ W^T, reference.token_logprobs (log_softmax + gather) + reference.token_objective,
+                   autograd
+    unfused        logits = h @ W^T, ops.token_logprobs (native row kernels) + ops.token_objective, autograd
+    fused          ops.fused_linear_token_loss, per-token output (backward recomputes the chunk logits: 4 GEMMs)
+    fused_sum      ops.fused_linear_token_loss_sum, what DSSLoss / DeepTokenLoss (fused=True) run (gradients in
+                   the forward: 3 GEMMs)
     liger_flce     Liger-Kernel's fused linear cross-entropy (CUDA, if installed; cross-entropy only, no weights/KL)
     rows_reference / rows_ours   the loss on given logits [N, V] (no GEMM)
 
@@ -16,7 +19,7 @@ after the inputs. "transient" subtracts the gradients every implementation must 
 
     python bench/bench_dss_loss.py                      # CPU sizes that fit these 2-core / 24 GiB machines
     python bench/bench_dss_loss.py --device cuda        # the issue's sizes on a GPU (bf16), Liger if installed
-    python bench/bench_dss_loss.py --cases 4096x2048x32000 --impls reference,fused_sum --rounds 3
+    python bench/bench_dss_loss.py --cases 4096x2048x32000 --impls reference,fused_sum --objectives deep_token
 Writes JSON to bench/out/dss_loss_<device>.json (or --json PATH).
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ["reference", "unfused", "fused", "fused_sum", "rows_reference", "rows_ours"]
+OBJECTIVES = {"dss_k2": [0.5], "deep_token": [0.5, 2.0, 2.0, 2.0, 2.0, 0.1], "sft": []}
 CPU_CASES = ["2048x1024x32000", "2048x1024x128256", "4096x2048x32000"]
 CUDA_CASES = ["4096x2048x32000", "4096x2048x128256", "8192x2048x32000", "8192x2048x128256"]
 
@@ -50,16 +54,22 @@ def make_inputs(n, h, v, dtype, device, torch):
     labels[: n // 8] = -100
     weights = torch.rand(n, generator=g).to(device)
     ref = (-torch.rand(n, generator=g) * 8).to(device)
-    return hidden, weight, labels, weights, ref
+    positions = (torch.arange(n) % 128 + 1).to(device)
+    return hidden, weight, labels, weights, ref, positions
 
 
-def step_fn(impl, inputs, torch, frozen_lm_head=False):
+def step_fn(impl, inputs, torch, frozen_lm_head=False, objective="dss_k2"):
     """A closure running one forward + backward; returns the gradients it produced."""
     from safeshape import ops, reference
 
-    hidden, weight, labels, weights, ref = inputs
+    hidden, weight, labels, weights, ref, positions = inputs
     n_valid = int((labels != -100).sum())
-    kl = 0.5
+    params = OBJECTIVES[objective]
+    kw = {"dss_k2": dict(weights=weights, ref_logprobs=ref), "deep_token": dict(ref_logprobs=ref, positions=positions),
+          "sft": dict(weights=weights)}[objective]
+
+    def per_token(lib, logits):
+        return lib.token_objective(lib.token_logprobs(logits, labels), labels, objective, params, **kw)
 
     if impl in ("rows_reference", "rows_ours"):
         with torch.no_grad():
@@ -67,8 +77,7 @@ def step_fn(impl, inputs, torch, frozen_lm_head=False):
 
         def rows():
             z = logits0.detach().requires_grad_()
-            f = reference.dss_loss if impl == "rows_reference" else ops.dss_loss
-            (f(z, labels, weights, ref, kl).sum() / n_valid).backward()
+            (per_token(reference if impl == "rows_reference" else ops, z).sum() / n_valid).backward()
             return [z.grad]
         return rows, logits0
 
@@ -76,13 +85,13 @@ def step_fn(impl, inputs, torch, frozen_lm_head=False):
         h = hidden.detach().requires_grad_()
         w = weight.detach().requires_grad_(not frozen_lm_head)
         if impl == "reference":
-            loss = reference.dss_loss(h @ w.T, labels, weights, ref, kl).sum() / n_valid
+            loss = per_token(reference, h @ w.T).sum() / n_valid
         elif impl == "unfused":
-            loss = ops.dss_loss(h @ w.T, labels, weights, ref, kl).sum() / n_valid
+            loss = per_token(ops, h @ w.T).sum() / n_valid
         elif impl == "fused":
-            loss = ops.fused_linear_dss_loss(h, w, labels, weights, ref, kl).sum() / n_valid
+            loss = ops.fused_linear_token_loss(h, w, labels, objective, params, **kw)[0].sum() / n_valid
         elif impl == "fused_sum":
-            loss = ops.fused_linear_dss_loss_sum(h, w, labels, weights, ref, kl)[0] / n_valid
+            loss = ops.fused_linear_token_loss_sum(h, w, labels, objective, params, **kw)[0] / n_valid
         elif impl == "liger_flce":
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
             loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)(w, h, labels)
@@ -93,7 +102,7 @@ def step_fn(impl, inputs, torch, frozen_lm_head=False):
     return run, None
 
 
-def measure(impl, case, dtype_name, device, repeats, frozen_lm_head=False) -> dict:
+def measure(impl, case, dtype_name, device, repeats, frozen_lm_head=False, objective="dss_k2") -> dict:
     """Runs in the child process: time (min over repeats) and peak extra memory of one implementation."""
     import torch
 
@@ -102,9 +111,9 @@ def measure(impl, case, dtype_name, device, repeats, frozen_lm_head=False) -> di
     n, h, v = (int(x) for x in case.split("x"))
     dtype = getattr(torch, dtype_name)
     # warm up on small inputs: library initialisation (BLAS, thread pool, CUDA context) is not what is measured
-    step_fn(impl, make_inputs(64, 64, 512, dtype, device, torch), torch, frozen_lm_head)[0]()
+    step_fn(impl, make_inputs(64, 64, 512, dtype, device, torch), torch, frozen_lm_head, objective)[0]()
     inputs = make_inputs(n, h, v, dtype, device, torch)
-    fn, _ = step_fn(impl, inputs, torch, frozen_lm_head)
+    fn, _ = step_fn(impl, inputs, torch, frozen_lm_head, objective)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     if device == "cuda":
@@ -125,18 +134,21 @@ def measure(impl, case, dtype_name, device, repeats, frozen_lm_head=False) -> di
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"impl": impl, "case": case, "dtype": dtype_name, "device": device, "time_s": min(times),
+    return {"impl": impl, "case": case, "objective": objective, "dtype": dtype_name, "device": device,
+            "time_s": min(times),
             "times_s": times, "peak_extra_bytes": int(peak), "grad_bytes": int(out_bytes),
             "transient_bytes": int(peak - out_bytes), "frozen_lm_head": frozen_lm_head}
 
 
-def run_child(impl, case, args) -> dict:
+def run_child(impl, case, objective, args) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, "--cases", case, "--dtype", args.dtype, "--device", args.device,
-           "--repeats", str(args.repeats)] + (["--frozen-lm-head"] if args.frozen_lm_head else [])
+           "--repeats", str(args.repeats), "--objectives", objective] + (
+        ["--frozen-lm-head"] if args.frozen_lm_head else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if p.returncode != 0:
-        return {"impl": impl, "case": case, "error": (p.stderr or p.stdout).strip().splitlines()[-1:]}
+        return {"impl": impl, "case": case, "objective": objective,
+                "error": (p.stderr or p.stdout).strip().splitlines()[-1:]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -160,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", default=None, help="comma-separated NxHxV (default: per device)")
     ap.add_argument("--impls", default=None, help=f"comma-separated, from {IMPLS + ['liger_flce']}")
+    ap.add_argument("--objectives", default="dss_k2,deep_token", help=f"comma-separated, from {list(OBJECTIVES)}")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs inside each subprocess (CPU 1, CUDA 5)")
     ap.add_argument("--rounds", type=int, default=None,
@@ -176,9 +189,14 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (5 if cuda else 1)
     args.rounds = args.rounds or (1 if cuda else 3)
     cases = (args.cases or ",".join(CUDA_CASES if cuda else CPU_CASES)).split(",")
+    objectives = args.objectives.split(",")
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if unknown:
+        raise SystemExit(f"bench_dss_loss: unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
 
     if args.child:
-        print(json.dumps(measure(args.child, cases[0], args.dtype, args.device, args.repeats, args.frozen_lm_head)))
+        print(json.dumps(measure(args.child, cases[0], args.dtype, args.device, args.repeats, args.frozen_lm_head,
+                                 objectives[0])))
         return 0
 
     impls = (args.impls or ",".join(IMPLS)).split(",")
@@ -188,17 +206,18 @@ def main(argv=None) -> int:
             impls.append("liger_flce")
         except ImportError:
             print("liger_kernel is not installed: no Liger comparison")
-    jobs = [(c, r, i) for c in cases for r in range(args.rounds) for i in impls]
+    jobs = [(c, o, r, i) for c in cases for o in objectives for r in range(args.rounds) for i in impls
+            if not (i == "liger_flce" and o != objectives[0])]
     try:
         from tqdm import tqdm
         jobs = tqdm(jobs, desc="bench_dss_loss", file=sys.stderr)
     except ImportError:
         pass
     runs: dict = {}
-    for case, _, impl in jobs:
-        runs.setdefault((case, impl), []).append(run_child(impl, case, args))
+    for case, objective, _, impl in jobs:
+        runs.setdefault((case, objective, impl), []).append(run_child(impl, case, objective, args))
     results = []
-    for (case, impl), rs in runs.items():
+    for (case, objective, impl), rs in runs.items():
         bad = [r for r in rs if "error" in r]
         if bad:
             results.append(bad[0])
@@ -210,17 +229,19 @@ def main(argv=None) -> int:
         results.append(best)
 
     gib = 1 << 30
-    print(f"\nDSS loss fwd+bwd, {args.device}, {args.dtype}, min over {args.rounds} interleaved rounds x "
+    print(f"\nToken losses fwd+bwd, {args.device}, {args.dtype}, min over {args.rounds} interleaved rounds x "
           f"{args.repeats} runs"
           f"{', frozen lm_head' if args.frozen_lm_head else ''}; ratios are ours / reference (time, memory)")
-    print(f"{'case NxHxV':>18} {'impl':>15} {'time s':>9} {'x ref':>7} {'peak GiB':>9} {'x ref':>7} "
+    print(f"{'case NxHxV':>18} {'objective':>10} {'impl':>15} {'time s':>9} {'x ref':>7} {'peak GiB':>9} {'x ref':>7} "
           f"{'transient GiB':>14} {'x ref':>7}")
-    for case in cases:
-        rows = {r["impl"]: r for r in results if r["case"] == case}
+    for case, objective in [(c, o) for c in cases for o in objectives]:
+        rows = {r["impl"]: r for r in results if r["case"] == case and r["objective"] == objective}
         for impl in impls:
             r = rows.get(impl)
+            if impl == "liger_flce" and r is None:
+                continue
             if r is None or "error" in r:
-                print(f"{case:>18} {impl:>15}  failed: {r and r.get('error')}")
+                print(f"{case:>18} {objective:>10} {impl:>15}  failed: {r and r.get('error')}")
                 continue
             base = rows.get("rows_reference" if impl.startswith("rows_") else "reference")
             ok = base is not None and "error" not in base
@@ -232,8 +253,8 @@ def main(argv=None) -> int:
             if ok:
                 r["time_ratio"], r["peak_ratio"] = float(tr), (float(mr) if mr != "-" else None)
                 r["transient_ratio"] = float(xr) if xr != "-" else None
-            print(f"{case:>18} {impl:>15} {r['time_s']:9.3f} {tr:>7} {r['peak_extra_bytes'] / gib:9.3f} {mr:>7} "
-                  f"{r['transient_bytes'] / gib:14.3f} {xr:>7}")
+            print(f"{case:>18} {objective:>10} {impl:>15} {r['time_s']:9.3f} {tr:>7} "
+                  f"{r['peak_extra_bytes'] / gib:9.3f} {mr:>7} {r['transient_bytes'] / gib:14.3f} {xr:>7}")
     out = Path(args.json) if args.json else ROOT / "bench" / "out" / f"dss_loss_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

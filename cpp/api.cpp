@@ -44,27 +44,48 @@ at::Tensor alignment_projection_matrix(const at::Tensor& aligned, const at::Tens
 using T = at::Tensor;
 using CT = const at::Tensor&;
 
-std::tuple<T, T, T> dss_loss(CT logits, CT labels, CT weights, CT ref_logprobs, double kl_coef, int64_t ignore_index) {
-  static auto handle = op<std::tuple<T, T, T>(CT, CT, CT, CT, double, int64_t)>("safeshape::dss_loss");
-  return handle.call(logits, labels, weights, ref_logprobs, kl_coef, ignore_index);
-}
-
-T dss_loss_backward(CT grad_loss, CT logits, CT labels, CT weights, CT ref_logprobs, CT logprobs, CT logsumexp,
-                    double kl_coef, int64_t ignore_index) {
-  static auto handle = op<T(CT, CT, CT, CT, CT, CT, CT, double, int64_t)>("safeshape::dss_loss_backward");
-  return handle.call(grad_loss, logits, labels, weights, ref_logprobs, logprobs, logsumexp, kl_coef, ignore_index);
-}
-
 std::tuple<T, T> token_logprobs(CT logits, CT labels, int64_t ignore_index) {
   static auto handle = op<std::tuple<T, T>(CT, CT, int64_t)>("safeshape::token_logprobs");
   return handle.call(logits, labels, ignore_index);
 }
 
-std::tuple<T, T, T> fused_linear_dss_loss(CT hidden, CT weight, CT labels, CT weights, CT ref_logprobs,
-                                          double kl_coef, int64_t ignore_index, int64_t chunk_rows) {
-  static auto handle =
-      op<std::tuple<T, T, T>(CT, CT, CT, CT, CT, double, int64_t, int64_t)>("safeshape::fused_linear_dss_loss");
-  return handle.call(hidden, weight, labels, weights, ref_logprobs, kl_coef, ignore_index, chunk_rows);
+void token_logprobs_backward_(CT logits, CT grad_logprobs, CT labels, CT logsumexp, int64_t ignore_index) {
+  static auto handle = op<void(CT, CT, CT, CT, int64_t)>("safeshape::token_logprobs_backward_");
+  handle.call(logits, grad_logprobs, labels, logsumexp, ignore_index);
+}
+
+using OT = const std::optional<at::Tensor>&;
+
+std::tuple<T, T> token_objective(CT logprobs, CT labels, OT weights, OT ref_logprobs, OT positions,
+                                 std::string_view objective, c10::ArrayRef<double> params, int64_t ignore_index) {
+  static auto handle = op<std::tuple<T, T>(CT, CT, OT, OT, OT, c10::string_view, c10::ArrayRef<double>, int64_t)>(
+      "safeshape::token_objective");
+  return handle.call(logprobs, labels, weights, ref_logprobs, positions,
+                     c10::string_view(objective.data(), objective.size()), params, ignore_index);
+}
+
+std::tuple<T, T, T, T, T> fused_linear_token_loss(CT hidden, CT weight, CT labels, OT weights, OT ref_logprobs,
+                                                  OT positions, std::string_view objective,
+                                                  c10::ArrayRef<double> params, int64_t ignore_index,
+                                                  int64_t chunk_rows, bool compute_grad, bool compute_grad_weight,
+                                                  bool fp32_grad_weight) {
+  static auto handle = op<std::tuple<T, T, T, T, T>(CT, CT, CT, OT, OT, OT, c10::string_view, c10::ArrayRef<double>,
+                                                    int64_t, int64_t, bool, bool, bool)>(
+      "safeshape::fused_linear_token_loss");
+  return handle.call(hidden, weight, labels, weights, ref_logprobs, positions,
+                     c10::string_view(objective.data(), objective.size()), params, ignore_index, chunk_rows,
+                     compute_grad, compute_grad_weight, fp32_grad_weight);
+}
+
+std::tuple<T, T, T, T> full_kl(CT logits, CT ref_logits, CT labels, int64_t ignore_index) {
+  static auto handle = op<std::tuple<T, T, T, T>(CT, CT, CT, int64_t)>("safeshape::full_kl");
+  return handle.call(logits, ref_logits, labels, ignore_index);
+}
+
+T full_kl_backward(CT grad_logprobs, CT grad_kl, CT logits, CT ref_logits, CT labels, CT logsumexp,
+                   CT ref_logsumexp, CT kl, int64_t ignore_index) {
+  static auto handle = op<T(CT, CT, CT, CT, CT, CT, CT, CT, int64_t)>("safeshape::full_kl_backward");
+  return handle.call(grad_logprobs, grad_kl, logits, ref_logits, labels, logsumexp, ref_logsumexp, kl, ignore_index);
 }
 
 T star_token_weights(CT values, CT chunk_ends, int64_t seq_len) {

@@ -9,11 +9,11 @@
 
 namespace safeshape {
 
-inline cuda::DType to_cuda_dtype(at::ScalarType t) {
+inline DType to_cuda_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
     default: TORCH_CHECK(false, "safeshape: unsupported dtype ", t, " (expected float32, bfloat16 or float16)");
   }
 }

@@ -1,8 +1,18 @@
-// Warp and block sums shared by the CUDA kernels (no torch headers).
+// Warp and block sums and the small helpers shared by the CUDA kernels (no torch headers).
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 namespace safeshape::cuda {
+
+constexpr int kThreads = 256;  // threads per block of every kernel here
+
+// Storage to accumulation dtype: float for float / bfloat16 / float16, double for double.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ double to_float(double x) { return x; }
 
 template <typename A>
 __device__ __forceinline__ A warp_shfl_xor(A v, int o) {

@@ -4,9 +4,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace safeshape::cuda {
+#include "token_rows.h"
 
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace safeshape::cuda {
 
 // ---- Safe LoRA ----
 // Bytes of device workspace that launch_project_lora_b needs.
@@ -28,37 +28,14 @@ int launch_lora_cosine(const double* lora_b, const double* projected_b, const do
 int launch_star_token_weights(int elem_bytes, const void* values, const int64_t* chunk_ends, void* weights,
                               int64_t batch, int64_t chunks, int64_t seq_len, void* stream);
 
-// ---- DSS loss ----
-// Row kernels over a [rows, vocab] block of logits (row-major, row stride = vocab), one CUDA block per row.
-// Statistics (loss, logprobs, kl, weights, ref_logprobs, grad_loss) are float32, or float64 when the logits are
-// float64 (logits_f64 = true; dtype is then ignored); logsumexp and ref_logsumexp are always float64. Rows whose label is ignore_index give 0 outputs
-// and 0 gradients. Nullable pointers are marked.
-struct DssRows {
-  DType dtype;
-  bool logits_f64;
-  int64_t rows, vocab;
-  const void* logits;
-  const void* ref_logits;    // full-KL only: [rows, vocab] in the logits' dtype
-  void* grad_logits;         // backward output, may alias logits (in-place for the fused ops)
-  const int64_t* labels;
-  const void* weights;       // nullable: w = 1
-  const void* ref_logprobs;  // nullable: treated as 0 (with kl_coef = 0)
-  const void* grad_loss;     // backward: upstream gradient of the per-token loss
-  void* loss;                // nullable in forward: then only logprobs / logsumexp are written
-  void* logprobs;
-  double* logsumexp;
-  double* ref_logsumexp;     // full-KL only
-  void* kl;                  // full-KL only: KL(p || q) per row
-  double kl_coef;
-  int64_t ignore_index;
-};
-// forward: logsumexp, logprobs and (if loss) the k2 DSS loss per row, one pass over each row.
-int launch_dss_rows_forward(const DssRows& a, void* stream);
-// backward: grad_logits = grad_loss * c * (softmax - onehot(y)), c = w - kl_coef (1 - w) (l - l_ref).
-int launch_dss_rows_backward(const DssRows& a, void* stream);
-// full-vocabulary KL(p || q) variant: forward writes loss, logprobs, logsumexp, ref_logsumexp, kl.
-int launch_dss_rows_full_kl_forward(const DssRows& a, void* stream);
-// grad = g (w (p - onehot) + kl_coef (1 - w) p (log p - log q - KL)).
-int launch_dss_rows_full_kl_backward(const DssRows& a, void* stream);
+// ---- token losses (docs/math.md#dss-loss, docs/math.md#deep-token): row kernels over TokenRows, one CUDA block per row ----
+// logprobs, logsumexp per row.
+int launch_token_logprobs(const TokenRows& a, void* stream);
+// grad_logits = grad_logprobs (onehot(y) - softmax(z)); may run in place.
+int launch_token_logprobs_backward(const TokenRows& a, void* stream);
+// logprobs, kl = KL(softmax(z) || softmax(r)), logsumexp, ref_logsumexp per row.
+int launch_full_kl(const TokenRows& a, void* stream);
+// grad = grad_logprobs (onehot - p) + grad_kl p (log p - log q - KL).
+int launch_full_kl_backward(const TokenRows& a, void* stream);
 
 }  // namespace safeshape::cuda

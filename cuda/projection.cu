@@ -15,12 +15,7 @@
 namespace safeshape::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kRowsPerTile = 32;  // rows of B staged in shared memory per step of pass 1
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 // grid (ceil(d_in / kThreads), nsplit, ceil(r / R)); each thread owns column j and R rank columns.
 template <typename T, int R>

@@ -6,12 +6,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "block_reduce.cuh"
 #include "launchers.h"
 
 namespace safeshape::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
 
 template <typename Bits>

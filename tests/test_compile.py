@@ -45,11 +45,14 @@ def _loss_inputs(n=10, v=37, h=16, seed=0):
 
 
 def _losses(logits, labels, w, ref, ref_logits, hidden, weight, upstream):
+    positions = torch.arange(1, labels.shape[0] + 1) % 4 + 1
     out = [
-        ops.dss_loss(logits, labels, w, ref, 0.5),
+        ops.token_objective(ops.token_logprobs(logits, labels), labels, "dss_k2", [0.5], weights=w, ref_logprobs=ref),
         ops.token_logprobs(logits, labels),
-        ops.dss_loss_full_kl(logits, labels, w, ref_logits, 0.5),
-        ops.fused_linear_dss_loss(hidden, weight, labels, w, ref, 0.5),
+        sum(ops.full_kl(logits, ref_logits, labels)),
+        ops.fused_linear_token_loss(hidden, weight, labels, "dss_k2", [0.5], weights=w, ref_logprobs=ref)[0],
+        ops.fused_linear_token_loss(hidden, weight, labels, "deep_token", [0.5, 2.0, 0.1], ref_logprobs=ref,
+                                    positions=positions)[0],
         ops.fused_linear_token_logprobs(hidden, weight, labels),
     ]
     return sum((o * upstream).sum() for o in out), out
@@ -79,17 +82,20 @@ def test_compile_star_token_weights():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(values, ends), f(values, ends))
 
 
-def test_compile_dss_loss_module():
-    from safeshape.loss import DSSLoss
+@pytest.mark.parametrize("name", ["dss", "deep_token"])
+def test_compile_loss_modules(name):
+    from safeshape.loss import DeepTokenLoss, DSSLoss
 
     logits, labels, w, ref, _, hidden, weight, _ = _loss_inputs(seed=1)
+    positions = torch.arange(1, labels.shape[0] + 1) % 7 + 1
+    kw = dict(weights=w) if name == "dss" else dict(positions=positions)
     for fused in (False, True):
-        mod = DSSLoss(kl_coef=0.5, fused=fused)
+        mod = DSSLoss(kl_coef=0.5, fused=fused) if name == "dss" else DeepTokenLoss(fused=fused)
 
         def f(hidden, weight, logits):
             if fused:
-                return mod(labels=labels, weights=w, ref_logprobs=ref, hidden=hidden, lm_head_weight=weight).loss
-            return mod(labels=labels, weights=w, ref_logprobs=ref, logits=logits).loss
+                return mod(labels=labels, ref_logprobs=ref, hidden=hidden, lm_head_weight=weight, **kw).loss
+            return mod(labels=labels, ref_logprobs=ref, logits=logits, **kw).loss
 
         def run(fn):
             x = [t.clone().requires_grad_() for t in (hidden, weight, logits)]
@@ -99,3 +105,28 @@ def test_compile_dss_loss_module():
 
         for a, b in zip(run(f), run(torch.compile(f, fullgraph=True, backend="aot_eager"))):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_compile_reduce_overhead_cuda():
+    # no host sync in the loss (labels are not read back, N stays a tensor): CUDA graphs can capture a train step
+    from safeshape.loss import DeepTokenLoss, DSSLoss
+
+    logits, labels, w, ref, _, hidden, weight, _ = [t.cuda() for t in _loss_inputs(seed=2)]
+    hidden, weight = hidden.float(), weight.float()
+    positions = torch.arange(1, labels.shape[0] + 1, device="cuda") % 7 + 1
+    for mod, kw in ((DSSLoss(0.5), dict(weights=w)), (DeepTokenLoss(), dict(positions=positions))):
+        def step(hidden, weight):
+            out = mod(labels=labels, ref_logprobs=ref, hidden=hidden, lm_head_weight=weight, **kw)
+            return out.loss
+
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, record, replay
+            h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss = compiled(h, W)
+            loss.backward()
+        h2, W2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        want = step(h2, W2)
+        want.backward()
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(h.grad, h2.grad)

@@ -1,5 +1,5 @@
-"""safeshape.hf.dss_compute_loss as transformers.Trainer's compute_loss_func on a tiny Llama: the loss and the
-gradient of an accumulated step equal docs/math.md#dss-normalisation over the whole batch."""
+"""safeshape.hf.compute_loss as transformers.Trainer's compute_loss_func on a tiny Llama: the loss and the gradient
+of an accumulated step equal docs/math.md#dss-normalisation (DSS) and docs/math.md#deep-token over the whole batch."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -29,7 +29,7 @@ def _peft_model(path, seed=0):
     return model
 
 
-def _spec_loss(model, rows, collator, kl_coef):
+def _spec_loss(model, rows, collator, loss, kl_coef=0.5, betas=(0.5, 2.0, 2.0, 2.0, 2.0, 0.1)):
     batch = collator(rows)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     with torch.no_grad(), model.disable_adapter():
@@ -39,7 +39,12 @@ def _spec_loss(model, rows, collator, kl_coef):
     idx = labels.clamp(min=0).unsqueeze(-1)
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, idx).squeeze(-1)
     lref = torch.log_softmax(ref[:, :-1], -1).gather(-1, idx).squeeze(-1)
-    per = w * (-lp) + kl_coef * (1 - w) * 0.5 * (lp - lref) ** 2
+    if loss == "dss":
+        per = w * (-lp) + kl_coef * (1 - w) * 0.5 * (lp - lref) ** 2
+    else:  # deep-token: position t counts the response tokens of the row from 1; beta_t = betas[min(t, k) - 1]
+        t = mask.long().cumsum(-1).clamp(1, len(betas))
+        beta = torch.tensor(betas)[t - 1]
+        per = (2 / beta) * -torch.nn.functional.logsigmoid(beta * (lp - lref))
     return per[mask].sum() / mask.sum()
 
 
@@ -56,26 +61,27 @@ class _Grads(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
-def test_trainer_step_equals_spec_loss_and_gradient(tiny):
+@pytest.mark.parametrize("loss", ["dss", "deep-token"])
+def test_trainer_step_equals_spec_loss_and_gradient(tiny, loss):
     root, path, tok = tiny
     data = testing.write_tiny_dataset(root / "rows.jsonl", 8, "dss", seed=11)
-    rows = hf.encode_rows(data, tok, loss="dss", max_len=128)
+    rows = hf.encode_rows(data, tok, loss=loss, max_len=128)
     collator = hf.DSSDataCollator(tok)
 
     expected_model = _peft_model(path)
-    expected = _spec_loss(expected_model, rows, collator, kl_coef=0.5)
+    expected = _spec_loss(expected_model, rows, collator, loss)
     expected.backward()
     expected_grads = {n: p.grad for n, p in expected_model.named_parameters() if p.requires_grad}
 
-    model = hf.prepare_model(_peft_model(path), kl_coef=0.5)
+    model = hf.prepare_model(_peft_model(path), kl_coef=0.5, loss=loss)
     spy = _Grads(model)
-    args = TrainingArguments(output_dir=str(root / "trainer"), per_device_train_batch_size=3,
+    args = TrainingArguments(output_dir=str(root / f"trainer-{loss}"), per_device_train_batch_size=3,
                              gradient_accumulation_steps=3, max_steps=1, learning_rate=1e-3, max_grad_norm=0,
                              remove_unused_columns=False, report_to=[], logging_steps=1, use_cpu=True,
                              save_strategy="no", disable_tqdm=True)
     # 8 rows in micro-batches of 3, 3, 2: per-micro-batch means would weight the last one differently
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                      compute_loss_func=hf.dss_compute_loss, callbacks=[spy])
+                      compute_loss_func=hf.compute_loss, callbacks=[spy])
     trainer.train()
     assert spy.losses[0] == pytest.approx(float(expected), rel=1e-4)
     assert spy.grads.keys() == expected_grads.keys()
@@ -87,7 +93,7 @@ def test_missing_weights_and_missing_hooks_are_clear(tiny):
     root, path, tok = tiny
     model = _peft_model(path)
     with pytest.raises(SafeshapeError, match="call safeshape.hf.prepare_model"):
-        hf.dss_compute_loss(model(input_ids=torch.tensor([[1, 5, 6]])), torch.tensor([[1, 5, 6]]))
+        hf.compute_loss(model(input_ids=torch.tensor([[1, 5, 6]])), torch.tensor([[1, 5, 6]]))
     hf.prepare_model(model)
     with pytest.raises(SafeshapeError, match="no STAR weights.*remove_unused_columns=False"):
         hf.dss_compute_loss(model(input_ids=torch.tensor([[1, 5, 6]])), torch.tensor([[1, 5, 6]]))
@@ -95,3 +101,15 @@ def test_missing_weights_and_missing_hooks_are_clear(tiny):
         hf.DSSDataCollator(tok)([{"input_ids": [1, 2], "labels": [1, 2]}])
     with pytest.raises(SafeshapeError, match="a PEFT model is needed"):
         hf.prepare_model(AutoModelForCausalLM.from_pretrained(path))
+    with pytest.raises(SafeshapeError, match="loss must be one of"):
+        hf.prepare_model(model, loss="dpo")
+
+
+def test_encode_rows_rs_drops_rejected_rows(tiny):
+    root, path, tok = tiny
+    data = testing.write_tiny_dataset(root / "rs.jsonl", 12, "rs", seed=3)
+    kept = hf.encode_rows(data, tok, loss="rs", max_len=128)
+    every = hf.encode_rows(data, tok, loss="rs", max_len=128, rs_keep_rejected=True)
+    rejected = [r for r in every if not any(w > 0 for w in r["weights"])]
+    assert rejected and len(kept) == len(every) - len(rejected)
+    assert all(any(w > 0 for w in r["weights"]) for r in kept)

@@ -1,12 +1,12 @@
-"""safeshape.loss.DSSLoss: the reduction (valid tokens or num_items_in_batch), the sft/kl parts, fused == unfused,
-and the SFT and rejection-sampling special cases against torch's cross-entropy (docs/math.md#dss-normalisation,
-docs/math.md#sft-and-rejection-sampling)."""
+"""safeshape.loss.DSSLoss and DeepTokenLoss: the reduction (valid tokens or num_items_in_batch), the sft/kl parts,
+fused == unfused, k micro-batches == one batch, and the SFT and rejection-sampling special cases against torch's
+cross-entropy."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from safeshape import reference
-from safeshape.loss import DSSLoss, rs_weights, sft_weights
+from safeshape.loss import DeepTokenLoss, DSSLoss, response_positions, rs_weights, sft_weights
 from tests.conftest import DEVICES
 
 IGNORE = -100
@@ -27,8 +27,9 @@ def make_batch(b, t, h, v, device, seed=0, dtype=torch.float32):
 
 
 def ref_loss(hidden, weight, labels, weights, ref, kl_coef, denom=None):
-    per_token = reference.fused_linear_dss_loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                                weights.reshape(-1), ref.reshape(-1), kl_coef)
+    per_token = reference.fused_linear_token_loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                                  "dss_k2", [kl_coef], weights=weights.reshape(-1),
+                                                  ref_logprobs=ref.reshape(-1))
     n = int((labels != IGNORE).sum())
     return per_token.sum() / (denom if denom is not None else n)
 
@@ -91,7 +92,7 @@ def test_num_items_in_batch_accumulates_to_one_batch(fused, device):
     whole = run(h, W, slice(None))
     whole.loss.backward()
     gh, gW = h.grad.clone(), W.grad.clone()
-    n_step = torch.tensor(whole.num_tokens)  # transformers passes a tensor
+    n_step = whole.num_tokens.clone()  # transformers passes a tensor
     total, parts = 0.0, 0
     W.grad = None
     gh_acc = torch.zeros_like(hidden)
@@ -126,7 +127,8 @@ def test_sft_is_mean_cross_entropy(fused, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rejection_sampling_keeps_whole_examples(device):
+def test_rejection_sampling_with_zero_weights_keeps_whole_examples(device):
+    # the old RS (safeshape train --loss rs --rs-keep-rejected): rejected rows weigh 0, N counts all rows
     hidden, weight, labels, _, _ = make_batch(4, 8, 16, 41, device, seed=4)
     keep = torch.tensor([True, False, True, False], device=device)
     w = rs_weights(labels, keep)
@@ -153,8 +155,9 @@ def test_full_kl(device):
                                                         ref_logits=ref_logits)
     out.loss.backward()
     z = logits.detach().double().requires_grad_()
-    per_token = reference.dss_loss_full_kl(z.reshape(-1, 37), labels.reshape(-1), weights.reshape(-1),
-                                           ref_logits.double().reshape(-1, 37), 0.5)
+    lp, kl = reference.full_kl(z.reshape(-1, 37), ref_logits.double().reshape(-1, 37), labels.reshape(-1))
+    w = weights.reshape(-1).double()
+    per_token = w * -lp + 0.5 * (1 - w) * kl
     want = per_token.sum() / out.num_tokens
     want.backward()
     torch.testing.assert_close(out.loss.double(), want, rtol=1e-6, atol=0)
@@ -204,3 +207,100 @@ def test_num_items_in_batch_zero_gives_zero_loss_not_nan():
     with pytest.raises(ValueError, match="num_items_in_batch must be >= 0"):
         DSSLoss(fused=False)(labels=labels, weights=torch.ones(4), ref_logprobs=torch.zeros(4), logits=logits,
                              num_items_in_batch=-3)
+
+
+# ---- Deep Token (docs/math.md#deep-token) -------------------------------------------------------------------------------------
+
+def deep_token_ref(hidden, weight, labels, ref, betas, denom=None):
+    positions = response_positions(labels)
+    per_token = reference.fused_linear_token_loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                                  "deep_token", betas, ref_logprobs=ref.reshape(-1),
+                                                  positions=positions.reshape(-1))
+    return per_token.sum() / (denom if denom is not None else int((labels != IGNORE).sum()))
+
+
+def test_response_positions_count_from_the_first_response_token():
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, 7, IGNORE], [IGNORE, 3, 4, IGNORE, IGNORE, IGNORE],
+                           [1, 2, 3, 4, 5, 6]])
+    assert response_positions(labels).tolist() == [[0, 0, 1, 2, 3, 0], [0, 1, 2, 0, 0, 0], [1, 2, 3, 4, 5, 6]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_deep_token_value_and_gradients(fused, device):
+    hidden, weight, labels, _, ref = make_batch(3, 14, 16, 97, device, seed=7)
+    betas = (0.5, 2.0, 2.0, 2.0, 2.0, 0.1)
+    h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss_fn = DeepTokenLoss(fused=fused, chunk_rows=5)
+    kwargs = dict(hidden=h, lm_head_weight=W) if fused else dict(logits=h @ W.T)
+    out = loss_fn(labels=labels, ref_logprobs=ref, positions=response_positions(labels), **kwargs)
+    out.loss.backward()
+    h2, W2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    want = deep_token_ref(h2, W2, labels, ref, betas)
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(h.grad.double(), h2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(W.grad.double(), W2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.sft_loss + out.kl_loss, out.loss.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_deep_token_micro_batches_accumulate_to_one_batch(fused, device):
+    hidden, weight, labels, _, ref = make_batch(5, 9, 12, 53, device, seed=8, dtype=torch.float64)
+    labels[3] = IGNORE
+    positions = response_positions(labels)
+    loss_fn = DeepTokenLoss(betas=(0.3, 1.5, 0.05), fused=fused)
+
+    def run(h, W, sl, **kw):
+        kwargs = dict(hidden=h, lm_head_weight=W) if fused else dict(logits=h @ W.T)
+        return loss_fn(labels=labels[sl], ref_logprobs=ref[sl], positions=positions[sl], **kwargs, **kw)
+
+    h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    whole = run(h, W, slice(None))
+    whole.loss.backward()
+    gh, gW = h.grad.clone(), W.grad.clone()
+    W.grad = None
+    gh_acc = torch.zeros_like(hidden)
+    total = 0.0
+    for sl in (slice(0, 2), slice(2, 4), slice(4, 5)):
+        hs = hidden[sl].clone().requires_grad_()
+        out = run(hs, W, sl, num_items_in_batch=whole.num_tokens)
+        out.loss.backward()
+        gh_acc[sl] = hs.grad
+        total = total + out.loss.detach()
+    torch.testing.assert_close(total, whole.loss.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(gh_acc, gh, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(W.grad, gW, rtol=1e-10, atol=1e-14)
+
+
+def test_deep_token_configuration_errors():
+    with pytest.raises(ValueError, match="betas must be"):
+        DeepTokenLoss(betas=())
+    with pytest.raises(ValueError, match="betas must be"):
+        DeepTokenLoss(betas=(0.5, -1.0))
+
+
+@pytest.mark.parametrize("loss_fn", [DSSLoss(0.5), DeepTokenLoss()])
+def test_no_grad_weight_buffer_under_no_grad(loss_fn):
+    # issue 10 item 17: under torch.no_grad() the fused loss must not form a [V, H] lm-head gradient (nor a
+    # [N, H] hidden one), even though the lm_head requires grad
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden, weight, labels, weights, ref = make_batch(2, 6, 8, 40, "cpu", seed=9)
+    W = weight.clone().requires_grad_()
+    shapes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and func.namespace == "safeshape":
+                    shapes.append(tuple(o.shape))
+            return out
+
+    kw = dict(positions=response_positions(labels)) if isinstance(loss_fn, DeepTokenLoss) else dict(weights=weights)
+    with torch.no_grad(), Record():
+        out = loss_fn(labels=labels, ref_logprobs=ref, hidden=hidden, lm_head_weight=W, **kw)
+    assert torch.isfinite(out.loss) and not out.loss.requires_grad
+    assert shapes and tuple(W.shape) not in shapes and (12, 8) not in shapes

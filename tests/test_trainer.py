@@ -33,8 +33,9 @@ def _config(files, out, **kw):
     return TrainConfig(**base)
 
 
-def _spec_loss(run: Run, rows: list[int], kl_coef: float) -> float:
-    """docs/math.md#dss-loss in plain torch, through the model's own forward with full logits."""
+def _spec_loss(run: Run, rows: list[int], kl_coef: float, betas=None) -> float:
+    """docs/math.md#dss-loss (docs/math.md#deep-token with betas) in plain torch, through the model's own forward with full
+    logits."""
     model = run.peft_model
     batch = collate([run.examples[i] for i in rows], run.pad_id)
     with torch.no_grad():
@@ -46,7 +47,11 @@ def _spec_loss(run: Run, rows: list[int], kl_coef: float) -> float:
     idx = labels.clamp(min=0).unsqueeze(-1)
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, idx).squeeze(-1)
     lref = torch.log_softmax(ref_logits[:, :-1], -1).gather(-1, idx).squeeze(-1)
-    per = w * (-lp) + kl_coef * (1 - w) * 0.5 * (lp - lref) ** 2
+    if betas is None:
+        per = w * (-lp) + kl_coef * (1 - w) * 0.5 * (lp - lref) ** 2
+    else:  # position t counts the row's response tokens from 1; beta_t = betas[min(t, k) - 1]
+        beta = torch.tensor(betas)[mask.long().cumsum(-1).clamp(1, len(betas)) - 1]
+        per = (2 / beta) * -torch.nn.functional.logsigmoid(beta * (lp - lref))
     return float(per[mask].sum() / mask.sum())
 
 
@@ -59,19 +64,35 @@ def _losses(out):
         return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in f]
 
 
-@pytest.mark.parametrize("loss", ["dss", "rs", "sft"])
+@pytest.mark.parametrize("loss", ["dss", "rs", "sft", "deep-token"])
 def test_step_loss_is_the_spec_loss(files, tmp_path, loss):
-    cfg = _config(files, tmp_path / "o", loss=loss, data=files[loss], batch_size=8, kl_coef=0.7)
+    betas = (0.3, 1.5, 1.5, 0.05)
+    cfg = _config(files, tmp_path / "o", loss=loss, data=files["sft" if loss == "deep-token" else loss],
+                  batch_size=8, kl_coef=0.7, deep_token_betas=",".join(map(str, betas)))
     run = Run(cfg, Dist())
     run.train_step(0)  # after one step LoRA B != 0, so the policy differs from the reference
-    expected = _spec_loss(run, run.step_rows(1), 0.7 if loss == "dss" else 0.0)
+    expected = _spec_loss(run, run.step_rows(1), 0.7 if loss == "dss" else 0.0,
+                          betas if loss == "deep-token" else None)
     got = run.train_step(1)
     assert got["loss"] == pytest.approx(expected, rel=1e-5)
     assert got["loss"] == pytest.approx(got["sft_loss"] + got["kl_loss"], rel=1e-6)
     if loss == "dss":
         assert got["kl_loss"] > 0
-    else:
+    elif loss != "deep-token":
         assert got["kl_loss"] == 0
+
+
+def test_rs_drops_rejected_rows_unless_asked(files, tmp_path):
+    # RS as the authors run it: rows with safe=false are not trained on and N counts the kept rows' tokens only
+    dropped = Run(_config(files, tmp_path / "a", loss="rs", data=files["rs"]), Dist())
+    kept = Run(_config(files, tmp_path / "b", loss="rs", data=files["rs"], rs_keep_rejected=True), Dist())
+    rejected = [e for e in kept.examples if not any(w > 0 for w in e.weights)]
+    assert rejected and dropped.rejected == len(rejected) and kept.rejected == 0
+    assert len(dropped.examples) == len(kept.examples) - len(rejected)
+    assert all(any(w > 0 for w in e.weights) for e in dropped.examples)
+    # the old behaviour: the same summed loss over more tokens, so a smaller loss per step
+    a, b = dropped.train_step(0), kept.train_step(0)
+    assert a["mean_weight"] == 1.0 and b["mean_weight"] < 1.0
 
 
 def test_accumulation_equals_one_batch(files, tmp_path):
@@ -194,6 +215,11 @@ def test_config_validation():
         TrainConfig(model="m", data="d", out="o", grad_accum=0)
     assert TrainConfig(model="m", data="d", out="o", target_modules="q_proj, k_proj").target_modules == (
         "q_proj", "k_proj")
+    assert TrainConfig(model="m", data="d", out="o", deep_token_betas="0.5,2,0.1").deep_token_betas == (0.5, 2, 0.1)
+    with pytest.raises(SafeshapeError, match="--deep-token-betas: must be positive numbers"):
+        TrainConfig(model="m", data="d", out="o", deep_token_betas="0.5,0")
+    with pytest.raises(SafeshapeError, match="--deep-token-betas: must be comma-separated numbers"):
+        TrainConfig(model="m", data="d", out="o", deep_token_betas="half")
 
 
 def test_cli(files, tmp_path, capsys):
@@ -212,6 +238,20 @@ def test_cli(files, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(argv[:-2] + ["--loss", "dpo"])
+
+
+def test_cli_deep_token(files, tmp_path, capsys):
+    from safeshape import cli
+
+    out = tmp_path / "o"
+    argv = ["train", "--model", files["model"], "--data", files["sft"], "--out", str(out), "--loss", "deep-token",
+            "--deep-token-betas", "0.5,2,0.1", "--batch-size", "4", "--max-steps", "1", "--no-progress", "--json"]
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 1 and json.loads((out / "train_summary.json").read_text())["config"][
+        "deep_token_betas"] == [0.5, 2.0, 0.1]
+    assert cli.main(argv[:-4] + ["--deep-token-betas", "x", "--no-progress", "--overwrite"]) == 2
+    assert "--deep-token-betas: must be comma-separated numbers" in capsys.readouterr().err
 
 
 def test_bf16_base_keeps_float32_adapter(files, tmp_path):

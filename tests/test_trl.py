@@ -55,7 +55,7 @@ def _train(setup, dss: bool):
     collator = hf.DSSDataCollator(tok)
     if dss:
         model = hf.prepare_model(model, kl_coef=0.5)
-        loss_func = hf.dss_compute_loss
+        loss_func = hf.compute_loss
     else:  # plain SFTTrainer (its own loss), the same batches without the STAR column
         loss_func, dss_collator = None, collator
         collator = lambda features: {k: v for k, v in dss_collator(features).items() if k != "star_weights"}  # noqa

@@ -1,4 +1,5 @@
-"""The DSS loss inside ``transformers.Trainer`` (or TRL's ``SFTTrainer``) through ``compute_loss_func``.
+"""The DSS (or Deep Token, SFT, RS) loss inside ``transformers.Trainer`` (or TRL's ``SFTTrainer``) through
+``compute_loss_func``.
 
 ``compute_loss_func`` only sees the model outputs, the labels and ``num_items_in_batch``; the STAR weights and the
 reference pass need two more pieces, so the recipe is::
@@ -9,18 +10,22 @@ reference pass need two more pieces, so the recipe is::
         model=model, train_dataset=hf.encode_rows("rows.jsonl", tokenizer, loss="dss"),
         data_collator=hf.DSSDataCollator(tokenizer),
         args=transformers.TrainingArguments(..., remove_unused_columns=False),  # keeps `weights`
-        compute_loss_func=hf.dss_compute_loss)
+        compute_loss_func=hf.compute_loss)
+
+For Deep Token: ``hf.prepare_model(peft_model, loss="deep-token")`` (betas as ``safeshape train``'s) and rows from
+``hf.encode_rows(..., loss="deep-token")``; positions count from the first response token of each row.
 
 ``prepare_model`` registers forward hooks on the PEFT model: before forward they take ``star_weights`` out of the
 inputs, ask for hidden states and for the logits of the last position only (full logits are never formed); after
-forward they attach ``star_weights``, the ``lm_head`` weight and (when ``kl_coef > 0``) the final hidden states of
-the same model with the adapter disabled (no_grad) to the outputs. A forward without ``star_weights`` (generation,
-a plain evaluation) is left alone, and so is TRL's metrics forward (``fused_lm_head=True``: TRL computes entropy and
-token accuracy with its own fused head). ``unprepare_model`` removes the hooks. ``dss_compute_loss`` then runs
-the same fused ops as ``safeshape train`` and divides by ``num_items_in_batch`` (the valid tokens of the whole
-accumulated batch, which Trainer counts) as docs/math.md#dss-normalisation asks.
+forward they attach ``star_weights``, the ``lm_head`` weight and (DSS with ``kl_coef > 0``, Deep Token) the final
+hidden states of the same model with the adapter disabled (no_grad) to the outputs. A forward without
+``star_weights`` (generation, a plain evaluation) is left alone, and so is TRL's metrics forward
+(``fused_lm_head=True``: TRL computes entropy and token accuracy with its own fused head). ``unprepare_model``
+removes the hooks. ``compute_loss`` then runs the same fused ops as ``safeshape train`` and divides by
+``num_items_in_batch`` (the valid tokens of the whole accumulated batch, which Trainer counts) as
+docs/math.md#dss-normalisation asks.
 
-TRL (``trl >= 1``): the same pieces go into ``trl.SFTTrainer``: pass ``compute_loss_func=hf.dss_compute_loss``,
+TRL (``trl >= 1``): the same pieces go into ``trl.SFTTrainer``: pass ``compute_loss_func=hf.compute_loss``,
 ``data_collator=hf.DSSDataCollator(tokenizer)``, a dataset of :func:`encode_rows` rows and
 ``SFTConfig(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})``.
 """
@@ -35,14 +40,24 @@ from torch import Tensor, nn
 from . import ops
 from .data import IGNORE_INDEX, load_examples
 from .errors import SafeshapeError
+from .loss import DEEP_TOKEN_BETAS, response_positions
 from .trainer.model import body_and_head, check_fused_head, hf_model
 
 _STATE = "_safeshape_dss"
 
 
-def encode_rows(path: str | os.PathLike, tokenizer, loss: str = "dss", max_len: int = 512) -> list[dict]:
-    """Tokenised rows (``input_ids``, ``labels``, ``weights``) with the same rules as ``safeshape train``."""
-    examples, _ = load_examples(path, tokenizer, loss, max_len)
+LOSSES = ("dss", "sft", "rs", "deep-token")
+
+
+def encode_rows(path: str | os.PathLike, tokenizer, loss: str = "dss", max_len: int = 512,
+                rs_keep_rejected: bool = False) -> list[dict]:
+    """Tokenised rows (``input_ids``, ``labels``, ``weights``) with the same rules as ``safeshape train`` (``rs``
+    drops the rows with ``safe: false`` unless ``rs_keep_rejected``)."""
+    if loss not in LOSSES:
+        raise SafeshapeError(f"safeshape.hf.encode_rows: loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+    examples, _ = load_examples(path, tokenizer, "sft" if loss == "deep-token" else loss, max_len)
+    if loss == "rs" and not rs_keep_rejected:
+        examples = [e for e in examples if any(w > 0 for w in e.weights)]
     return [{"input_ids": e.input_ids, "labels": e.labels, "weights": e.weights} for e in examples]
 
 
@@ -79,8 +94,9 @@ class DSSDataCollator:
 
 
 class _Hooks:
-    def __init__(self, model: nn.Module, kl_coef: float):
-        self.model, self.kl_coef, self.pending = model, kl_coef, None
+    def __init__(self, model: nn.Module, loss: str, kl_coef: float, betas: tuple[float, ...]):
+        self.model, self.loss, self.kl_coef, self.betas, self.pending = model, loss, kl_coef, betas, None
+        self.reference = (loss == "dss" and kl_coef > 0) or loss == "deep-token"
         self.handles = [model.register_forward_pre_hook(self.before, with_kwargs=True),
                         model.register_forward_hook(self.after, with_kwargs=True)]
 
@@ -103,17 +119,23 @@ class _Hooks:
         body, head_weight = body_and_head(self.model)
         output["star_weights"] = weights
         output["lm_head_weight"] = head_weight
-        if self.kl_coef > 0:
+        if self.reference:
             with torch.no_grad(), self.model.disable_adapter():
                 ref = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             output["ref_hidden"] = ref
-        output[_STATE] = self.kl_coef
+        output[_STATE] = (self.loss, self.kl_coef, self.betas)
         return output
 
 
-def prepare_model(model: nn.Module, kl_coef: float = 0.5) -> nn.Module:
-    """Install the hooks :func:`dss_compute_loss` relies on (on a PEFT model; returns it). ``kl_coef`` is the DSS
-    lambda; 0 skips the reference pass (SFT, RS)."""
+def prepare_model(model: nn.Module, kl_coef: float = 0.5, *, loss: str = "dss",
+                  deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS) -> nn.Module:
+    """Install the hooks :func:`compute_loss` relies on (on a PEFT model; returns it). ``loss``: dss, sft, rs
+    (with rows from :func:`encode_rows` of the same loss) or deep-token. ``kl_coef`` is the DSS lambda; 0 skips
+    the reference pass (as sft and rs do)."""
+    if loss not in LOSSES:
+        raise SafeshapeError(f"safeshape.hf.prepare_model: loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+    if loss in ("sft", "rs"):
+        kl_coef = 0.0
     if not hasattr(model, "disable_adapter"):
         raise SafeshapeError("safeshape.hf.prepare_model: a PEFT model is needed (the reference is the same model "
                              "with its adapter disabled)")
@@ -121,7 +143,7 @@ def prepare_model(model: nn.Module, kl_coef: float = 0.5) -> nn.Module:
         raise SafeshapeError(f"safeshape.hf.prepare_model: kl_coef must be >= 0, not {kl_coef}")
     check_fused_head(hf_model(model), type(hf_model(model)).__name__)
     unprepare_model(model)  # preparing twice replaces the hooks
-    setattr(model, _STATE, _Hooks(model, kl_coef))
+    setattr(model, _STATE, _Hooks(model, loss, float(kl_coef), tuple(float(b) for b in deep_token_betas)))
     return model
 
 
@@ -135,19 +157,21 @@ def unprepare_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def dss_compute_loss(outputs, labels: Tensor, num_items_in_batch: Tensor | int | None = None, *,
-                     fused: bool = True) -> Tensor:
-    """``compute_loss_func`` for ``transformers.Trainer``: the DSS loss (docs/math.md#dss-loss) of a batch, divided by
-    ``num_items_in_batch`` when given (else by the batch's valid tokens). Needs :func:`prepare_model`."""
+def compute_loss(outputs, labels: Tensor, num_items_in_batch: Tensor | int | None = None, *,
+                 fused: bool = True) -> Tensor:
+    """``compute_loss_func`` for ``transformers.Trainer``: the loss :func:`prepare_model` chose (docs/math.md#dss-loss,
+    docs/math.md#deep-token) of a batch, divided by ``num_items_in_batch`` when given (else by the batch's valid
+    tokens). Needs :func:`prepare_model`."""
     if _STATE not in outputs:
-        raise SafeshapeError("safeshape.hf.dss_compute_loss: the model outputs carry no STAR weights; call "
+        raise SafeshapeError("safeshape.hf.compute_loss: the model outputs carry no STAR weights; call "
                              "safeshape.hf.prepare_model(model) before building the Trainer, and feed batches from "
                              "safeshape.hf.DSSDataCollator with TrainingArguments(remove_unused_columns=False) so "
                              "they keep `star_weights`")
-    kl_coef = float(outputs[_STATE])
+    loss, kl_coef, betas = outputs[_STATE]
     hidden = outputs["hidden_states"][-1]
     weight = outputs["lm_head_weight"]
-    flat_labels = labels[:, 1:].reshape(-1).to(hidden.device)  # row t predicts token t + 1
+    shifted = labels[:, 1:].to(hidden.device)  # row t predicts token t + 1
+    flat_labels = shifted.reshape(-1)
     rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
     if rows.numel() == 0:
         rows = rows.new_zeros(1)  # keeps the graph connected (zero gradient)
@@ -157,24 +181,33 @@ def dss_compute_loss(outputs, labels: Tensor, num_items_in_batch: Tensor | int |
 
     flat_labels = flat_labels[rows]
     weights = outputs["star_weights"][:, 1:].reshape(-1).to(hidden.device)[rows]
-    loss_fn = _loss_module(kl_coef, fused)
+    loss_fn = _loss_module(loss, kl_coef, betas, fused)
     ref = None
-    if kl_coef > 0:
+    if "ref_hidden" in outputs:
         with torch.no_grad():
             ref = ops.fused_linear_token_logprobs(pick(outputs["ref_hidden"]), weight, flat_labels)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(hidden.device)
-    if fused:
-        out = loss_fn(hidden=pick(hidden), lm_head_weight=weight, labels=flat_labels, weights=weights,
-                      ref_logprobs=ref, num_items_in_batch=num_items_in_batch)
+    if loss == "deep-token":
+        kw = dict(positions=response_positions(shifted, IGNORE_INDEX).reshape(-1)[rows])
     else:
-        out = loss_fn(logits=nn.functional.linear(pick(hidden), weight), labels=flat_labels, weights=weights,
-                      ref_logprobs=ref, num_items_in_batch=num_items_in_batch)
+        kw = dict(weights=weights)
+    if fused:
+        out = loss_fn(hidden=pick(hidden), lm_head_weight=weight, labels=flat_labels, ref_logprobs=ref,
+                      num_items_in_batch=num_items_in_batch, **kw)
+    else:
+        out = loss_fn(logits=nn.functional.linear(pick(hidden), weight), labels=flat_labels, ref_logprobs=ref,
+                      num_items_in_batch=num_items_in_batch, **kw)
     return out.loss
 
 
-@functools.lru_cache(maxsize=8)
-def _loss_module(kl_coef: float, fused: bool):
-    from .loss import DSSLoss
+dss_compute_loss = compute_loss  # the name of earlier releases
 
+
+@functools.lru_cache(maxsize=8)
+def _loss_module(loss: str, kl_coef: float, betas: tuple[float, ...], fused: bool):
+    from .loss import DeepTokenLoss, DSSLoss
+
+    if loss == "deep-token":
+        return DeepTokenLoss(betas=betas, fused=fused)
     return DSSLoss(kl_coef=kl_coef, kl="k2", fused=fused)

@@ -1,4 +1,4 @@
-"""``safeshape train``: LoRA fine-tuning with the SFT, RS or DSS loss. One flag per TrainConfig field.
+"""``safeshape train``: LoRA fine-tuning with the SFT, RS, DSS or Deep Token loss. One flag per TrainConfig field.
 
 Prints a human summary, and the same summary as one JSON line on stdout with ``--json``.
 Multi-process: ``torchrun --nproc_per_node=N -m safeshape train ...`` (or ``accelerate launch --multi_gpu``, or an MPI
@@ -11,9 +11,9 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-from ..data import LOSSES, TRAIN_ON
+from ..data import TRAIN_ON
 from ..errors import SafeshapeError
-from .config import MIXED_PRECISION, TrainConfig
+from .config import LOSSES, MIXED_PRECISION, TrainConfig
 
 _CHOICES = {"loss": LOSSES, "schedule": ("linear", "constant"), "mixed_precision": MIXED_PRECISION,
             "report_to": ("none", "tensorboard", "wandb"), "train_on": TRAIN_ON}
@@ -28,8 +28,13 @@ _HELP = {
     "train_on": "last: loss on the last assistant turn of a messages row; all: on every assistant turn (sft, rs)",
     "eval_split": "split of a save_to_disk folder given as --eval-data",
     "out": "output folder: final adapter (PEFT layout), metrics.jsonl, checkpoint-<step>/",
-    "loss": "dss (STAR-weighted CE + KL to the adapter-disabled model), sft, or rs (rows with safe=false get weight 0)",
+    "loss": "dss (STAR-weighted CE + KL to the adapter-disabled model), sft, rs (sft on the rows with safe=true), "
+            "or deep-token (Qi et al.'s token-wise constrained objective against the adapter-disabled model)",
     "kl_coef": "lambda of the DSS KL term",
+    "deep_token_betas": "deep-token: comma-separated beta of response positions 1, 2, ...; the last holds for every "
+                        "later position",
+    "rs_keep_rejected": "rs: keep rejected rows with weight 0 and count their tokens in N (the old behaviour) "
+                        "instead of dropping them as the authors do",
     "lora_r": "LoRA rank r",
     "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
     "lora_dropout": "dropout on the LoRA input",
@@ -78,10 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default {'on' if f.default else 'off'})")
+        elif isinstance(f.default, tuple):  # comma-separated on the command line
+            parser.add_argument(flag, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default {','.join(str(x) for x in f.default)})")
         else:
-            shown = ",".join(f.default) if f.name == "target_modules" else f.default
             parser.add_argument(flag, type=_kind(f), default=argparse.SUPPRESS, choices=_CHOICES.get(f.name),
-                                help=help_text if shown is None else f"{help_text} (default {shown})")
+                                help=help_text if f.default is None else f"{help_text} (default {f.default})")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="JSON or YAML file of settings with the same names as these flags (lora_r or lora-r); "
                              "flags given on the command line win")
@@ -125,7 +132,7 @@ def load_config_file(path: str) -> dict:
             except ValueError:
                 what = "an int" if kind is int else "a number"
                 raise SafeshapeError(f"--config {path}: {key}: {value!r} is not {what}") from None
-        if name == "target_modules" and isinstance(value, list):
+        if isinstance(value, list) and isinstance(known[name].default, tuple):  # target_modules, deep_token_betas
             value = ",".join(map(str, value))
         out[name] = value
     return out

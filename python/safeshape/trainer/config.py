@@ -4,22 +4,29 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..data import LOSSES, TRAIN_ON
+from ..data import LOSSES as DATA_LOSSES, TRAIN_ON
 from ..errors import SafeshapeError
+from ..loss import DEEP_TOKEN_BETAS
+
+
+# the losses of `safeshape train`: deep-token reads its rows as sft does (no extra fields)
+LOSSES = (*DATA_LOSSES, "deep-token")
 
 
 @dataclass
 class TrainConfig:
-    """LoRA fine-tuning with the SFT, RS or DSS loss (docs/math.md#dss-loss,
-    docs/math.md#sft-and-rejection-sampling)."""
+    """LoRA fine-tuning with the SFT, RS, DSS or Deep Token loss (docs/math.md#dss-loss,
+    docs/math.md#sft-and-rejection-sampling, docs/math.md#deep-token)."""
 
     model: str  # HF causal-LM folder or hub id (the aligned chat model) with its tokenizer and chat template
     data: str  # rows {prompt, response} or {messages} (+ `safe` for rs, STAR fields for dss): a file or a dataset folder
     out: str  # output folder: final adapter (PEFT layout), metrics.jsonl, checkpoint-<step>/
-    loss: str = "dss"  # dss | sft (w = 1, no KL) | rs (per-row w = safe in {0, 1}, no KL)
+    loss: str = "dss"  # dss | sft (w = 1, no KL) | rs (sft on the rows with safe = true) | deep-token
     split: str | None = None  # the split of a datasets.save_to_disk folder given as `data`
     train_on: str = "last"  # last | all: which assistant turns of a `messages` row carry loss (all: sft and rs)
     kl_coef: float = 0.5  # lambda of the DSS KL term (dss only)
+    deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS  # beta of response positions 1, 2, ...; the last holds on
+    rs_keep_rejected: bool = False  # rs: keep rejected rows with weight 0 (N counts them) instead of dropping them
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
@@ -53,6 +60,13 @@ class TrainConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
         self.target_modules = tuple(self.target_modules)
+        if isinstance(self.deep_token_betas, str):
+            try:
+                self.deep_token_betas = tuple(float(b) for b in self.deep_token_betas.split(",") if b.strip())
+            except ValueError:
+                raise SafeshapeError(f"--deep-token-betas: must be comma-separated numbers, not "
+                                     f"{self.deep_token_betas!r}") from None
+        self.deep_token_betas = tuple(float(b) for b in self.deep_token_betas)
         self.validate()
 
     def validate(self) -> None:
@@ -81,14 +95,17 @@ class TrainConfig:
             raise bad("lora_dropout", f"must be < 1, not {self.lora_dropout}")
         if not self.lr > 0:
             raise bad("lr", f"must be > 0, not {self.lr}")
+        if not self.deep_token_betas or not all(b > 0 for b in self.deep_token_betas):
+            raise bad("deep_token_betas", f"must be positive numbers, not {self.deep_token_betas}")
         if not self.target_modules:
             raise bad("target_modules", "names no module")
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise bad("target_modules", "all-linear stands alone (it already names every Linear but the output head)")
         if self.train_on not in TRAIN_ON:
             raise bad("train_on", f"must be one of {', '.join(TRAIN_ON)}, not {self.train_on!r}")
-        if self.train_on == "all" and self.loss == "dss":
-            raise bad("train_on", "all: STAR values cover the last response only; use --loss sft or rs")
+        if self.train_on == "all" and self.loss in ("dss", "deep-token"):
+            raise bad("train_on", "all: STAR values and Deep Token's positions cover the last response only; use "
+                                  "--loss sft or rs")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise bad("report_to", f"must be none, tensorboard or wandb, not {self.report_to!r}")
         if self.mixed_precision not in MIXED_PRECISION:

@@ -3,10 +3,10 @@
 1. take the step's rows from the epoch's seeded permutation (a pure function of the step, which makes --resume
    exact) and split them into ``grad_accum`` micro-batches per process;
 2. count the valid (shifted) label tokens of the whole step over all micro-batches and processes: every
-   micro-batch loss is divided by that count (docs/math.md#dss-normalisation), so k micro-batches give the update
-   one batch of the same rows would;
-3. per micro-batch: reference log-probs from the same model with the adapter disabled (DSS only, no_grad, fused
-   lm-head op), then the policy's final hidden states through DDP and the fused DSS loss; backward;
+   micro-batch loss is divided by that count (docs/math.md#dss-normalisation), so k micro-batches give the update one batch of
+   the same rows would;
+3. per micro-batch: reference log-probs from the same model with the adapter disabled (DSS and Deep Token, no_grad,
+   fused lm-head op), then the policy's final hidden states through DDP and the fused loss; backward;
 4. clip, step, log a JSONL line, checkpoint every ``save_every`` steps and at the end.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ..datafiles import fingerprint
 from ..errors import SafeshapeError
 from ..hub import portable_name, resolve_folder
 from ..io import atomic_write_text, write_json
+from ..loss import response_positions
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
@@ -81,18 +82,27 @@ class Run:
         self.config, self.dist = config, dist
         progress = config.progress and dist.is_main
         seed_all(config.seed)  # identical LoRA initialisation on every process
+        data_loss = "sft" if config.loss == "deep-token" else config.loss  # deep-token reads its rows as sft does
         model_dir = resolve_folder(config.model, "--model")  # a folder, or a hub id through the HF cache
         self.tokenizer = load_tokenizer(model_dir)
-        self.examples, self.dropped = load_examples(config.data, self.tokenizer, config.loss, config.max_len,
+        self.examples, self.dropped = load_examples(config.data, self.tokenizer, data_loss, config.max_len,
                                                     split=config.split, train_on=config.train_on,
                                                     progress=progress)
         self.truncated = sum(e.truncated for e in self.examples)
         note = max_len_report(self.examples, self.dropped, config.max_len)
         if note and dist.is_main:
             print(f"safeshape train: {note}", file=sys.stderr)
+        self.rejected = 0
+        if config.loss == "rs" and not config.rs_keep_rejected:
+            # RS as the authors run it: rejected rows (weight 0 on every token) are not trained on, N counts kept rows
+            kept = [e for e in self.examples if any(w > 0 for w in e.weights)]
+            self.rejected = len(self.examples) - len(kept)
+            if not kept:
+                raise SafeshapeError(f"{config.data}: --loss rs: every row has safe=false; nothing to train on")
+            self.examples = kept
         self.eval_examples = []
         if config.eval_data:
-            self.eval_examples, _ = load_examples(config.eval_data, self.tokenizer, config.loss, config.max_len,
+            self.eval_examples, _ = load_examples(config.eval_data, self.tokenizer, data_loss, config.max_len,
                                                   split=config.eval_split, train_on=config.train_on)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
@@ -114,13 +124,16 @@ class Run:
         self.policy = PolicyHidden(self.peft_model)
         self.ddp = self.policy
         self.lm_head_weight = body_and_head(self.peft_model)[1]
-        self.use_reference = config.loss == "dss" and config.kl_coef > 0
+        self.use_reference = (config.loss == "dss" and config.kl_coef > 0) or config.loss == "deep-token"
         # bf16 autocast of the forward passes, independent of the dtype the weights were loaded in (--bf16)
         self.autocast_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
-        from ..loss import DSSLoss
+        from ..loss import DeepTokenLoss, DSSLoss
 
-        self.loss_module = DSSLoss(kl_coef=config.kl_coef if self.use_reference else 0.0, kl="k2",
-                                   fused=config.fused)
+        if config.loss == "deep-token":
+            self.loss_module = DeepTokenLoss(betas=config.deep_token_betas, fused=config.fused)
+        else:
+            self.loss_module = DSSLoss(kl_coef=config.kl_coef if self.use_reference else 0.0, kl="k2",
+                                       fused=config.fused)
         # a rank with no rows in a micro-batch (last, partial step) still joins the collectives: one ignored token
         first = self.examples[0]
         self.empty_row = Example(first.input_ids[:2], [IGNORE_INDEX] * len(first.input_ids[:2]),
@@ -152,12 +165,13 @@ class Run:
         """Loss of one micro-batch, normalised by the step's valid-token count ``num_items``; ``policy`` (default:
         the DDP-wrapped model) computes the final hidden states."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        labels = batch["labels"][:, 1:].reshape(-1)  # row t predicts token t + 1
-        weights = batch["weights"][:, 1:].reshape(-1)
+        labels = batch["labels"][:, 1:]  # row t predicts token t + 1
+        positions = response_positions(labels, IGNORE_INDEX).reshape(-1)
+        labels, weights = labels.reshape(-1), batch["weights"][:, 1:].reshape(-1)
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         if rows.numel() == 0:
             rows = rows.new_zeros(1)  # keeps the graph connected (zero gradient) for DDP
-        labels, weights = labels[rows], weights[rows]
+        labels, weights, positions = labels[rows], weights[rows], positions[rows]
         w_head = self.lm_head_weight
 
         def pick(h: Tensor) -> Tensor:
@@ -171,11 +185,12 @@ class Run:
             hidden = pick((policy or self.ddp)(ids, mask))
         if hidden.dtype != w_head.dtype:  # autocast ran the body in bf16: the head matmul too, as autocast would
             w_head = w_head.to(hidden.dtype)
+        kw = dict(positions=positions, weights=None) if self.config.loss == "deep-token" else dict(weights=weights)
         if self.config.fused:
-            return self.loss_module(hidden=hidden, lm_head_weight=w_head, labels=labels, weights=weights,
-                                    ref_logprobs=ref, num_items_in_batch=num_items)
-        return self.loss_module(logits=F.linear(hidden, w_head), labels=labels, weights=weights,
-                                ref_logprobs=ref, num_items_in_batch=num_items)
+            return self.loss_module(hidden=hidden, lm_head_weight=w_head, labels=labels, ref_logprobs=ref,
+                                    num_items_in_batch=num_items, **kw)
+        return self.loss_module(logits=F.linear(hidden, w_head), labels=labels, ref_logprobs=ref,
+                                num_items_in_batch=num_items, **kw)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -336,8 +351,9 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
                "final_loss": last["loss"] if last else None, "out": out, "metrics": metrics_path,
                "eval_loss": last.get("eval_loss") if last else None,
                "examples": len(run.examples), "truncated_rows": run.truncated,
-               "dropped_rows": len(run.dropped), "dropped_lines": run.dropped, "world_size": dist.world_size,
-               "rank": dist.rank, "global_batch": run.global_batch, "config": asdict(config)}
+               "dropped_rows": len(run.dropped), "dropped_lines": run.dropped, "rejected_rows": run.rejected,
+               "world_size": dist.world_size, "rank": dist.rank, "global_batch": run.global_batch,
+               "config": asdict(config)}
     if is_main:
         write_json(os.path.join(out, "train_summary.json"), summary, overwrite=True)
     dist.barrier()

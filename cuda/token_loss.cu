@@ -1,9 +1,10 @@
-// CUDA row kernels of the DSS loss ops (docs/math.md#dss-gradient). One block per row of logits:
-//   forward:  each thread keeps an online (max, sum exp) over its elements (16-byte vector loads), the block
-//             merges the pairs; thread 0 forms lse, l = z[y] - lse and the loss.
-//   backward: grad = g c (exp(z - lse) - onehot(y)), one pass with vector loads and stores; may run in place.
+// CUDA row kernels of the token losses (docs/math.md#dss-loss, docs/math.md#deep-token). One block per row of logits:
+//   logprobs: each thread keeps an online (max, sum exp) over its elements (16-byte vector loads), the block
+//             merges the pairs; thread 0 forms lse and l = z[y] - lse.
+//   backward: grad = g (onehot(y) - exp(z - lse)), one pass with vector loads and stores; may run in place.
 //   full KL:  pass 1 online logsumexp of z and of the reference r, pass 2 sum p (log p - log q) over the row
-//             (the row is re-read from L2); the backward is one pass.
+//             (the row is re-read from L2); the backward is one pass. Terms with p = 0 add 0 (not 0 x -inf).
+// NaN logits give NaN results, as on the CPU.
 // Accumulation is float32 for float32 / bfloat16 / float16 logits and float64 for float64 logits.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -18,13 +19,6 @@
 namespace safeshape::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-
 template <typename T> __device__ __forceinline__ T from_acc(float x);
 template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
@@ -32,15 +26,6 @@ template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
-
-// A float64 logsumexp as hi + lo in the accumulation dtype (as the CPU kernels' Split): (x - hi) - lo keeps the
-// digits of x - lse that a float32 lse of |z| ~ 1e4 would lose.
-template <typename A>
-struct Split {
-  A hi, lo;
-  __device__ explicit Split(double v) : hi(static_cast<A>(v)), lo(static_cast<A>(v - static_cast<double>(hi))) {}
-  __device__ __forceinline__ A log_prob(A x) const { return (x - hi) - lo; }
-};
 
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
@@ -73,14 +58,14 @@ template <typename T, typename F>
 __device__ __forceinline__ void row_visit(const T* __restrict__ row, int64_t V, F&& f) {
   constexpr int kN = Pack<T>::kN;
   const RowSplit<T> sp(row, V);
-  for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x) f(j, to_acc(row[j]));
+  for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x) f(j, to_float(row[j]));
   const Pack<T>* vec = reinterpret_cast<const Pack<T>*>(row + sp.head);
   for (int64_t q = threadIdx.x; q < sp.nvec; q += blockDim.x) {
     const Pack<T> p = vec[q];
 #pragma unroll
-    for (int k = 0; k < kN; ++k) f(sp.head + q * kN + k, to_acc(p.v[k]));
+    for (int k = 0; k < kN; ++k) f(sp.head + q * kN + k, to_float(p.v[k]));
   }
-  for (int64_t j = sp.tail_begin + threadIdx.x; j < V; j += blockDim.x) f(j, to_acc(row[j]));
+  for (int64_t j = sp.tail_begin + threadIdx.x; j < V; j += blockDim.x) f(j, to_float(row[j]));
 }
 
 template <typename T>
@@ -99,20 +84,20 @@ __device__ __forceinline__ void row_map(const T* in, T* out, int64_t V, F&& f) {
   const RowSplit<T> sp(in, V);
   const bool out_aligned = ((reinterpret_cast<uintptr_t>(out) ^ reinterpret_cast<uintptr_t>(in)) & 15) == 0;
   if (!out_aligned) {  // different alignment: scalar (never the case for rows of one allocation pattern)
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) out[j] = store_cast<T>(f(j, to_acc(in[j])));
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) out[j] = store_cast<T>(f(j, to_float(in[j])));
     return;
   }
-  for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x) out[j] = store_cast<T>(f(j, to_acc(in[j])));
+  for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x) out[j] = store_cast<T>(f(j, to_float(in[j])));
   const Pack<T>* vin = reinterpret_cast<const Pack<T>*>(in + sp.head);
   Pack<T>* vout = reinterpret_cast<Pack<T>*>(out + sp.head);
   for (int64_t q = threadIdx.x; q < sp.nvec; q += blockDim.x) {
     const Pack<T> p = vin[q];
     Pack<T> o;
 #pragma unroll
-    for (int k = 0; k < kN; ++k) o.v[k] = store_cast<T>(f(sp.head + q * kN + k, to_acc(p.v[k])));
+    for (int k = 0; k < kN; ++k) o.v[k] = store_cast<T>(f(sp.head + q * kN + k, to_float(p.v[k])));
     vout[q] = o;
   }
-  for (int64_t j = sp.tail_begin + threadIdx.x; j < V; j += blockDim.x) out[j] = store_cast<T>(f(j, to_acc(in[j])));
+  for (int64_t j = sp.tail_begin + threadIdx.x; j < V; j += blockDim.x) out[j] = store_cast<T>(f(j, to_float(in[j])));
 }
 
 // Online logsumexp state: sum of exp(x - m).
@@ -127,7 +112,7 @@ struct Lse {
     if (x > m) {
       s = s * exp_(m - x) + A(1);
       m = x;
-    } else if (x > -INFINITY) {  // a masked -inf logit adds 0 (and -inf - -inf would be NaN)
+    } else if (x != -INFINITY) {  // a masked -inf logit adds 0 (-inf - -inf would be NaN); a NaN makes s NaN
       s += exp_(x - m);
     }
   }
@@ -167,24 +152,31 @@ __device__ double block_lse(Lse<A> st) {
   return result;
 }
 
-template <typename A>
-__device__ __forceinline__ A row_value(const void* p, int64_t i, A dflt) {
-  return p ? static_cast<const A*>(p)[i] : dflt;
+__device__ __forceinline__ bool bad_label(int64_t y, int64_t vocab) {
+  return y < 0 || y >= vocab;
+}
+
+// Backward: an ignored row gets a 0 gradient, a label outside the vocabulary NaN; true when the row was one of those.
+template <typename T>
+__device__ bool fill_skipped_row(const TokenRows& a, int64_t y, const T* row, T* out) {
+  using A = typename Acc<T>::type;
+  if (y != a.ignore_index && !bad_label(y, a.vocab)) return false;
+  const A fill = y == a.ignore_index ? A(0) : A(NAN);
+  row_map(row, out, a.vocab, [fill](int64_t, A) { return fill; });
+  return true;
 }
 
 template <typename T>
-__global__ void forward_kernel(DssRows a) {
+__global__ void logprobs_kernel(TokenRows a) {
   using A = typename Acc<T>::type;
   const int64_t i = blockIdx.x;
   const int64_t y = a.labels[i];
   A* lp = static_cast<A*>(a.logprobs);
-  double* lse_out = a.logsumexp;
-  A* loss = static_cast<A*>(a.loss);
-  if (y == a.ignore_index) {
+  if (y == a.ignore_index || bad_label(y, a.vocab)) {
     if (threadIdx.x == 0) {
-      lp[i] = A(0);
-      lse_out[i] = 0.0;
-      if (loss) loss[i] = A(0);
+      const bool ignored = y == a.ignore_index;
+      lp[i] = ignored ? A(0) : A(NAN);
+      a.logsumexp[i] = ignored ? 0.0 : NAN;
     }
     return;
   }
@@ -194,53 +186,41 @@ __global__ void forward_kernel(DssRows a) {
   row_visit(row, a.vocab, [&](int64_t, A x) { st.add(x); });
   const double lse = block_lse(st);
   if (threadIdx.x == 0) {
-    const A l = static_cast<A>(static_cast<double>(to_acc(row[y])) - lse);
-    lp[i] = l;
-    lse_out[i] = lse;
-    if (loss) {
-      const A w = row_value<A>(a.weights, i, A(1));
-      const A d = l - row_value<A>(a.ref_logprobs, i, A(0));
-      loss[i] = w * -l + static_cast<A>(a.kl_coef) * (A(1) - w) * A(0.5) * d * d;
-    }
+    lp[i] = static_cast<A>(static_cast<double>(to_float(row[y])) - lse);
+    a.logsumexp[i] = lse;
   }
 }
 
 template <typename T>
-__global__ void backward_kernel(DssRows a) {
+__global__ void logprobs_backward_kernel(TokenRows a) {
   using A = typename Acc<T>::type;
   const int64_t i = blockIdx.x;
   const int64_t y = a.labels[i];
   const int64_t V = a.vocab;
   const T* row = static_cast<const T*>(a.logits) + i * V;
   T* out = static_cast<T*>(a.grad_logits) + i * V;
-  if (y == a.ignore_index) {
-    row_map(row, out, V, [](int64_t, A) { return A(0); });
-    return;
-  }
-  const A l = static_cast<const A*>(a.logprobs)[i];
+  if (fill_skipped_row(a, y, row, out)) return;
   const Split<A> lse(a.logsumexp[i]);
-  const A w = row_value<A>(a.weights, i, A(1));
-  const A c = w - static_cast<A>(a.kl_coef) * (A(1) - w) * (l - row_value<A>(a.ref_logprobs, i, A(0)));
-  const A coef = static_cast<const A*>(a.grad_loss)[i] * c;
-  const A at_label = coef * expm1_(l);  // p_y - 1 from the saved log-probability, no cancellation
-  row_map(row, out, V, [&](int64_t j, A x) { return j == y ? at_label : coef * exp_(lse.log_prob(x)); });
+  const A g = static_cast<const A*>(a.grad_logprobs)[i];
+  const A l = lse.log_prob(to_float(row[y]));
+  __syncthreads();  // every thread has read z[y] before the row is overwritten (in place)
+  const A at_label = -g * expm1_(l);  // g (1 - p_y), no cancellation
+  row_map(row, out, V, [&](int64_t j, A x) { return j == y ? at_label : -g * exp_(lse.log_prob(x)); });
 }
 
 template <typename T>
-__global__ void full_kl_forward_kernel(DssRows a) {
+__global__ void full_kl_kernel(TokenRows a) {
   using A = typename Acc<T>::type;
   const int64_t i = blockIdx.x;
   const int64_t y = a.labels[i];
   const int64_t V = a.vocab;
-  A* loss = static_cast<A*>(a.loss);
   A* lp = static_cast<A*>(a.logprobs);
   A* kl = static_cast<A*>(a.kl);
-  double* lse_out = a.logsumexp;
-  double* rlse_out = a.ref_logsumexp;
-  if (y == a.ignore_index) {
+  if (y == a.ignore_index || bad_label(y, V)) {
     if (threadIdx.x == 0) {
-      loss[i] = lp[i] = kl[i] = A(0);
-      lse_out[i] = rlse_out[i] = 0.0;
+      const A fill = y == a.ignore_index ? A(0) : A(NAN);
+      lp[i] = kl[i] = fill;
+      a.logsumexp[i] = a.ref_logsumexp[i] = static_cast<double>(fill);
     }
     return;
   }
@@ -254,50 +234,40 @@ __global__ void full_kl_forward_kernel(DssRows a) {
   const double lse_d = block_lse(sz);
   const double rlse_d = block_lse(sr);
   const Split<A> lse(lse_d), rlse(rlse_d);
-  // KL = sum_j p_j ((z_j - lse) - (r_j - rlse)); r_j is read with the same split as z_j (same row offsets)
+  // KL = sum_j p_j ((z_j - lse) - (r_j - rlse)); p_j = 0 adds 0 (a -inf logit would give 0 x -inf = NaN)
   auto kl_term = [&](A zj, A rj) {
     const A lz = lse.log_prob(zj);
-    return exp_(lz) * (lz - rlse.log_prob(rj));
+    const A p = exp_(lz);
+    return p > A(0) ? p * (lz - rlse.log_prob(rj)) : A(0);
   };
   A part = A(0);
   const RowSplit<T> sp(z, V);
   constexpr int kN = Pack<T>::kN;
   const bool same = ((reinterpret_cast<uintptr_t>(z) ^ reinterpret_cast<uintptr_t>(r)) & 15) == 0;
   if (same) {
-    for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x) {
-      part += kl_term(to_acc(z[j]), to_acc(r[j]));
-    }
+    for (int64_t j = threadIdx.x; j < sp.head; j += blockDim.x) part += kl_term(to_float(z[j]), to_float(r[j]));
     const Pack<T>* vz = reinterpret_cast<const Pack<T>*>(z + sp.head);
     const Pack<T>* vr = reinterpret_cast<const Pack<T>*>(r + sp.head);
     for (int64_t q = threadIdx.x; q < sp.nvec; q += blockDim.x) {
       const Pack<T> pz = vz[q], pr = vr[q];
 #pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        part += kl_term(to_acc(pz.v[k]), to_acc(pr.v[k]));
-      }
+      for (int k = 0; k < kN; ++k) part += kl_term(to_float(pz.v[k]), to_float(pr.v[k]));
     }
-    for (int64_t j = sp.tail_begin + threadIdx.x; j < V; j += blockDim.x) {
-      part += kl_term(to_acc(z[j]), to_acc(r[j]));
-    }
+    for (int64_t j = sp.tail_begin + threadIdx.x; j < V; j += blockDim.x) part += kl_term(to_float(z[j]), to_float(r[j]));
   } else {
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-      part += kl_term(to_acc(z[j]), to_acc(r[j]));
-    }
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) part += kl_term(to_float(z[j]), to_float(r[j]));
   }
   const A klv = block_sum(part);
   if (threadIdx.x == 0) {
-    const A l = static_cast<A>(static_cast<double>(to_acc(z[y])) - lse_d);
-    const A w = row_value<A>(a.weights, i, A(1));
-    loss[i] = w * -l + static_cast<A>(a.kl_coef) * (A(1) - w) * klv;
-    lp[i] = l;
+    lp[i] = static_cast<A>(static_cast<double>(to_float(z[y])) - lse_d);
     kl[i] = klv;
-    lse_out[i] = lse_d;
-    rlse_out[i] = rlse_d;
+    a.logsumexp[i] = lse_d;
+    a.ref_logsumexp[i] = rlse_d;
   }
 }
 
 template <typename T>
-__global__ void full_kl_backward_kernel(DssRows a) {
+__global__ void full_kl_backward_kernel(TokenRows a) {
   using A = typename Acc<T>::type;
   const int64_t i = blockIdx.x;
   const int64_t y = a.labels[i];
@@ -305,40 +275,35 @@ __global__ void full_kl_backward_kernel(DssRows a) {
   const T* z = static_cast<const T*>(a.logits) + i * V;
   const T* r = static_cast<const T*>(a.ref_logits) + i * V;
   T* out = static_cast<T*>(a.grad_logits) + i * V;
-  if (y == a.ignore_index) {
-    row_map(z, out, V, [](int64_t, A) { return A(0); });
-    return;
-  }
-  const A g = static_cast<const A*>(a.grad_loss)[i];
-  const A w = row_value<A>(a.weights, i, A(1));
-  const A ca = g * w, cb = g * static_cast<A>(a.kl_coef) * (A(1) - w);
+  if (fill_skipped_row(a, y, z, out)) return;
+  const A ca = -static_cast<const A*>(a.grad_logprobs)[i], cb = static_cast<const A*>(a.grad_kl)[i];
   const Split<A> lse(a.logsumexp[i]), rlse(a.ref_logsumexp[i]);
   const A klv = static_cast<const A*>(a.kl)[i];
-  // the label column: w (p_y - 1) by expm1, no cancellation
-  const A ly = lse.log_prob(to_acc(z[y]));
-  const A at_label = ca * expm1_(ly) + cb * exp_(ly) * (ly - rlse.log_prob(to_acc(r[y])) - klv);
+  // the label column: -g_l (p_y - 1) by expm1, no cancellation
+  const A ly = lse.log_prob(to_float(z[y]));
+  const A py = exp_(ly);
+  const A at_label = ca * expm1_(ly) + (py > A(0) ? cb * py * (ly - rlse.log_prob(to_float(r[y])) - klv) : A(0));
+  __syncthreads();  // z[y], r[y] read before the row is overwritten (out may alias z)
   row_map(z, out, V, [&](int64_t j, A x) {
     if (j == y) return at_label;
     const A lz = lse.log_prob(x);
-    return exp_(lz) * (ca + cb * (lz - rlse.log_prob(to_acc(r[j])) - klv));
+    const A p = exp_(lz);
+    return p > A(0) ? p * (ca + cb * (lz - rlse.log_prob(to_float(r[j])) - klv)) : A(0);
   });
 }
 
-using Kernel = void (*)(DssRows);
+using Kernel = void (*)(TokenRows);
 
-int launch_rows(const DssRows& a, void* stream, Kernel f32, Kernel bf16, Kernel f16, Kernel f64) {
+int launch_rows(const TokenRows& a, void* stream, Kernel f32, Kernel bf16, Kernel f16, Kernel f64) {
   if (a.rows <= 0) return 0;
   if (a.rows > 0x7fffffffLL) return static_cast<int>(cudaErrorInvalidValue);
   Kernel k = nullptr;
-  if (a.logits_f64) {
-    k = f64;
-  } else {
-    switch (a.dtype) {
-      case DType::kFloat32: k = f32; break;
-      case DType::kBFloat16: k = bf16; break;
-      case DType::kFloat16: k = f16; break;
-      default: return static_cast<int>(cudaErrorInvalidValue);
-    }
+  switch (a.dtype) {
+    case DType::kFloat32: k = f32; break;
+    case DType::kBFloat16: k = bf16; break;
+    case DType::kFloat16: k = f16; break;
+    case DType::kFloat64: k = f64; break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
   }
   k<<<static_cast<unsigned>(a.rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
   return static_cast<int>(cudaGetLastError());
@@ -346,22 +311,22 @@ int launch_rows(const DssRows& a, void* stream, Kernel f32, Kernel bf16, Kernel 
 
 }  // namespace
 
-int launch_dss_rows_forward(const DssRows& a, void* stream) {
-  return launch_rows(a, stream, forward_kernel<float>, forward_kernel<__nv_bfloat16>, forward_kernel<__half>,
-                     forward_kernel<double>);
+int launch_token_logprobs(const TokenRows& a, void* stream) {
+  return launch_rows(a, stream, logprobs_kernel<float>, logprobs_kernel<__nv_bfloat16>, logprobs_kernel<__half>,
+                     logprobs_kernel<double>);
 }
 
-int launch_dss_rows_backward(const DssRows& a, void* stream) {
-  return launch_rows(a, stream, backward_kernel<float>, backward_kernel<__nv_bfloat16>, backward_kernel<__half>,
-                     backward_kernel<double>);
+int launch_token_logprobs_backward(const TokenRows& a, void* stream) {
+  return launch_rows(a, stream, logprobs_backward_kernel<float>, logprobs_backward_kernel<__nv_bfloat16>,
+                     logprobs_backward_kernel<__half>, logprobs_backward_kernel<double>);
 }
 
-int launch_dss_rows_full_kl_forward(const DssRows& a, void* stream) {
-  return launch_rows(a, stream, full_kl_forward_kernel<float>, full_kl_forward_kernel<__nv_bfloat16>,
-                     full_kl_forward_kernel<__half>, full_kl_forward_kernel<double>);
+int launch_full_kl(const TokenRows& a, void* stream) {
+  return launch_rows(a, stream, full_kl_kernel<float>, full_kl_kernel<__nv_bfloat16>, full_kl_kernel<__half>,
+                     full_kl_kernel<double>);
 }
 
-int launch_dss_rows_full_kl_backward(const DssRows& a, void* stream) {
+int launch_full_kl_backward(const TokenRows& a, void* stream) {
   return launch_rows(a, stream, full_kl_backward_kernel<float>, full_kl_backward_kernel<__nv_bfloat16>,
                      full_kl_backward_kernel<__half>, full_kl_backward_kernel<double>);
 }

@@ -1,7 +1,8 @@
-// CPU kernels of the DSS loss ops (docs/math.md#dss-gradient). Per row only logsumexp(z) and z[y] are needed:
-//   forward:  max, then sum exp(z - max) (two passes over a row that sits in L2), lse = max + log(sum)
-//   backward: grad = g c (exp(z - lse) - onehot(y)), one pass, reusing the forward's lse; may run in place
-//   full KL:  the same passes over z and the reference row r, plus sum exp(z - mz) ((z - mz) - (r - mr))
+// CPU row kernels of the token losses (docs/math.md#dss-loss, docs/math.md#deep-token). Per row only logsumexp(z) and z[y] are needed:
+//   logprobs: max, then sum exp(z - max) (two passes over a row that sits in L2), lse = max + log(sum)
+//   backward: grad = g (onehot(y) - exp(z - lse)), one pass, reusing the forward's lse; may run in place
+//   full KL:  the same passes over z and the reference row r, plus sum exp(z - mz) ((z - mz) - (r - mr)); terms
+//             with p = 0 add 0 (a -inf logit would give 0 x -inf = NaN)
 // Rows are spread over threads with at::parallel_for; the inner loops are written so that gcc vectorises them
 // (16 independent lanes, a branch-free exp) and SAFESHAPE_CLONES builds AVX-512 / AVX2 copies.
 // float64 rows (gradcheck) take plain scalar loops with std::exp.
@@ -15,12 +16,11 @@
 #include <vector>
 
 #include "cpu_kernels.h"
-#include "dss_loss_common.h"
+#include "token_loss.h"
 
 namespace safeshape {
 namespace {
 
-using dss::Rows;
 
 constexpr int kLanes = 16;        // independent accumulators, one vector register's worth (or two) per loop
 constexpr int64_t kBlock = 2048;  // elements summed in float before adding into a double (two-level summation)
@@ -91,7 +91,7 @@ void sum_exp_kl_f32(const float* z, const float* r, int64_t n, float mz, float m
         const float dz = z[j + k] - mz;
         const float ez = exp_f32(dz);
         as[k] += ez;
-        at[k] += ez * (dz - (r[j + k] - mr));
+        at[k] += ez > 0.f ? ez * (dz - (r[j + k] - mr)) : 0.f;
       }
     float s = 0.f, tt = 0.f;
     for (int k = 0; k < kLanes; ++k) {
@@ -102,7 +102,7 @@ void sum_exp_kl_f32(const float* z, const float* r, int64_t n, float mz, float m
       const float dz = z[j] - mz;
       const float ez = exp_f32(dz);
       s += ez;
-      tt += ez * (dz - (r[j] - mr));
+      tt += ez > 0.f ? ez * (dz - (r[j] - mr)) : 0.f;
     }
     tot_s += s;
     tot_t += tt;
@@ -123,7 +123,8 @@ void kl_grad_f32(const float* __restrict z, const float* __restrict r, float* __
                  float lo, float rhi, float rlo, float kl, float a, float b) {
   for (int64_t j = 0; j < n; ++j) {
     const float lz = (z[j] - hi) - lo;
-    out[j] = exp_f32(lz) * (a + b * (lz - ((r[j] - rhi) - rlo) - kl));
+    const float p = exp_f32(lz);
+    out[j] = p > 0.f ? p * (a + b * (lz - ((r[j] - rhi) - rlo) - kl)) : 0.f;
   }
 }
 
@@ -160,7 +161,7 @@ void sum_exp_kl_f64(const double* z, const double* r, int64_t n, double mz, doub
   for (int64_t j = 0; j < n; ++j) {
     const double dz = z[j] - mz, ez = std::exp(dz);
     s += ez;
-    tt += ez * (dz - (r[j] - mr));
+    tt += ez > 0.0 ? ez * (dz - (r[j] - mr)) : 0.0;
   }
   *sz = s;
   *t = tt;
@@ -174,7 +175,8 @@ void kl_grad_f64(const double* z, const double* r, double* out, int64_t n, doubl
                  double rlo, double kl, double a, double b) {
   for (int64_t j = 0; j < n; ++j) {
     const double lz = (z[j] - hi) - lo;
-    out[j] = std::exp(lz) * (a + b * (lz - ((r[j] - rhi) - rlo) - kl));
+    const double p = std::exp(lz);
+    out[j] = p > 0.0 ? p * (a + b * (lz - ((r[j] - rhi) - rlo) - kl)) : 0.0;
   }
 }
 
@@ -188,13 +190,6 @@ inline void row_sum_exp_kl(const float* z, const float* r, int64_t n, float mz, 
 inline void row_sum_exp_kl(const double* z, const double* r, int64_t n, double mz, double mr, double* sz, double* t) {
   sum_exp_kl_f64(z, r, n, mz, mr, sz, t);
 }
-// lse (float64) as hi + lo in the accumulation dtype
-template <typename A>
-struct Split {
-  A hi, lo;
-  explicit Split(double v) : hi(static_cast<A>(v)), lo(static_cast<A>(v - static_cast<double>(hi))) {}
-};
-
 inline void row_scaled_softmax(const float* z, float* o, int64_t n, Split<float> s, float c) {
   scaled_softmax_f32(z, o, n, s.hi, s.lo, c);
 }
@@ -240,99 +235,94 @@ void store_row(const acc_t<T>* src, T* dst, int64_t n) {
   }
 }
 
-template <typename A>
-A at_row(const void* p, int64_t i) {
-  return p ? static_cast<const A*>(p)[i] : A(0);
-}
-
-// c_t = w - kl_coef (1 - w) (l - l_ref): dloss/dz = c (softmax - onehot)
-inline double dss_coef(double w, double lp, double lref, double kl_coef) {
-  return w - kl_coef * (1.0 - w) * (lp - lref);
-}
-
 // Rows per task: enough work to amortise the task (about 32K elements).
 inline int64_t grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, vocab)); }
 
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// 0 for an ignored row, NaN for a label outside [0, vocab) (the glue rejects those before a CPU kernel runs).
+inline bool skip_row(int64_t y, const TokenRows& a, double* fill) {
+  if (y == a.ignore_index) {
+    *fill = 0.0;
+    return true;
+  }
+  if (y < 0 || y >= a.vocab) {
+    *fill = kNaN;
+    return true;
+  }
+  return false;
+}
+
 template <typename T>
-void forward_rows(const Rows& a) {
+void logprobs_rows(const TokenRows& a) {
   using A = acc_t<T>;
   const T* logits = static_cast<const T*>(a.logits);
   A* lp = static_cast<A*>(a.logprobs);
-  double* lse_out = a.logsumexp;
-  A* loss = static_cast<A*>(a.loss);
   const int64_t V = a.vocab;
   at::parallel_for(0, a.rows, grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<A> scratch(std::is_same_v<T, A> ? 0 : V);
     for (int64_t i = r0; i < r1; ++i) {
       const int64_t y = a.labels[i];
-      if (y == a.ignore_index) {
-        lp[i] = A(0);
-        lse_out[i] = 0.0;
-        if (loss) loss[i] = A(0);
+      double fill;
+      if (skip_row(y, a, &fill)) {
+        lp[i] = static_cast<A>(fill);
+        a.logsumexp[i] = fill;
         continue;
       }
       const A* z = load_row(logits + i * V, V, scratch.data());
       const A m = row_max(z, V);
       const double lse = static_cast<double>(m) + std::log(row_sum_exp(z, V, m));
-      const double l = static_cast<double>(z[y]) - lse;
-      lp[i] = static_cast<A>(l);
-      lse_out[i] = lse;
-      if (loss) {
-        const double w = a.weights ? at_row<A>(a.weights, i) : 1.0;
-        const double d = l - static_cast<double>(at_row<A>(a.ref_logprobs, i));
-        loss[i] = static_cast<A>(w * -l + a.kl_coef * (1.0 - w) * 0.5 * d * d);
-      }
+      lp[i] = static_cast<A>(static_cast<double>(z[y]) - lse);
+      a.logsumexp[i] = lse;
     }
   });
 }
 
 template <typename T>
-void backward_rows(const Rows& a) {
+void logprobs_backward_rows(const TokenRows& a) {
   using A = acc_t<T>;
   const T* logits = static_cast<const T*>(a.logits);
   T* grad = static_cast<T*>(a.grad_logits);
-  const A* lp = static_cast<const A*>(a.logprobs);
-  const double* lse = a.logsumexp;
+  const A* g_lp = static_cast<const A*>(a.grad_logprobs);
   const int64_t V = a.vocab;
   at::parallel_for(0, a.rows, grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<A> scratch(std::is_same_v<T, A> ? 0 : V);
     for (int64_t i = r0; i < r1; ++i) {
       T* out = grad + i * V;
       const int64_t y = a.labels[i];
-      if (y == a.ignore_index) {
-        std::fill(out, out + V, T(0));
+      double fill;
+      if (skip_row(y, a, &fill)) {
+        std::fill(out, out + V, static_cast<T>(fill));
         continue;
       }
-      const double w = a.weights ? at_row<A>(a.weights, i) : 1.0;
-      const double l = lp[i];
-      const double coef = at_row<A>(a.grad_loss, i) * dss_coef(w, l, at_row<A>(a.ref_logprobs, i), a.kl_coef);
       const A* z = load_row(logits + i * V, V, scratch.data());
+      const double g = g_lp[i];
+      const Split<A> lse(a.logsumexp[i]);
+      const double l = static_cast<double>(z[y]) - a.logsumexp[i];  // read before an in-place overwrite
       A* o = std::is_same_v<T, A> ? reinterpret_cast<A*>(out) : scratch.data();
-      row_scaled_softmax(z, o, V, Split<A>(lse[i]), static_cast<A>(coef));
-      o[y] = static_cast<A>(coef * std::expm1(l));  // p_y - 1 from the saved log-probability, no cancellation
+      row_scaled_softmax(z, o, V, lse, static_cast<A>(-g));
+      o[y] = static_cast<A>(-g * std::expm1(l));  // g (1 - p_y) from the log-probability, no cancellation
       store_row<T>(o, out, V);
     }
   });
 }
 
 template <typename T>
-void full_kl_forward_rows(const Rows& a) {
+void full_kl_rows(const TokenRows& a) {
   using A = acc_t<T>;
   const T* logits = static_cast<const T*>(a.logits);
   const T* ref = static_cast<const T*>(a.ref_logits);
-  A* loss = static_cast<A*>(a.loss);
   A* lp = static_cast<A*>(a.logprobs);
   A* kl = static_cast<A*>(a.kl);
-  double* lse_out = a.logsumexp;
-  double* rlse_out = a.ref_logsumexp;
   const int64_t V = a.vocab;
   at::parallel_for(0, a.rows, grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<A> scratch(std::is_same_v<T, A> ? 0 : 2 * V);
     for (int64_t i = r0; i < r1; ++i) {
       const int64_t y = a.labels[i];
-      if (y == a.ignore_index) {
-        loss[i] = lp[i] = kl[i] = A(0);
-        lse_out[i] = rlse_out[i] = 0.0;
+      double fill;
+      if (skip_row(y, a, &fill)) {
+        lp[i] = kl[i] = static_cast<A>(fill);
+        a.logsumexp[i] = a.ref_logsumexp[i] = fill;
         continue;
       }
       const A* z = load_row(logits + i * V, V, scratch.data());
@@ -343,27 +333,21 @@ void full_kl_forward_rows(const Rows& a) {
       const double log_sr = std::log(row_sum_exp(r, V, mr));
       const double log_sz = std::log(sz);
       // KL = sum_j p_j (log p_j - log q_j), log p_j = z_j - mz - log sz, log q_j = r_j - mr - log sr
-      const double klv = t / sz - log_sz + log_sr;
       const double lse = mz + log_sz;
-      const double l = static_cast<double>(z[y]) - lse;
-      const double w = at_row<A>(a.weights, i);
-      loss[i] = static_cast<A>(w * -l + a.kl_coef * (1.0 - w) * klv);
-      lp[i] = static_cast<A>(l);
-      kl[i] = static_cast<A>(klv);
-      lse_out[i] = lse;
-      rlse_out[i] = static_cast<double>(mr) + log_sr;
+      lp[i] = static_cast<A>(static_cast<double>(z[y]) - lse);
+      kl[i] = static_cast<A>(t / sz - log_sz + log_sr);
+      a.logsumexp[i] = lse;
+      a.ref_logsumexp[i] = static_cast<double>(mr) + log_sr;
     }
   });
 }
 
 template <typename T>
-void full_kl_backward_rows(const Rows& a) {
+void full_kl_backward_rows(const TokenRows& a) {
   using A = acc_t<T>;
   const T* logits = static_cast<const T*>(a.logits);
   const T* ref = static_cast<const T*>(a.ref_logits);
   T* grad = static_cast<T*>(a.grad_logits);
-  const double* lse = a.logsumexp;
-  const double* rlse = a.ref_logsumexp;
   const A* kl = static_cast<const A*>(a.kl);
   const int64_t V = a.vocab;
   at::parallel_for(0, a.rows, grain(V), [&](int64_t r0, int64_t r1) {
@@ -371,128 +355,81 @@ void full_kl_backward_rows(const Rows& a) {
     for (int64_t i = r0; i < r1; ++i) {
       T* out = grad + i * V;
       const int64_t y = a.labels[i];
-      if (y == a.ignore_index) {
-        std::fill(out, out + V, T(0));
+      double fill;
+      if (skip_row(y, a, &fill)) {
+        std::fill(out, out + V, static_cast<T>(fill));
         continue;
       }
-      const double g = at_row<A>(a.grad_loss, i), w = at_row<A>(a.weights, i);
-      const double ca = g * w, cb = g * a.kl_coef * (1.0 - w);
+      const double ca = -static_cast<const A*>(a.grad_logprobs)[i], cb = static_cast<const A*>(a.grad_kl)[i];
       const bool conv = !std::is_same_v<T, A>;
       const A* z = load_row(logits + i * V, V, scratch.data());
       const A* r = load_row(ref + i * V, V, conv ? scratch.data() + V : nullptr);
+      // the label column first (out may alias z): -g_l (p_y - 1) by expm1, + g_kl p_y (log p_y - log q_y - KL)
+      const double ly = static_cast<double>(z[y]) - a.logsumexp[i];
+      const double lq = static_cast<double>(r[y]) - a.ref_logsumexp[i];
+      const double py = std::exp(ly);
+      const double at_label = ca * std::expm1(ly) + (py > 0.0 ? cb * py * (ly - lq - kl[i]) : 0.0);
       A* o = conv ? scratch.data() + 2 * V : reinterpret_cast<A*>(out);
-      row_kl_grad(z, r, o, V, Split<A>(lse[i]), Split<A>(rlse[i]), kl[i], static_cast<A>(ca), static_cast<A>(cb));
-      // label column: g (w (p_y - 1) + kl_coef (1 - w) p_y (log p_y - log q_y - KL)), p_y - 1 by expm1
-      const double ly = static_cast<double>(z[y]) - lse[i];
-      const double lq = static_cast<double>(r[y]) - rlse[i];
-      o[y] = static_cast<A>(ca * std::expm1(ly) + cb * std::exp(ly) * (ly - lq - kl[i]));
+      row_kl_grad(z, r, o, V, Split<A>(a.logsumexp[i]), Split<A>(a.ref_logsumexp[i]), kl[i], static_cast<A>(ca),
+                  static_cast<A>(cb));
+      o[y] = static_cast<A>(at_label);
       store_row<T>(o, out, V);
     }
   });
 }
 
 template <template <typename> class Fn>
-int dispatch(const Rows& a) {
-  if (a.logits_f64) {
-    Fn<double>::run(a);
-    return 0;
-  }
+void dispatch(const TokenRows& a) {
   switch (a.dtype) {
-    case cuda::DType::kFloat32: Fn<float>::run(a); break;
-    case cuda::DType::kBFloat16: Fn<c10::BFloat16>::run(a); break;
-    case cuda::DType::kFloat16: Fn<c10::Half>::run(a); break;
+    case DType::kFloat32: Fn<float>::run(a); break;
+    case DType::kBFloat16: Fn<c10::BFloat16>::run(a); break;
+    case DType::kFloat16: Fn<c10::Half>::run(a); break;
+    case DType::kFloat64: Fn<double>::run(a); break;
   }
-  return 0;
 }
 
-template <typename T> struct Forward { static void run(const Rows& a) { forward_rows<T>(a); } };
-template <typename T> struct Backward { static void run(const Rows& a) { backward_rows<T>(a); } };
-template <typename T> struct FullKlForward { static void run(const Rows& a) { full_kl_forward_rows<T>(a); } };
-template <typename T> struct FullKlBackward { static void run(const Rows& a) { full_kl_backward_rows<T>(a); } };
-
-const dss::DssRowKernels kCpu{
-    [](const Rows& a, void*) { return dispatch<Forward>(a); },
-    [](const Rows& a, void*) { return dispatch<Backward>(a); },
-    [](const Rows& a, void*) { return dispatch<FullKlForward>(a); },
-    [](const Rows& a, void*) { return dispatch<FullKlBackward>(a); },
-    [](const at::Tensor&) -> void* { return nullptr; },
-    [](int err, const char* op) { TORCH_CHECK(err == 0, op, ": CPU kernel failed (", err, ")"); },
-};
+template <typename T> struct Logprobs { static void run(const TokenRows& a) { logprobs_rows<T>(a); } };
+template <typename T> struct LogprobsBackward { static void run(const TokenRows& a) { logprobs_backward_rows<T>(a); } };
+template <typename T> struct FullKl { static void run(const TokenRows& a) { full_kl_rows<T>(a); } };
+template <typename T> struct FullKlBackward { static void run(const TokenRows& a) { full_kl_backward_rows<T>(a); } };
 
 std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                                       int64_t ignore_index) {
-  return dss::token_logprobs(kCpu, logits, labels, ignore_index);
+  token::LogprobsCall c(logits, labels, ignore_index);
+  dispatch<Logprobs>(c.rows);
+  return {c.logprobs, c.logsumexp};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dss_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                                            const at::Tensor& weights, const at::Tensor& ref_logprobs,
-                                                            double kl_coef, int64_t ignore_index) {
-  return dss::dss_loss(kCpu, logits, labels, weights, ref_logprobs, kl_coef, ignore_index);
+void token_logprobs_backward_cpu(const at::Tensor& logits, const at::Tensor& grad_logprobs, const at::Tensor& labels,
+                                 const at::Tensor& logsumexp, int64_t ignore_index) {
+  token::LogprobsBackwardCall c(logits, grad_logprobs, labels, logsumexp, ignore_index);
+  dispatch<LogprobsBackward>(c.rows);
 }
 
-at::Tensor dss_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
-                                 const at::Tensor& weights, const at::Tensor& ref_logprobs, const at::Tensor& logprobs,
-                                 const at::Tensor& logsumexp, double kl_coef, int64_t ignore_index) {
-  return dss::dss_loss_backward(kCpu, grad_loss, logits, labels, weights, ref_logprobs, logprobs, logsumexp, kl_coef,
-                                ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> full_kl_cpu(const at::Tensor& logits,
+                                                                       const at::Tensor& ref_logits,
+                                                                       const at::Tensor& labels, int64_t ignore_index) {
+  token::FullKlCall c(logits, ref_logits, labels, ignore_index);
+  dispatch<FullKl>(c.rows);
+  return {c.logprobs, c.kl, c.logsumexp, c.ref_logsumexp};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dss_loss_full_kl_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& weights, const at::Tensor& ref_logits,
-    double kl_coef, int64_t ignore_index) {
-  return dss::dss_loss_full_kl(kCpu, logits, labels, weights, ref_logits, kl_coef, ignore_index);
-}
-
-at::Tensor dss_loss_full_kl_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                         const at::Tensor& labels, const at::Tensor& weights,
-                                         const at::Tensor& ref_logits, const at::Tensor& logsumexp,
-                                         const at::Tensor& ref_logsumexp, const at::Tensor& kl, double kl_coef,
-                                         int64_t ignore_index) {
-  return dss::dss_loss_full_kl_backward(kCpu, grad_loss, logits, labels, weights, ref_logits, logsumexp,
-                                        ref_logsumexp, kl, kl_coef, ignore_index);
-}
-
-std::tuple<at::Tensor, at::Tensor> fused_linear_token_logprobs_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                                                   const at::Tensor& labels, int64_t ignore_index,
-                                                                   int64_t chunk_rows) {
-  return dss::fused_linear_token_logprobs(kCpu, hidden, weight, labels, ignore_index, chunk_rows);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& weights,
-    const at::Tensor& ref_logprobs, double kl_coef, int64_t ignore_index, int64_t chunk_rows) {
-  return dss::fused_linear_dss_loss(kCpu, hidden, weight, labels, weights, ref_logprobs, kl_coef, ignore_index,
-                                    chunk_rows);
-}
-
-std::tuple<at::Tensor, at::Tensor> fused_linear_dss_loss_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
-    const at::Tensor& weights, const at::Tensor& ref_logprobs, const at::Tensor& logprobs, const at::Tensor& logsumexp,
-    double kl_coef, int64_t ignore_index, int64_t chunk_rows, bool compute_grad_weight) {
-  return dss::fused_linear_dss_loss_backward(kCpu, grad_loss, hidden, weight, labels, weights, ref_logprobs, logprobs,
-                                             logsumexp, kl_coef, ignore_index, chunk_rows, compute_grad_weight);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_dss_loss_with_grad_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& weights,
-    const at::Tensor& ref_logprobs, const at::Tensor& grad_loss, double kl_coef, int64_t ignore_index,
-    int64_t chunk_rows, bool compute_grad_weight) {
-  return dss::fused_linear_dss_loss_with_grad(kCpu, hidden, weight, labels, weights, ref_logprobs, grad_loss, kl_coef,
-                                              ignore_index, chunk_rows, compute_grad_weight);
+at::Tensor full_kl_backward_cpu(const at::Tensor& grad_logprobs, const at::Tensor& grad_kl, const at::Tensor& logits,
+                                const at::Tensor& ref_logits, const at::Tensor& labels, const at::Tensor& logsumexp,
+                                const at::Tensor& ref_logsumexp, const at::Tensor& kl, int64_t ignore_index) {
+  token::FullKlBackwardCall c(grad_logprobs, grad_kl, logits, ref_logits, labels, logsumexp, ref_logsumexp, kl,
+                              ignore_index);
+  dispatch<FullKlBackward>(c.rows);
+  return c.grad;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(safeshape, CPU, m) {
   m.impl("token_logprobs", &token_logprobs_cpu);
-  m.impl("dss_loss", &dss_loss_cpu);
-  m.impl("dss_loss_backward", &dss_loss_backward_cpu);
-  m.impl("dss_loss_full_kl", &dss_loss_full_kl_cpu);
-  m.impl("dss_loss_full_kl_backward", &dss_loss_full_kl_backward_cpu);
-  m.impl("fused_linear_token_logprobs", &fused_linear_token_logprobs_cpu);
-  m.impl("fused_linear_dss_loss", &fused_linear_dss_loss_cpu);
-  m.impl("fused_linear_dss_loss_backward", &fused_linear_dss_loss_backward_cpu);
-  m.impl("fused_linear_dss_loss_with_grad", &fused_linear_dss_loss_with_grad_cpu);
+  m.impl("token_logprobs_backward_", &token_logprobs_backward_cpu);
+  m.impl("full_kl", &full_kl_cpu);
+  m.impl("full_kl_backward", &full_kl_backward_cpu);
 }
 
 }  // namespace safeshape
