@@ -154,6 +154,9 @@ def test_fast_demo_end_to_end(fast_demo):
         assert runs["sft"]["safety"] <= runs["aligned"]["safety"] - 0.3
     if _has("safeshape.trainer") and _has("safeshape.star"):
         assert runs["rs"]["status"] == "ok" and runs["dss"]["status"] == "ok"
+    from safeshape.demo.pipeline import _has_loss
+
+    assert (runs["deep-token"]["status"] == "ok") == _has_loss("deep-token")
     spectrum = cell["alignment_spectrum"]
     assert len(spectrum) == 2 * report["profile"]["layers"]
     for m in spectrum:  # sigma_1^2 / ||V|| <= ||V||, and the aligned model really differs from the base
