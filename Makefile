@@ -23,8 +23,8 @@ setup: $(VENV)/.deps
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
-demo: setup  # the toy world: base/aligned/guard models built in code, then SFT, RS, DSS and Safe LoRA compared
-	$(VENV)/bin/safeshape demo --workdir build/demo
+demo: setup  # the toy world: base/aligned/guard models built in code, then every method compared; ONE seed for time
+	$(VENV)/bin/safeshape demo --workdir build/demo  # (the README's table: several seeds, see its demo section)
 
 wheels:  # CPU and CUDA wheels, repaired to manylinux and smoke-tested in fresh venvs (scripts/build_wheels.sh)
 	scripts/build_wheels.sh

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from safeshape.demo import world as W
-from safeshape.demo.pipeline import Demo, number_k
+from safeshape.demo.pipeline import Demo, number_k, tiny_profile
 from safeshape.demo.tokenizer import GUARD_SAFE, GUARD_UNSAFE, guard_tokenizer, policy_tokenizer
 from safeshape.errors import SafeshapeError
 
@@ -118,7 +118,7 @@ def test_safelora_k_is_ten_of_64_scaled(tmp_path, modules, k):
 def fast_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     t = time.perf_counter()
-    report = Demo(workdir, fast=True, seed=0, progress=False, log=lambda m: None).run()
+    report = Demo(workdir, fast=True, seeds=(0,), progress=False, log=lambda m: None).run()
     return workdir, report, time.perf_counter() - t
 
 
@@ -130,9 +130,15 @@ def test_fast_demo_end_to_end(fast_demo):
         assert (workdir / "demo_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert report["plot"] is None
-    runs = {r["name"]: r for r in report["runs"]}
-    assert list(runs) == ["base", "aligned", "sft", "rs", "dss", "sft+safelora-number", "sft+safelora-threshold",
-                          "dss+safelora-number", "dss+safelora-threshold"]
+    assert report["seeds"] == [0] and report["widths"] == [64] and len(report["cells"]) == 1
+    cell = report["cells"][0]
+    assert json.loads((workdir / "seed-0" / "width-64" / "cell_report.json").read_text()) == cell
+    runs = {r["name"]: r for r in cell["runs"]}
+    assert list(runs) == ["base", "aligned", "sft", "rs", "deep-token", "dss",
+                          "sft+safelora-number", "sft+safelora-threshold",
+                          "sft+safelora-orthogonal-number", "sft+safelora-orthogonal-threshold",
+                          "dss+safelora-number", "dss+safelora-threshold",
+                          "dss+safelora-orthogonal-number", "dss+safelora-orthogonal-threshold"]
     # the world works as designed: the base model complies, the aligned model refuses
     assert runs["base"]["safety"] <= 0.2 and runs["base"]["details"]["harmful_complied"] >= 0.5
     assert runs["aligned"]["safety"] >= 0.8
@@ -148,7 +154,10 @@ def test_fast_demo_end_to_end(fast_demo):
         assert runs["sft"]["safety"] <= runs["aligned"]["safety"] - 0.3
     if _has("safeshape.trainer") and _has("safeshape.star"):
         assert runs["rs"]["status"] == "ok" and runs["dss"]["status"] == "ok"
-    spectrum = report["alignment_spectrum"]
+    from safeshape.demo.pipeline import _has_loss
+
+    assert (runs["deep-token"]["status"] == "ok") == _has_loss("deep-token")
+    spectrum = cell["alignment_spectrum"]
     assert len(spectrum) == 2 * report["profile"]["layers"]
     for m in spectrum:  # sigma_1^2 / ||V|| <= ||V||, and the aligned model really differs from the base
         assert 0 < m["c_max_eigenvalue"] <= m["v_norm"] * (1 + 1e-9) and 1 <= m["rank_95"] <= m["shape"][0]
@@ -165,19 +174,29 @@ def test_fast_demo_end_to_end(fast_demo):
                 assert n_proj >= 1  # k = round(10/64 * 4) = 1; ties can add more
             cos = [m["cosine"] for m in r["details"]["safelora"]["modules"]]
             assert n_proj == sum(c <= 0.5 for c in cos) or mode == "number"
+    if _has("safeshape.safelora.projector"):  # the orthogonal projector: k directions of V per module
+        for mode in ("number", "threshold"):
+            r = runs[f"sft+safelora-orthogonal-{mode}"]
+            assert r["status"] == "ok" and r["details"]["safelora"]["settings"]["projector"] == "orthogonal"
+            for m in r["details"]["safelora"]["modules"]:
+                assert 1 <= m["rank_kept"] <= {s["name"]: s["rank_95"] for s in spectrum}[m["name"]] + 1
+    # the aggregate of one seed is that seed's numbers
+    summary = {r["name"]: r for r in report["summary"][0]["runs"]}
+    for name, r in runs.items():
+        assert summary[name]["safety"]["values"] == [r["safety"]]
+        assert summary[name]["safety"]["mean"] == r["safety"]
 
 
 def test_rerun_uses_the_cache_and_other_settings_are_refused(fast_demo):
     workdir, report, seconds = fast_demo
     t = time.perf_counter()
-    again = Demo(workdir, fast=True, seed=0, progress=False, log=lambda m: None)
+    again = Demo(workdir, fast=True, seeds=(0,), progress=False, log=lambda m: None)
     report2 = again.run()
     assert again.timings == {}  # nothing was recomputed
     assert time.perf_counter() - t < max(10.0, seconds / 3)
-    assert [(r["safety"], r["utility"]) for r in report2["runs"]] == [(r["safety"], r["utility"])
-                                                                      for r in report["runs"]]
+    assert report2["cells"] == report["cells"]
     with pytest.raises(SafeshapeError, match="demo_settings.json"):
-        Demo(workdir, fast=True, seed=1, progress=False, log=lambda m: None)
+        Demo(workdir, fast=False, progress=False, log=lambda m: None)
 
 
 def test_workdir_that_is_not_a_demo_folder_is_refused(tmp_path):
@@ -198,6 +217,177 @@ def test_cli_prints_table_and_json(fast_demo, capsys):
     assert "aligned model" in out and "safety" in out and "demo_report.json" in out
     assert main(["demo", "--workdir", str(workdir), "--fast", "--no-progress", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in printed["runs"]] == [r["name"] for r in report["runs"]]
-    assert main(["demo", "--workdir", str(workdir), "--seed", "5", "--no-progress"]) == 2
+    assert printed["cells"] == report["cells"]
+    assert main(["demo", "--workdir", str(workdir), "--seed", "5", "--no-progress"]) == 2  # not --fast
     assert "--overwrite" in capsys.readouterr().err
+    for bad in (["--seeds", "0,x"], ["--seeds", "1,1"], ["--widths", "30"], ["--seeds", ""]):
+        assert main(["demo", "--workdir", str(workdir), "--fast", "--no-progress"] + bad) == 2
+        err = capsys.readouterr().err
+        assert bad[0] in err and "Traceback" not in err
+
+
+# ---- several seeds and widths: the pipeline's mechanics on a profile too small to learn anything ----------------
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sweep")
+    logs: list[str] = []
+    demo = Demo(workdir, seeds=(0, 1), widths=(16, 32), profile=tiny_profile(), progress=False, log=logs.append)
+    return workdir, demo.run(), demo
+
+
+def test_every_seed_and_width_is_a_cell_and_the_guard_is_shared_by_widths(tiny_sweep):
+    workdir, report, demo = tiny_sweep
+    assert [(c["seed"], c["width"]) for c in report["cells"]] == [(0, 16), (0, 32), (1, 16), (1, 32)]
+    for seed in (0, 1):
+        assert (workdir / f"seed-{seed}" / "guard" / "model.safetensors").is_file()
+        for width in (16, 32):
+            cell = workdir / f"seed-{seed}" / f"width-{width}"
+            assert json.loads((cell / "aligned" / "config.json").read_text())["hidden_size"] == width
+            assert (cell / "runs" / "sft" / "adapter_model.safetensors").is_file()
+    guard_stages = [s for s in demo.timings if s.endswith("guard model")]
+    assert sorted(guard_stages) == ["seed 0: guard model", "seed 1: guard model"]  # once per seed, not per width
+    spectra = {(c["seed"], c["width"]): c["alignment_spectrum"] for c in report["cells"]}
+    assert all(m["shape"][0] == w for (s, w), ms in spectra.items() for m in ms)
+    assert not any(p.name.startswith(".") for p in workdir.rglob("*"))  # no temporary left behind
+
+
+def test_aggregate_is_mean_min_max_over_seeds(tiny_sweep):
+    _, report, _ = tiny_sweep
+    for block in report["summary"]:
+        cells = [c for c in report["cells"] if c["width"] == block["width"]]
+        assert block["seeds"] == [c["seed"] for c in cells]
+        for row in block["runs"]:
+            for key in ("safety", "utility"):
+                vals = [next(r for r in c["runs"] if r["name"] == row["name"])[key] for c in cells]
+                assert row[key]["values"] == vals
+                have = [v for v in vals if v is not None]
+                if have:
+                    assert row[key]["mean"] == pytest.approx(sum(have) / len(have))
+                    assert (row[key]["min"], row[key]["max"]) == (min(have), max(have))
+                else:
+                    assert row[key]["mean"] is None
+    for point in report["width_sweep"]:
+        ranks = [m["rank_95"] / m["shape"][0] for c in report["cells"] if c["width"] == point["width"]
+                 for m in c["alignment_spectrum"]]
+        assert point["rank_95_of_width"]["mean"] == pytest.approx(sum(ranks) / len(ranks))
+        assert "sft+safelora" in point["cosines"] and "dss+safelora" in point["cosines"]
+
+
+def test_aggregate_counts_seeds_where_a_method_is_above_its_reference():
+    from safeshape.demo.report import aggregate
+
+    def cell(seed, sft, dss):
+        runs = [{"name": n, "method": n, "status": "ok", "safety": s, "utility": 0.5, "modules_projected": "",
+                 "details": {}} for n, s in (("aligned", 1.0), ("sft", sft), ("dss", dss))]
+        return {"seed": seed, "width": 8, "runs": runs, "alignment_spectrum": [
+            {"name": "q", "shape": [8, 8], "v_norm": 1.0, "c_max_eigenvalue": 0.5, "rank_95": 2}]}
+
+    report = {"widths": [8], "cells": [cell(0, 0.0, 1.0), cell(1, 0.2, 0.2), cell(2, 0.5, 0.25)]}
+    comp = {c["name"]: c for c in aggregate(report)["comparisons"]}
+    assert comp["dss"]["compared_with"] == "sft"
+    assert {k: comp["dss"]["safety"][k] for k in ("higher", "equal", "lower", "n")} == \
+        {"higher": 1, "equal": 1, "lower": 1, "n": 3}
+    assert comp["dss"]["safety"]["diff"]["mean"] == pytest.approx((1.0 + 0.0 - 0.25) / 3)
+    assert comp["sft"]["compared_with"] == "aligned" and comp["sft"]["utility"]["equal"] == 3
+    from safeshape.demo.report import every_seed_claims
+
+    claims = every_seed_claims({"comparisons": aggregate(report)["comparisons"]})
+    assert "width 8: sft safety below aligned's (3 of 3 seeds)" in claims
+    assert "width 8: dss utility equal to sft's (3 of 3 seeds)" in claims
+    assert not any("dss safety" in c for c in claims)  # mixed: one seed each way
+
+
+def test_more_seeds_reuse_the_cells_already_made(tiny_sweep):
+    workdir, report, _ = tiny_sweep
+    again = Demo(workdir, seeds=(1,), widths=(32,), profile=tiny_profile(), progress=False, log=lambda m: None)
+    rep = again.run()
+    assert again.timings == {}
+    assert rep["cells"] == [c for c in report["cells"] if (c["seed"], c["width"]) == (1, 32)]
+
+
+def test_table_from_report_names_machine_seeds_and_every_method(tiny_sweep, capsys, tmp_path):
+    from safeshape.cli import main
+
+    _, report, _ = tiny_sweep  # (written again: another test reruns the same folder with fewer seeds)
+    (tmp_path / "demo_report.json").write_text(json.dumps(report))
+    assert main(["demo", "--table-from", str(tmp_path / "demo_report.json")]) == 0
+    out = capsys.readouterr().out
+    m = report["machine"]
+    assert m["isa"] and m["threads"] == 1  # measured inside the run, which sets one thread
+    for needle in (m["cpu"], f"ISA {m['isa']}", f"{m['threads']} torch thread", "Seeds 0, 1", "widths 16, 32",
+                   "width 16", "width 32", "width sweep", "safeshape demo --table-from"):
+        assert needle in out, needle
+    for row in report["summary"][0]["runs"]:
+        assert row["method"] in out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert main(["demo", "--table-from", str(bad)]) == 2
+    bad.write_text(json.dumps({"runs": []}))  # a format-1 report
+    assert main(["demo", "--table-from", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "format 2" in err and "Traceback" not in err
+
+
+def test_progress_bars_are_off_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert Demo(tmp_path / "a", profile=tiny_profile(), progress=True, log=lambda m: None).progress is False
+
+
+@pytest.mark.skipif(not _has("matplotlib"), reason="matplotlib is optional")
+def test_plot_prints_every_bar_value_including_zero(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from safeshape.demo import report as R
+
+    def stats(vals):
+        return R._stats(vals)
+
+    report = {"profile": {"name": "t"}, "summary": [{"width": 8, "seeds": [0, 1], "runs": [
+        {"name": "a", "safety": stats([0.0, 0.0]), "utility": stats([0.5, 0.75])},
+        {"name": "b", "safety": stats([1.0, 0.5]), "utility": stats([0.0, 0.25])}]}]}
+    texts = []
+    real = plt.Axes.text
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(plt.Axes, "text", lambda self, x, y, s, **kw: (texts.append(s), real(self, x, y, s, **kw))[1])
+    try:
+        R.plot(report, tmp_path / "p.png")
+    finally:
+        monkey.undo()
+    assert sorted(texts) == sorted(["0", "62", "75", "12"])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_jobs_run_cells_in_processes_with_the_same_results(tiny_sweep, tmp_path):
+    _, report, _ = tiny_sweep
+    demo = Demo(tmp_path / "jobs", seeds=(0, 1), widths=(16,), profile=tiny_profile(), progress=False,
+                log=lambda m: None, jobs=2)
+    rep = demo.run()
+    assert "seed 1: guard model" in demo.timings and "seed 0 width 16: LoRA fine-tuning: dss" in demo.timings
+    want = [c for c in report["cells"] if c["width"] == 16]
+
+    def numbers(cell):  # (paths differ between the work folders)
+        return ([(r["name"], r["safety"], r["utility"], r["modules_projected"], r["details"].get("samples"),
+                  r["details"].get("safelora", {}).get("modules")) for r in cell["runs"]],
+                cell["guard"], cell["alignment_spectrum"])
+
+    assert [numbers(c) for c in rep["cells"]] == [numbers(c) for c in want]
+    with pytest.raises(SafeshapeError, match="--jobs"):
+        Demo(tmp_path / "j0", profile=tiny_profile(), jobs=0)
+
+
+def test_readme_results_are_what_table_from_prints_for_the_committed_report(capsys):
+    """The README's demo block is generated, never hand-edited: it must equal `safeshape demo --table-from
+    docs/demo/demo_report.json` (replace both together when the demo is rerun)."""
+    from pathlib import Path
+
+    from safeshape.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    assert main(["demo", "--table-from", str(root / "docs" / "demo" / "demo_report.json")]) == 0
+    block = capsys.readouterr().out
+    assert block.strip() and block in (root / "README.md").read_text()

@@ -213,30 +213,40 @@ def atomic_write_bytes(path: str | os.PathLike, chunks: bytes | Iterable[bytes],
     rename it over ``path``."""
     if isinstance(chunks, (bytes, bytearray, memoryview)):
         chunks = [chunks]
-    p = check_output_path(path, overwrite, inputs, what=what)
-    tmp = None
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-{os.getpid()}-", dir=p.parent)
-        with os.fdopen(fd, "wb") as f:
+    with atomic_output_file(path, overwrite, inputs, what) as tmp:
+        with open(tmp, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        apply_umask(tmp)
-        os.replace(tmp, p)
-    except OSError as exc:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        raise SafeshapeError(f"{what} {path}: writing failed, nothing was written: {_why(exc)}") from None
-    except BaseException:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        raise
-    return p
+    return Path(path).resolve()
 
 
 def write_json(path: str | os.PathLike, obj, overwrite: bool = False, inputs=(), what: str = "report") -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n", overwrite=overwrite, inputs=inputs, what=what)
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str | os.PathLike, overwrite: bool = False, inputs=(), what: str = "output"):
+    """Yield a temporary path next to ``path`` for a writer that wants a file name (a plot, a JSONL another function
+    writes); on success it is renamed over ``path``, on failure removed (named like every temporary here, so
+    ``recover_interrupted`` removes one a killed run left)."""
+    p = check_output_path(path, overwrite, inputs, what=what)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-{os.getpid()}-", dir=p.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise SafeshapeError(f"{what} {path}: cannot create it: {_why(exc)}") from None
+    try:
+        yield Path(tmp)
+        apply_umask(tmp)
+        os.replace(tmp, p)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise SafeshapeError(f"{what} {path}: writing failed, nothing was written: {_why(exc)}") from None
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
