@@ -177,18 +177,9 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
 
 def _check_guard(folder: str) -> None:
     """The guard folder, its tokenizer and its chat template, checked before any generation (the model loads later)."""
-    from transformers import AutoTokenizer
+    from ..star.guard import load_guard_tokenizer
 
-    path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise SafeshapeError(f"--guard {folder}: no config.json (a local Hugging Face guard model folder is needed)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise SafeshapeError(f"--guard {folder}: cannot load its tokenizer ({exc})") from None
-    if not getattr(tok, "chat_template", None):
-        raise SafeshapeError(f"--guard {folder}: the tokenizer has no chat template (tokenizer_config.json "
-                             "'chat_template' or chat_template.jinja); the guard is asked through its own template")
+    load_guard_tokenizer(folder, "--guard")
 
 
 def _on_main(dist, fn):

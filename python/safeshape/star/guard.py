@@ -1,6 +1,7 @@
 """Loading a guard model from a local folder or a hub id (through the Hugging Face cache; see safeshape.hub)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -18,18 +19,10 @@ def load_guard(path, device: str | torch.device = "cpu", dtype: torch.dtype = to
     tokenizer are then read from that folder (``local_files_only``). ``attn_implementation`` defaults to ``sdpa``,
     which the shared STAR engine needs (``eager`` works too; flash attention makes it fall back to the naive engine).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = Path(resolve_folder(path, "guard"))
-    if not (folder / "config.json").is_file():
-        raise SafeshapeError(f"guard folder {folder} has no config.json: not a Hugging Face model folder")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:
-        raise SafeshapeError(f"guard folder {folder}: could not load the tokenizer: {exc}") from exc
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise SafeshapeError(f"guard folder {folder}: the tokenizer has no chat template "
-                             "(tokenizer_config.json 'chat_template' or chat_template.jinja)")
+    tokenizer = load_guard_tokenizer(folder)
     import transformers
 
     # transformers 4.56 renamed torch_dtype to dtype
@@ -41,3 +34,21 @@ def load_guard(path, device: str | torch.device = "cpu", dtype: torch.dtype = to
     except Exception as exc:
         raise SafeshapeError(f"guard folder {folder}: could not load the model: {exc}") from exc
     return model.to(device).eval(), tokenizer
+
+
+def load_guard_tokenizer(folder: str | os.PathLike, what: str = "guard folder"):
+    """A guard folder's tokenizer, after checking the folder is a Hugging Face model with a chat template (the
+    guard is asked through its own template); errors name ``what`` and the folder."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SafeshapeError(f"{what} {folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise SafeshapeError(f"{what} {folder}: could not load the tokenizer: {exc}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise SafeshapeError(f"{what} {folder}: the tokenizer has no chat template (tokenizer_config.json "
+                             "'chat_template' or chat_template.jinja); the guard is asked through its own template")
+    return tokenizer
