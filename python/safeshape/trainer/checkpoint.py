@@ -6,7 +6,6 @@ checkpoint cannot run code; a legacy ``trainer_state.pt`` is refused, never load
 safeshape.io (hidden temporary sibling, one rename), so a crash never leaves a checkpoint that looks complete."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -79,14 +78,6 @@ def decode_state(obj, tensors: dict[str, torch.Tensor], where: str):
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise SafeshapeError(f"{where}: unexpected value {obj!r}")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
