@@ -238,6 +238,16 @@ def load_examples(path: str | os.PathLike, tokenizer, loss: str, max_len: int, p
     return examples, dropped
 
 
+def rows_loss(loss: str) -> str:
+    """The row format a training loss reads: deep-token reads its rows as sft does (no extra fields)."""
+    return "sft" if loss == "deep-token" else loss
+
+
+def drop_rejected(examples: list[Example]) -> list[Example]:
+    """RS as the authors run it: the rows the guard rejected (weight 0 on every token) are not trained on."""
+    return [e for e in examples if any(w > 0 for w in e.weights)]
+
+
 def max_len_report(examples: list[Example], dropped: list[int], max_len: int) -> str | None:
     """One line saying what ``max_len`` did to the data (None when it changed nothing)."""
     cut = sum(e.truncated for e in examples)

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .data import IGNORE_INDEX, load_examples
+from .data import IGNORE_INDEX, drop_rejected, load_examples, rows_loss
 from .errors import SafeshapeError
-from .loss import DEEP_TOKEN_BETAS, response_positions
+from .loss import DEEP_TOKEN_BETAS, response_positions, uses_reference
 from .trainer.model import body_and_head, check_fused_head, hf_model
 
 _STATE = "_safeshape_dss"
@@ -55,9 +55,9 @@ def encode_rows(path: str | os.PathLike, tokenizer, loss: str = "dss", max_len: 
     drops the rows with ``safe: false`` unless ``rs_keep_rejected``)."""
     if loss not in LOSSES:
         raise SafeshapeError(f"safeshape.hf.encode_rows: loss must be one of {', '.join(LOSSES)}, not {loss!r}")
-    examples, _ = load_examples(path, tokenizer, "sft" if loss == "deep-token" else loss, max_len)
+    examples, _ = load_examples(path, tokenizer, rows_loss(loss), max_len)
     if loss == "rs" and not rs_keep_rejected:
-        examples = [e for e in examples if any(w > 0 for w in e.weights)]
+        examples = drop_rejected(examples)
     return [{"input_ids": e.input_ids, "labels": e.labels, "weights": e.weights} for e in examples]
 
 
@@ -96,7 +96,7 @@ class DSSDataCollator:
 class _Hooks:
     def __init__(self, model: nn.Module, loss: str, kl_coef: float, betas: tuple[float, ...]):
         self.model, self.loss, self.kl_coef, self.betas, self.pending = model, loss, kl_coef, betas, None
-        self.reference = (loss == "dss" and kl_coef > 0) or loss == "deep-token"
+        self.reference = uses_reference(loss, kl_coef)
         self.handles = [model.register_forward_pre_hook(self.before, with_kwargs=True),
                         model.register_forward_hook(self.after, with_kwargs=True)]
 

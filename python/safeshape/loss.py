@@ -26,8 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-
 from .schedules import DEEP_TOKEN_BETAS  # noqa: F401  (re-exported: safeshape.loss.DEEP_TOKEN_BETAS)
+
+
+def uses_reference(loss: str, kl_coef: float) -> bool:
+    """Whether a training loss reads the reference model's log-probs (the adapter-disabled pass): DSS with a KL
+    term, and Deep Token."""
+    return (loss == "dss" and kl_coef > 0) or loss == "deep-token"
 
 
 @dataclass

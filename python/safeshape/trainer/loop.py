@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..data import IGNORE_INDEX, Example, collate, load_examples, max_len_report
+from ..data import IGNORE_INDEX, Example, collate, drop_rejected, load_examples, max_len_report, rows_loss
 from ..datafiles import fingerprint
 from ..errors import SafeshapeError
 from ..hub import portable_name, resolve_folder
 from ..io import atomic_write_text, write_json
-from ..loss import response_positions
+from ..loss import response_positions, uses_reference
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import Dist, setup
@@ -82,11 +82,10 @@ class Run:
         self.config, self.dist = config, dist
         progress = config.progress and dist.is_main
         seed_all(config.seed)  # identical LoRA initialisation on every process
-        data_loss = "sft" if config.loss == "deep-token" else config.loss  # deep-token reads its rows as sft does
         model_dir = resolve_folder(config.model, "--model")  # a folder, or a hub id through the HF cache
         self.tokenizer = load_tokenizer(model_dir)
-        self.examples, self.dropped = load_examples(config.data, self.tokenizer, data_loss, config.max_len,
-                                                    split=config.split, train_on=config.train_on,
+        self.examples, self.dropped = load_examples(config.data, self.tokenizer, rows_loss(config.loss),
+                                                    config.max_len, split=config.split, train_on=config.train_on,
                                                     progress=progress)
         self.truncated = sum(e.truncated for e in self.examples)
         note = max_len_report(self.examples, self.dropped, config.max_len)
@@ -94,15 +93,15 @@ class Run:
             print(f"safeshape train: {note}", file=sys.stderr)
         self.rejected = 0
         if config.loss == "rs" and not config.rs_keep_rejected:
-            # RS as the authors run it: rejected rows (weight 0 on every token) are not trained on, N counts kept rows
-            kept = [e for e in self.examples if any(w > 0 for w in e.weights)]
+            kept = drop_rejected(self.examples)  # N counts the kept rows only
             self.rejected = len(self.examples) - len(kept)
             if not kept:
                 raise SafeshapeError(f"{config.data}: --loss rs: every row has safe=false; nothing to train on")
             self.examples = kept
         self.eval_examples = []
         if config.eval_data:
-            self.eval_examples, _ = load_examples(config.eval_data, self.tokenizer, data_loss, config.max_len,
+            self.eval_examples, _ = load_examples(config.eval_data, self.tokenizer, rows_loss(config.loss),
+                                                  config.max_len,
                                                   split=config.eval_split, train_on=config.train_on)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
@@ -124,7 +123,7 @@ class Run:
         self.policy = PolicyHidden(self.peft_model)
         self.ddp = self.policy
         self.lm_head_weight = body_and_head(self.peft_model)[1]
-        self.use_reference = (config.loss == "dss" and config.kl_coef > 0) or config.loss == "deep-token"
+        self.use_reference = uses_reference(config.loss, config.kl_coef)
         # bf16 autocast of the forward passes, independent of the dtype the weights were loaded in (--bf16)
         self.autocast_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
         from ..loss import DeepTokenLoss, DSSLoss
