@@ -1,6 +1,7 @@
 // CPU kernels of the Safe LoRA ops (docs/math.md#safe-lora-without-forming-c).
-//   project_lora_b: pass 1 reads both weights tile by tile and accumulates M = V^T B and ||V||^2 (float64);
-//                   pass 2 reads them again and forms B' = V M / ||V|| (float32). V is never stored whole.
+//   project_lora_b: pass 1 reads both weights chunk by chunk and accumulates M = V^T B (as its transpose) and
+//                   ||V||^2 in float64; pass 2 reads them again and forms B' = V M / ||V|| (float32). V is never
+//                   stored whole.
 //                   The vector kernels are in projection_kernels.inc, one copy per ISA, chosen at run time.
 //   lora_cosine:    cos(C dW, dW) through r x r Gram matrices, accumulated in fp64.
 #include <ATen/ATen.h>
@@ -20,8 +21,8 @@
 namespace safeshape {
 namespace {
 
-constexpr int64_t kRank = 16;   // rank columns per register block (lora_b is padded to a multiple)
-constexpr int64_t kRows1 = 16;  // rows of V per rank update in pass 1 (lora_b gets as many zero rows of padding)
+constexpr int64_t kRankPad = 8;  // pass 1: lora_b's columns are zero-padded to a multiple of its blocks' ranks
+constexpr int64_t kRank2 = 16;   // pass 2: rank columns per register block (M is padded to a multiple)
 
 // One namespace per ISA path: the same source (projection_kernels.inc) compiled for its target.
 namespace isa_generic {
@@ -64,25 +65,27 @@ std::tuple<at::Tensor, at::Tensor> project_lora_b_cpu(const at::Tensor& aligned,
   const auto [d_out, d_in, r] = check_projection_args(aligned, base, lora_b, "project_lora_b");
   const at::Tensor a = aligned.contiguous();
   const at::Tensor b = base.contiguous();
-  const int64_t rp = cpu::round_up(r, kRank);
+  const int64_t rp = cpu::round_up(r, kRankPad);
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
   auto f64 = f32.dtype(at::kDouble);
-  // lora_b in float64, zero-padded to rp columns and kRows1 extra rows.
-  at::Tensor bt = at::zeros({d_out + kRows1, rp}, f64);
-  bt.narrow(0, 0, d_out).narrow(1, 0, r).copy_(lora_b);
-  at::Tensor M = at::zeros({d_in, rp}, f64);
-  at::Tensor out = at::empty({d_out, rp}, f32);
+  // lora_b in float64, zero-padded to rp columns.
+  at::Tensor bt = at::zeros({d_out, rp}, f64);
+  bt.narrow(1, 0, r).copy_(lora_b);
+  at::Tensor Mt = at::empty({rp, d_in}, f64);  // M^T, every element written by pass 1
+  const int64_t rp2 = cpu::round_up(r, kRank2);
+  at::Tensor out = at::empty({d_out, rp2}, f32);
   double sumsq = 0.0;
   auto run = [&](auto tag, auto kernels) {
     using scalar_t = decltype(tag);
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
-    sumsq = kernels.pass1(pa, pb, bt.const_data_ptr<double>(), M.mutable_data_ptr<double>(), d_out, d_in, rp);
-    const at::Tensor M32 = M.to(at::kFloat);
+    sumsq = kernels.pass1(pa, pb, bt.const_data_ptr<double>(), Mt.mutable_data_ptr<double>(), d_out, d_in, rp);
+    at::Tensor M32 = at::zeros({d_in, rp2}, f32);  // M in float32, zero-padded to rp2 columns
+    M32.narrow(1, 0, rp).copy_(Mt.t());
     const double norm = std::sqrt(sumsq);
     // V = 0 (aligned == base) gives C = 0: the projection removes the update. A NaN norm stays NaN.
     const float scale = norm == 0.0 ? 0.f : static_cast<float>(1.0 / norm);
-    kernels.pass2(pa, pb, M32.const_data_ptr<float>(), out.mutable_data_ptr<float>(), scale, d_out, d_in, rp);
+    kernels.pass2(pa, pb, M32.const_data_ptr<float>(), out.mutable_data_ptr<float>(), scale, d_out, d_in, rp2);
   };
   with_kernels([&](auto kernels) {
     switch (a.scalar_type()) {
