@@ -71,17 +71,16 @@ std::tuple<at::Tensor, at::Tensor> project_lora_b_cpu(const at::Tensor& aligned,
   // lora_b in float64, zero-padded to rp columns.
   at::Tensor bt = at::zeros({d_out, rp}, f64);
   bt.narrow(1, 0, r).copy_(lora_b);
-  at::Tensor Mt = at::empty({rp, d_in}, f64);  // M^T, every element written by pass 1
   const int64_t rp2 = cpu::round_up(r, kRank2);
+  at::Tensor M32 = at::zeros({d_in, rp2}, f32);  // M = V^T B from pass 1, rounded to float32, zero-padded to rp2
   at::Tensor out = at::empty({d_out, rp2}, f32);
   double sumsq = 0.0;
   auto run = [&](auto tag, auto kernels) {
     using scalar_t = decltype(tag);
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
-    sumsq = kernels.pass1(pa, pb, bt.const_data_ptr<double>(), Mt.mutable_data_ptr<double>(), d_out, d_in, rp);
-    at::Tensor M32 = at::zeros({d_in, rp2}, f32);  // M in float32, zero-padded to rp2 columns
-    M32.narrow(1, 0, rp).copy_(Mt.t());
+    sumsq = kernels.pass1(pa, pb, bt.const_data_ptr<double>(), M32.mutable_data_ptr<float>(), d_out, d_in, rp,
+                          rp2);
     const double norm = std::sqrt(sumsq);
     // V = 0 (aligned == base) gives C = 0: the projection removes the update. A NaN norm stays NaN.
     const float scale = norm == 0.0 ? 0.f : static_cast<float>(1.0 / norm);
