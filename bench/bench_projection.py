@@ -7,6 +7,11 @@ compare; absolute times on shared 2-core machines are noisy.
 
 The CPU code path (avx512 / avx2 / generic) is printed; --isa forces one (same as the environment variable
 SAFESHAPE_ISA), so both paths can be measured on one AVX-512 machine.
+
+Bounds on CPU: `floor` is one read of both weights; `fma ms` is the arithmetic alone, d_out * d_in * r FMAs in
+float64 (pass 1, V^T B) and as many in float32 (pass 2), at this code path's FMA rate measured on registers
+(safeshape._native.cpu_fma_rate) times the threads; `ours/bound` divides by the larger of the two. With the
+environment variable SAFESHAPE_PROFILE=1 each call prints its two passes' times to stderr.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ if "--isa" in sys.argv:  # must be in the environment before the native library 
 import torch  # noqa: E402
 
 import safeshape  # noqa: E402
-from safeshape import ops, reference  # noqa: E402
+from safeshape import _native, ops, reference  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -86,8 +91,16 @@ def main(argv=None):
     isa = safeshape.build_info()["cpu_isa"]
     print(f"device={dev} threads={torch.get_num_threads()} clock={args.clock} cpu_isa={isa} cpu={cpu_model()!r} "
           f"load={os.getloadavg()[0]:.2f} torch={torch.__version__}")
+    rate = None
+    if dev == "cpu":
+        # The compute bound: pass 1's float64 FMAs (the precision docs/math.md asks of V^T B) and pass 2's float32
+        # ones, d_out * d_in * r each, at this code path's measured FMA rate on every thread.
+        rate = _native.cpu_fma_rate(0.05)
+        print(f"fma_rate_per_thread: float64 {rate['float64'] / 1e9:.1f} G/s, float32 {rate['float32'] / 1e9:.1f} G/s "
+              "(register-only, this code path)")
     print(f"{'shape':>12} {'r':>3} {'dtype':>9} {'ours ms':>9} {'ref ms':>9} {'floor ms':>9} "
-          f"{'ref/ours':>9} {'ours/floor':>10}")
+          f"{'ref/ours':>9} {'ours/floor':>10}"
+          + (f" {'fma ms':>8} {'ours/fma':>8} {'ours/bound':>10}" if rate else ""))
     g = torch.Generator().manual_seed(0)
     for d_out, d_in in shapes:
         for dtype in dtypes:
@@ -110,6 +123,11 @@ def main(argv=None):
                            cpu_isa=isa if dev == "cpu" else None, threads=torch.get_num_threads(), clock=args.clock,
                            ours_s=ours, reference_s=ref, floor_s=floor,
                            reference_over_ours=(ref / ours) if ref else None, ours_over_floor=ours / floor)
+                if rate:
+                    fmas = d_out * d_in * r
+                    compute = fmas * (1 / rate["float64"] + 1 / rate["float32"]) / torch.get_num_threads()
+                    row.update(compute_bound_s=compute, ours_over_compute=ours / compute,
+                               ours_over_bound=ours / max(floor, compute))
                 if args.hbm_gbps:
                     two_reads = 2 * 2 * aligned.numel() * aligned.element_size() / (args.hbm_gbps * 1e9)
                     row["ours_over_two_reads_at_hbm"] = ours / two_reads
@@ -117,6 +135,8 @@ def main(argv=None):
                 print(f"{d_out:>5}x{d_in:<6} {r:>3} {row['dtype']:>9} {ours*1e3:9.2f} "
                       f"{(ref or float('nan'))*1e3:9.1f} {floor*1e3:9.2f} "
                       f"{(row['reference_over_ours'] or float('nan')):9.1f} {row['ours_over_floor']:10.2f}"
+                      + (f" {row['compute_bound_s'] * 1e3:8.2f} {row['ours_over_compute']:8.2f}"
+                         f" {row['ours_over_bound']:10.2f}" if rate else "")
                       + (f" {row['ours_over_two_reads_at_hbm']:8.2f}x of 2 reads at HBM" if args.hbm_gbps else ""))
             del base, aligned
     if args.json:

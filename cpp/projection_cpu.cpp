@@ -9,13 +9,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "safeshape/ops.h"
 #include "cpu_kernels.h"
 
 namespace safeshape {
@@ -60,6 +64,16 @@ void with_kernels(F&& f) {
   f(isa_generic::Kernels{});
 }
 
+// SAFESHAPE_PROFILE=1 in the environment: each project_lora_b call prints its two passes' times to stderr
+// (bench/bench_projection.py --passes reads them).
+bool profile_passes() {
+  static const bool on = [] {
+    const char* e = std::getenv("SAFESHAPE_PROFILE");
+    return e != nullptr && e[0] != '\0' && e[0] != '0';
+  }();
+  return on;
+}
+
 std::tuple<at::Tensor, at::Tensor> project_lora_b_cpu(const at::Tensor& aligned, const at::Tensor& base,
                                                       const at::Tensor& lora_b) {
   const auto [d_out, d_in, r] = check_projection_args(aligned, base, lora_b, "project_lora_b");
@@ -79,12 +93,22 @@ std::tuple<at::Tensor, at::Tensor> project_lora_b_cpu(const at::Tensor& aligned,
     using scalar_t = decltype(tag);
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    using clock = std::chrono::steady_clock;
+    const auto t0 = clock::now();
     sumsq = kernels.pass1(pa, pb, bt.const_data_ptr<double>(), M32.mutable_data_ptr<float>(), d_out, d_in, rp,
                           rp2);
     const double norm = std::sqrt(sumsq);
     // V = 0 (aligned == base) gives C = 0: the projection removes the update. A NaN norm stays NaN.
     const float scale = norm == 0.0 ? 0.f : static_cast<float>(1.0 / norm);
-    kernels.pass2(pa, pb, M32.const_data_ptr<float>(), out.mutable_data_ptr<float>(), scale, d_out, d_in, rp2);
+    const auto t1 = clock::now();
+    kernels.pass2(pa, pb, M32.const_data_ptr<float>(), out.mutable_data_ptr<float>(), scale, d_out, d_in, r,
+                  rp2);
+    if (profile_passes()) {
+      const auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
+      std::fprintf(stderr, "safeshape-profile project_lora_b %lldx%lld r=%lld pass1_ms=%.3f pass2_ms=%.3f\n",
+                   static_cast<long long>(d_out), static_cast<long long>(d_in), static_cast<long long>(r),
+                   ms(t1 - t0), ms(clock::now() - t1));
+    }
   };
   with_kernels([&](auto kernels) {
     switch (a.scalar_type()) {
@@ -163,6 +187,15 @@ at::Tensor lora_cosine_cpu(const at::Tensor& lora_b, const at::Tensor& projected
 }
 
 }  // namespace
+
+FmaRate cpu_fma_rate(double seconds) {
+  FmaRate rate{0.0, 0.0};
+  with_kernels([&](auto kernels) {
+    rate.float64 = kernels.fma_rate_f64(seconds);
+    rate.float32 = kernels.fma_rate_f32(seconds);
+  });
+  return rate;
+}
 
 TORCH_LIBRARY_IMPL(safeshape, CPU, m) {
   m.impl("project_lora_b", &project_lora_b_cpu);

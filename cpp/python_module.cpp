@@ -18,4 +18,13 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_isa"] = b.cpu_isa;
     return info;
   }, "What this build was compiled against: torch version, CUDA on/off, CUDA version and arch list, CPU code path.");
+  m.def("cpu_fma_rate", [](double seconds) {
+    const safeshape::FmaRate r = safeshape::cpu_fma_rate(seconds);
+    py::dict out;
+    out["float64"] = r.float64;
+    out["float32"] = r.float32;
+    return out;
+  }, py::arg("seconds") = 0.02,
+     "FMAs per second (lanes counted) of one thread of the projection kernels' CPU code path, on registers: the "
+     "compute bound bench/bench_projection.py prints.");
 }

@@ -248,21 +248,30 @@ import torch, safeshape
 from safeshape import ops, reference
 from tests.test_ops_projection import make_module, hard_module, fp64_projection
 print(safeshape.build_info()['cpu_isa'])
-worst = {}
+worst = {'threads_differ': 0}
 for shape in [(300, 77), (77, 1030), (1100, 40), (64, 2100), (17, 9)]:
-    for r in [1, 8, 16, 33, 64]:
+    for r in [1, 8, 12, 16, 33, 64]:
         for dtype in [torch.float32, torch.bfloat16, torch.float16]:
             al, ba, b, a = make_module(*shape, r, dtype, 'cpu', seed=4)
-            p, n = ops.project_lora_b(al, ba, b)
             w, wn = fp64_projection(al, ba, b)
-            rel = ((p.double() - w).norm() / w.norm()).item()
-            key = str(dtype)
-            worst[key] = max(worst.get(key, 0.0), rel, abs(n.item() - wn.item()) / wn.item())
+            # one thread reads whole rows in pass 1, two threads column chunks: same sums in the same order
+            results = []
+            for threads in [1, 2]:
+                torch.set_num_threads(threads)
+                p, n = ops.project_lora_b(al, ba, b)
+                results.append((p, n))
+                rel = ((p.double() - w).norm() / w.norm()).item()
+                key = str(dtype)
+                worst[key] = max(worst.get(key, 0.0), rel, abs(n.item() - wn.item()) / wn.item())
+            worst['threads_differ'] += int(not (torch.equal(results[0][0], results[1][0])
+                                                 and torch.equal(results[0][1], results[1][1])))
 al, ba, b, a = hard_module(1024, 1024, 16, seed=0)
 v = al.double() - ba.double()
 exact = reference.lora_cosine(b, v @ (v.T @ b.double()) / v.norm(), a).item()
-p, _ = ops.project_lora_b(al, ba, b)
-worst['hard_cosine'] = abs(ops.lora_cosine(b, p, a).item() - exact)
+for threads in [1, 2]:
+    torch.set_num_threads(threads)
+    p, _ = ops.project_lora_b(al, ba, b)
+    worst['hard_cosine'] = max(worst.get('hard_cosine', 0.0), abs(ops.lora_cosine(b, p, a).item() - exact))
 print(repr(worst))
 """
 
@@ -270,7 +279,8 @@ print(repr(worst))
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_every_isa_path_agrees(isa):
     # SAFESHAPE_ISA forces a code path (read once per process, so each path runs in a child): each path's kernels
-    # (their register blocking, vector tails and dtype loads differ) against fp64, and the hard module's cosine
+    # (their register blocking, vector tails and dtype loads differ) against fp64, and the hard module's cosine;
+    # at 1 and 2 threads (pass 1 reads whole rows on one thread), with bit-identical results
     import ast
     import os
     import subprocess
@@ -287,6 +297,7 @@ def test_every_isa_path_agrees(isa):
     assert worst["torch.float32"] <= 1e-5, worst
     assert worst["torch.bfloat16"] <= 8e-3 and worst["torch.float16"] <= 1e-3, worst
     assert worst["hard_cosine"] <= 1e-6, worst
+    assert worst["threads_differ"] == 0, worst
 
 
 def test_unknown_isa_is_an_error():

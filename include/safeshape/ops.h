@@ -24,6 +24,14 @@ struct BuildInfo {
 };
 BuildInfo build_info();
 
+// For benchmarks: fused multiply-adds per second (vector lanes counted) that one thread of the projection kernels'
+// code path (cpu_isa) reaches on register-only data, float64 and float32. Runs about 2 x `seconds`.
+struct FmaRate {
+  double float64;
+  double float32;
+};
+FmaRate cpu_fma_rate(double seconds = 0.02);
+
 // ---- Safe LoRA (docs/math.md#safe-lora) ----
 // (B' = V (V^T B) / ||V||_F in lora_b's dtype, ||V||_F float32), V = aligned - base.
 std::tuple<at::Tensor, at::Tensor> project_lora_b(const at::Tensor& aligned, const at::Tensor& base,

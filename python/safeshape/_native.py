@@ -38,3 +38,10 @@ def build_info() -> dict:
     info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
     info["safeshape_version"] = __version__
     return info
+
+
+def cpu_fma_rate(seconds: float = 0.02) -> dict:
+    """For benchmarks: fused multiply-adds per second (vector lanes counted) that one thread of the CPU code path
+    ``build_info()["cpu_isa"]`` reaches on register-only data, as ``{"float64": ..., "float32": ...}``. The compute
+    bound that ``bench/bench_projection.py`` prints comes from it."""
+    return dict(_C.cpu_fma_rate(seconds))
