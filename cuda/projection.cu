@@ -42,10 +42,13 @@ __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, c
     if (j < d_in) {
       for (int ii = 0; ii < rows; ++ii) {
         const int64_t idx = (i0 + ii) * d_in + j;
-        const float v = to_float(a[idx]) - to_float(b[idx]);
-        ss += v * v;
+        // the difference in float64 too: exact for float32/bfloat16/float16 inputs (a float32 difference is
+        // rounded, which moved the hard module's cosine by up to 8.6e-7 in an fp64 emulation)
+        const double v = static_cast<double>(to_float(a[idx])) - static_cast<double>(to_float(b[idx]));
+        const float vf = static_cast<float>(v);
+        ss += vf * vf;
 #pragma unroll
-        for (int k = 0; k < R; ++k) acc[k] += static_cast<double>(v) * bs[ii][k];
+        for (int k = 0; k < R; ++k) acc[k] += v * bs[ii][k];
       }
     }
   }

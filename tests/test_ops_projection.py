@@ -175,6 +175,20 @@ def test_cosine_hard_module_within_1e6_of_fp64(shape, seed, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("col", [0, 63])
+def test_bf16_difference_is_exact(col, device):
+    # bfloat16 weights 2^30 apart: aligned - base is exact in float64, rounded in float32; V^T B = -2^-30 cancels,
+    # so a float32 difference gives B' = 0
+    aligned = torch.zeros(2, 64, dtype=torch.bfloat16)
+    base = torch.zeros(2, 64, dtype=torch.bfloat16)
+    aligned[0, col], base[0, col], base[1, col] = 1.0, 2.0 ** -30, 1.0
+    b = torch.ones(2, 1, dtype=torch.bfloat16)
+    want, _ = fp64_projection(aligned, base, b)
+    got, _ = ops.project_lora_b(aligned.to(device), base.to(device), b.to(device))
+    torch.testing.assert_close(got.cpu().double(), want, rtol=8e-3, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["aligned", "base", "lora_b", "lora_a"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_input_gives_nan(where, value, device):
@@ -265,6 +279,15 @@ for shape in [(300, 77), (77, 1030), (1100, 40), (64, 2100), (17, 9)]:
                 worst[key] = max(worst.get(key, 0.0), rel, abs(n.item() - wn.item()) / wn.item())
             worst['threads_differ'] += int(not (torch.equal(results[0][0], results[1][0])
                                                  and torch.equal(results[0][1], results[1][1])))
+# bfloat16 values 2^30 apart: their difference is exact in float64, not in float32; M = V^T B = -2^-30 cancels
+for col in [0, 63]:
+    al = torch.zeros(2, 64, dtype=torch.bfloat16); ba = torch.zeros(2, 64, dtype=torch.bfloat16)
+    al[0, col], ba[0, col], ba[1, col] = 1.0, 2.0 ** -30, 1.0
+    b = torch.ones(2, 1, dtype=torch.bfloat16)
+    w, _ = fp64_projection(al, ba, b)
+    p, _ = ops.project_lora_b(al, ba, b)
+    worst['bf16_exponent_gap'] = max(worst.get('bf16_exponent_gap', 0.0),
+                                     ((p.double() - w).norm() / w.norm()).item())
 al, ba, b, a = hard_module(1024, 1024, 16, seed=0)
 v = al.double() - ba.double()
 exact = reference.lora_cosine(b, v @ (v.T @ b.double()) / v.norm(), a).item()
@@ -298,6 +321,7 @@ def test_every_isa_path_agrees(isa):
     assert worst["torch.bfloat16"] <= 8e-3 and worst["torch.float16"] <= 1e-3, worst
     assert worst["hard_cosine"] <= 1e-6, worst
     assert worst["threads_differ"] == 0, worst
+    assert worst["bf16_exponent_gap"] <= 8e-3, worst
 
 
 def test_unknown_isa_is_an_error():
