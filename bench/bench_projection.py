@@ -89,6 +89,8 @@ def main(argv=None):
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     rows = []
     isa = safeshape.build_info()["cpu_isa"]
+    machine = f"{cpu_model()}, {os.cpu_count()} CPUs" if dev == "cpu" else torch.cuda.get_device_name()
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"device={dev} threads={torch.get_num_threads()} clock={args.clock} cpu_isa={isa} cpu={cpu_model()!r} "
           f"load={os.getloadavg()[0]:.2f} torch={torch.__version__}")
     rate = None
@@ -122,7 +124,8 @@ def main(argv=None):
                 row = dict(d_out=d_out, d_in=d_in, r=r, dtype=str(dtype).replace("torch.", ""), device=dev,
                            cpu_isa=isa if dev == "cpu" else None, threads=torch.get_num_threads(), clock=args.clock,
                            ours_s=ours, reference_s=ref, floor_s=floor,
-                           reference_over_ours=(ref / ours) if ref else None, ours_over_floor=ours / floor)
+                           reference_over_ours=(ref / ours) if ref else None, ours_over_floor=ours / floor,
+                           machine=machine, torch=torch.__version__, load=os.getloadavg()[0], date=date)
                 if rate:
                     fmas = d_out * d_in * r
                     compute = fmas * (1 / rate["float64"] + 1 / rate["float32"]) / torch.get_num_threads()
