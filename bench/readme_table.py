@@ -60,7 +60,7 @@ def render(runs: list[list[dict]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([
         f"project_lora_b, ours / one read of both weights (the floor) and ours / the arithmetic alone at this path's "
-        f"measured FMA rate (`fma`); {', '.join(machines)}; {dates[0]} to {dates[-1]}; "
+        f"measured FMA rate (`fma`); {', '.join(machines)}; runs started {dates[0]} to {dates[-1]}; "
         "`bench/bench_projection.py --repeat 7`, JSON in bench/results/:",
         "",
         *lines,

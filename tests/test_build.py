@@ -20,6 +20,15 @@ def test_build_info_matches_running_torch():
         assert info["cuda_version"] is None
 
 
+def test_cpu_fma_rate_measures_the_active_path():
+    # the bench's compute bound: FMAs per second of one thread on registers, for the path build_info names (not a
+    # speed threshold: only that both rates were measured and come out finite and positive)
+    from safeshape import _native
+    rate = _native.cpu_fma_rate(0.002)
+    assert set(rate) == {"float64", "float32"}
+    assert all(0 < v < float("inf") for v in rate.values()), rate
+
+
 def test_import_under_another_torch_says_how_to_rebuild():
     code = "import torch; torch.__version__ = '9.9.9'; import safeshape.ops  # loads the native library"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
