@@ -64,8 +64,7 @@ void with_kernels(F&& f) {
   f(isa_generic::Kernels{});
 }
 
-// SAFESHAPE_PROFILE=1 in the environment: each project_lora_b call prints its two passes' times to stderr
-// (bench/bench_projection.py --passes reads them).
+// SAFESHAPE_PROFILE=1 in the environment: each project_lora_b call prints its two passes' times to stderr.
 bool profile_passes() {
   static const bool on = [] {
     const char* e = std::getenv("SAFESHAPE_PROFILE");
