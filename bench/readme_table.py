@@ -22,7 +22,7 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 BEGIN = "<!-- bench/readme_table.py: begin (generated, do not edit) -->"
 END = "<!-- bench/readme_table.py: end -->"
-# (d_out, d_in, r, dtype) columns of the table
+# the table's columns: ((d_out, d_in), r, dtype)
 COLUMNS = [((4096, 4096), 8, "float32"), ((4096, 4096), 16, "float32"), ((11008, 4096), 8, "float32"),
            ((11008, 4096), 16, "float32"), ((4096, 4096), 16, "bfloat16"), ((4096, 4096), 64, "float32")]
 

@@ -174,15 +174,19 @@ def test_cosine_hard_module_within_1e6_of_fp64(shape, seed, device):
     assert abs(ops.lora_cosine(b, p, a).item() - exact) <= 1e-6
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("col", [0, 63])
-def test_bf16_difference_is_exact(col, device):
-    # bfloat16 weights 2^30 apart: aligned - base is exact in float64, rounded in float32; V^T B = -2^-30 cancels,
-    # so a float32 difference gives B' = 0
+def exponent_gap_module(col):
+    """bfloat16 weights 2^30 apart in column `col`: aligned - base is exact in float64, rounded in float32, and
+    V^T B = -2^-30 cancels, so a float32 difference gives B' = 0."""
     aligned = torch.zeros(2, 64, dtype=torch.bfloat16)
     base = torch.zeros(2, 64, dtype=torch.bfloat16)
     aligned[0, col], base[0, col], base[1, col] = 1.0, 2.0 ** -30, 1.0
-    b = torch.ones(2, 1, dtype=torch.bfloat16)
+    return aligned, base, torch.ones(2, 1, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("col", [0, 63])
+def test_bf16_difference_is_exact(col, device):
+    aligned, base, b = exponent_gap_module(col)
     want, _ = fp64_projection(aligned, base, b)
     got, _ = ops.project_lora_b(aligned.to(device), base.to(device), b.to(device))
     torch.testing.assert_close(got.cpu().double(), want, rtol=8e-3, atol=0)
@@ -260,7 +264,7 @@ def test_misaligned_inputs(dtype, device):
 ISA_CHECK = """
 import torch, safeshape
 from safeshape import ops, reference
-from tests.test_ops_projection import make_module, hard_module, fp64_projection
+from tests.test_ops_projection import make_module, hard_module, fp64_projection, exponent_gap_module
 print(safeshape.build_info()['cpu_isa'])
 worst = {'threads_differ': 0}
 for shape in [(300, 77), (77, 1030), (1100, 40), (64, 2100), (17, 9)]:
@@ -279,11 +283,8 @@ for shape in [(300, 77), (77, 1030), (1100, 40), (64, 2100), (17, 9)]:
                 worst[key] = max(worst.get(key, 0.0), rel, abs(n.item() - wn.item()) / wn.item())
             worst['threads_differ'] += int(not (torch.equal(results[0][0], results[1][0])
                                                  and torch.equal(results[0][1], results[1][1])))
-# bfloat16 values 2^30 apart: their difference is exact in float64, not in float32; M = V^T B = -2^-30 cancels
 for col in [0, 63]:
-    al = torch.zeros(2, 64, dtype=torch.bfloat16); ba = torch.zeros(2, 64, dtype=torch.bfloat16)
-    al[0, col], ba[0, col], ba[1, col] = 1.0, 2.0 ** -30, 1.0
-    b = torch.ones(2, 1, dtype=torch.bfloat16)
+    al, ba, b = exponent_gap_module(col)
     w, _ = fp64_projection(al, ba, b)
     p, _ = ops.project_lora_b(al, ba, b)
     worst['bf16_exponent_gap'] = max(worst.get('bf16_exponent_gap', 0.0),
