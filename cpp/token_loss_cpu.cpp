@@ -253,6 +253,16 @@ inline bool skip_row(int64_t y, const TokenRows& a, double* fill) {
   return false;
 }
 
+// Backward: an ignored row gets a 0 gradient, a label outside the vocabulary NaN; true when the row was one of
+// those (the CPU twin of cuda/token_loss.cu's fill_skipped_row).
+template <typename T>
+bool fill_skipped_row(const TokenRows& a, int64_t y, T* out) {
+  double fill;
+  if (!skip_row(y, a, &fill)) return false;
+  std::fill(out, out + a.vocab, static_cast<T>(fill));
+  return true;
+}
+
 template <typename T>
 void logprobs_rows(const TokenRows& a) {
   using A = acc_t<T>;
@@ -290,11 +300,7 @@ void logprobs_backward_rows(const TokenRows& a) {
     for (int64_t i = r0; i < r1; ++i) {
       T* out = grad + i * V;
       const int64_t y = a.labels[i];
-      double fill;
-      if (skip_row(y, a, &fill)) {
-        std::fill(out, out + V, static_cast<T>(fill));
-        continue;
-      }
+      if (fill_skipped_row(a, y, out)) continue;
       const A* z = load_row(logits + i * V, V, scratch.data());
       const double g = g_lp[i];
       const Split<A> lse(a.logsumexp[i]);
@@ -355,11 +361,7 @@ void full_kl_backward_rows(const TokenRows& a) {
     for (int64_t i = r0; i < r1; ++i) {
       T* out = grad + i * V;
       const int64_t y = a.labels[i];
-      double fill;
-      if (skip_row(y, a, &fill)) {
-        std::fill(out, out + V, static_cast<T>(fill));
-        continue;
-      }
+      if (fill_skipped_row(a, y, out)) continue;
       const double ca = -static_cast<const A*>(a.grad_logprobs)[i], cb = static_cast<const A*>(a.grad_kl)[i];
       const bool conv = !std::is_same_v<T, A>;
       const A* z = load_row(logits + i * V, V, scratch.data());
