@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH = ROOT / "docs" / "math.md"
-CITED_IN = ["python/safeshape", "tests", "cpp", "cuda", "include", "bench", "examples", "README.md", "DESIGN.md", "docs"]
+CITED_IN = ["python/safeshape", "tests", "cpp", "cuda", "include", "bench", "examples", "README.md", "DESIGN.md",
+            "docs"]
 BUILD_COPIES = ["python/safeshape/include", "python/safeshape/share"]  # copied in by the build
 SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".md", ".txt"}
 CITE = re.compile(r"docs/math\.md#([A-Za-z0-9_-]+)")
