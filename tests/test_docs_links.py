@@ -17,14 +17,17 @@ def pages() -> list[Path]:
     return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
 
+def unfenced(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
 def prose(text: str) -> str:
     """The text outside code fences and inline code (links there are examples, not links)."""
-    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
-    return re.sub(r"`[^`\n]*`", "", text)
+    return re.sub(r"`[^`\n]*`", "", unfenced(text))
 
 
 def headings(page: Path) -> set[str]:
-    return {slug(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", prose(page.read_text()), flags=re.M)}
+    return {slug(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", unfenced(page.read_text()), flags=re.M)}
 
 
 def links(page: Path) -> list[tuple[str, Path | None, str]]:
@@ -63,9 +66,9 @@ def test_every_relative_link_resolves():
 
 def test_the_checker_finds_a_missing_file_and_a_missing_heading(tmp_path):
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "b.md").write_text("# B\n\n## Two words\n")
+    (tmp_path / "docs" / "b.md").write_text("# B\n\n## Two words\n\n## With `code`\n")
     (tmp_path / "docs" / "a.md").write_text(
-        "# A page\n\n[ok](#a-page) [here](b.md#two-words) [gone](c.md) [later](d.md) [no](b.md#three) "
+        "# A page\n\n[ok](#a-page) [here](b.md#two-words) [code](b.md#with-code) [gone](c.md) [later](d.md) [no](b.md#three) "
         "![img](b.md) `[code](e.md)`\n\n```\n[fenced](f.md)\n```\n[web](https://example.com/x.md)\n")
     assert broken_links([tmp_path / "docs" / "a.md"], tmp_path, {"docs/d.md"}) == [
         "docs/a.md: c.md (no such file)", "docs/a.md: b.md#three (no heading #three in docs/b.md)"]
