@@ -24,7 +24,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q
 
 demo: setup  # the toy world: base/aligned/guard models built in code, then every method compared; ONE seed for time
-	$(VENV)/bin/safeshape demo --workdir build/demo  # (the README's table: several seeds, see its demo section)
+	$(VENV)/bin/safeshape demo --workdir build/demo  # (docs/demo.md's table: several seeds, see that page)
 
 wheels:  # CPU and CUDA wheels, repaired to manylinux and smoke-tested in fresh venvs (scripts/build_wheels.sh)
 	scripts/build_wheels.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent H100/H200 (see README "The GPU"): build against that machine's own torch, run the
+# One-shot GPU check for a lent H100/H200 (see docs/benchmarks.md): build against that machine's own torch, run the
 # CUDA tests and the benchmarks, write everything under $OUT (default bench/out/gpu), and end with a compact
 # summary. Budget: 10 minutes in all (build <= 2.5 with one arch, tests <= 3, benches <= 4); run it alone in the
 # call with timeout_s 600:

@@ -1,8 +1,8 @@
-"""The README's projection table, rendered from the JSON that bench/bench_projection.py wrote: never copied by hand.
+"""docs/benchmarks.md's projection table, rendered from the JSON that bench/bench_projection.py wrote, never by hand.
 
     python bench/readme_table.py            # print the table rendered from bench/results/projection_*.json
-    python bench/readme_table.py --write    # put it in README.md between its markers
-    python bench/readme_table.py --check    # exit 1 if README.md's table differs from the JSON (tests run this)
+    python bench/readme_table.py --write    # put it in docs/benchmarks.md between its markers
+    python bench/readme_table.py --check    # exit 1 if the page's table differs from the JSON (tests run this)
 
 To refresh it on the machine at hand (about 10 minutes on 2 cores):
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "benchmarks.md"
 BEGIN = "<!-- bench/readme_table.py: begin (generated, do not edit) -->"
 END = "<!-- bench/readme_table.py: end -->"
 # the table's columns: ((d_out, d_in), r, dtype)
@@ -67,9 +67,9 @@ def render(runs: list[list[dict]]) -> str:
     ])
 
 
-def readme_block(text: str) -> tuple[int, int]:
+def table_block(text: str) -> tuple[int, int]:
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"{README}: the markers {BEGIN!r} and {END!r} are missing")
+        raise SystemExit(f"{PAGE}: the markers {BEGIN!r} and {END!r} are missing")
     start = text.index(BEGIN) + len(BEGIN)
     return start, text.index(END, start)
 
@@ -77,25 +77,25 @@ def readme_block(text: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--write", action="store_true", help="replace the table in README.md")
-    g.add_argument("--check", action="store_true", help="exit 1 if README.md's table is not the rendered one")
+    g.add_argument("--write", action="store_true", help="replace the table in docs/benchmarks.md")
+    g.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md's table is not the rendered one")
     args = ap.parse_args(argv)
     table = render(load_runs())
     if not (args.write or args.check):
         print(table)
         return 0
-    text = README.read_text()
-    start, end = readme_block(text)
+    text = PAGE.read_text()
+    start, end = table_block(text)
     want = "\n" + table + "\n"
     if args.check:
         if text[start:end] != want:
-            print("README.md's projection table differs from bench/results/*.json: run "
+            print("docs/benchmarks.md's projection table differs from bench/results/*.json: run "
                   "python bench/readme_table.py --write", file=sys.stderr)
             return 1
         return 0
-    tmp = README.with_suffix(".md.tmp")
+    tmp = PAGE.with_suffix(".md.tmp")
     tmp.write_text(text[:start] + want + text[end:])
-    tmp.replace(README)
+    tmp.replace(PAGE)
     return 0
 
 

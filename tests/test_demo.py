@@ -380,8 +380,8 @@ def test_jobs_run_cells_in_processes_with_the_same_results(tiny_sweep, tmp_path)
         Demo(tmp_path / "j0", profile=tiny_profile(), jobs=0)
 
 
-def test_readme_results_are_what_table_from_prints_for_the_committed_report(capsys):
-    """The README's demo block is generated, never hand-edited: it must equal `safeshape demo --table-from
+def test_demo_page_results_are_what_table_from_prints_for_the_committed_report(capsys):
+    """docs/demo.md's results block is generated, never hand-edited: it must equal `safeshape demo --table-from
     docs/demo/demo_report.json` (replace both together when the demo is rerun)."""
     from pathlib import Path
 
@@ -390,4 +390,4 @@ def test_readme_results_are_what_table_from_prints_for_the_committed_report(caps
     root = Path(__file__).resolve().parent.parent
     assert main(["demo", "--table-from", str(root / "docs" / "demo" / "demo_report.json")]) == 0
     block = capsys.readouterr().out
-    assert block.strip() and block in (root / "README.md").read_text()
+    assert block.strip() and block in (root / "docs" / "demo.md").read_text()

@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH = ROOT / "docs" / "math.md"
-CITED_IN = ["python/safeshape", "tests", "cpp", "cuda", "include", "bench", "examples", "README.md", "DESIGN.md"]
+CITED_IN = ["python/safeshape", "tests", "cpp", "cuda", "include", "bench", "examples", "README.md", "DESIGN.md",
+            "docs"]
 BUILD_COPIES = ["python/safeshape/include", "python/safeshape/share"]  # copied in by the build
 SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".md", ".txt"}
 CITE = re.compile(r"docs/math\.md#([A-Za-z0-9_-]+)")
@@ -34,7 +35,8 @@ def source_files():
     for entry in CITED_IN:
         path = ROOT / entry
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
-        yield from (f for f in files if f.is_file() and not any(f.is_relative_to(ROOT / c) for c in BUILD_COPIES))
+        yield from (f for f in files if f.is_file() and f != MATH  # the page names its own citation form
+                    and not any(f.is_relative_to(ROOT / c) for c in BUILD_COPIES))
 
 
 def citations() -> dict[str, set[str]]:

@@ -1,4 +1,4 @@
-"""The README's projection table is rendered from committed bench JSON (bench/readme_table.py), never copied by hand."""
+"""docs/benchmarks.md's projection table is rendered from committed bench JSON (bench/readme_table.py), not by hand."""
 import json
 import subprocess
 import sys
@@ -26,11 +26,11 @@ def test_render_reads_the_numbers_from_the_json(tmp_path):
     assert "Test CPU, 2 CPUs" in table and "| 55-55x |" in table
 
 
-def test_check_fails_when_the_readme_differs(tmp_path, monkeypatch):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{readme_table.BEGIN}\nhand-edited 3.1x\n{readme_table.END}\n")
-    monkeypatch.setattr(readme_table, "README", readme)
+def test_check_fails_when_the_page_differs(tmp_path, monkeypatch):
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"intro\n{readme_table.BEGIN}\nhand-edited 3.1x\n{readme_table.END}\n")
+    monkeypatch.setattr(readme_table, "PAGE", page)
     assert readme_table.main(["--check"]) == 1
     assert readme_table.main(["--write"]) == 0
     assert readme_table.main(["--check"]) == 0
-    assert "hand-edited" not in readme.read_text() and readme.read_text().startswith("intro\n")
+    assert "hand-edited" not in page.read_text() and page.read_text().startswith("intro\n")

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (they are off anyway when stderr is not a terminal)")
     parser.add_argument("--table-from", metavar="REPORT", default=None,
-                        help="run nothing: print the README's results block (command, machine, ISA, threads, "
+                        help="run nothing: print docs/demo.md's results block (command, machine, ISA, threads, "
                              "seeds, tables) from a demo_report.json")
 
 

@@ -1,5 +1,5 @@
-"""The demo's results from ``demo_report.json``: the aggregate over seeds and widths, a text table, the README's
-block, and a PNG plot."""
+"""The demo's results from ``demo_report.json``: the aggregate over seeds and widths, a text table, the results
+block of docs/demo.md, and a PNG plot."""
 from __future__ import annotations
 
 import os
@@ -158,7 +158,7 @@ def every_seed_claims(report: dict) -> list[str]:
 
 
 def readme_block(report: dict) -> str:
-    """The README's demo results: how they were made (command, machine, ISA, threads, seeds) and the table."""
+    """docs/demo.md's results block: how they were made (command, machine, ISA, threads, seeds) and the table."""
     m = report["machine"]
     head = (f"`{report['command']}`, {report['date_utc']} UTC, {m['cpu']} ({m['cores']} cores), ISA {m['isa']}, "
             f"{m['threads']} torch thread(s), torch {m['torch']}, code {report.get('code') or 'unknown'}: "
