@@ -102,7 +102,6 @@ def _forward(hidden, weight, labels, weights, ref_logprobs, positions, objective
         if grad_weight_wanted else None
     chunk = max(1, min(n, chunk_rows if chunk_rows > 0 else max(1, _CHUNK_BYTES // (rows * 4))))
     zbuf = h_all.new_empty((chunk, rows)) if n else None
-    dl = torch.zeros(n, dtype=dt, device=hidden.device)
     loss = torch.zeros(n, dtype=dt, device=hidden.device)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
@@ -119,7 +118,7 @@ def _forward(hidden, weight, labels, weights, ref_logprobs, positions, objective
         l_c = torch.where(valid, l64, 0.0).to(dt)
         loss_c, dloss_c = _ops.token_objective(l_c, labels[s:s + m], _part(weights, s, m), _part(ref_logprobs, s, m),
                                                _part(positions, s, m), objective, params, ignore_index)
-        lp[s:s + m], loss[s:s + m], dl[s:s + m] = l_c, loss_c, dloss_c
+        lp[s:s + m], loss[s:s + m] = l_c, loss_c
         if gh is None and gw is None:
             continue
         # z <- dloss (onehot(y) - softmax(z)) on this slice, with the group's lse; rows whose label is on another
