@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import ops as _loaded  # noqa: F401  (loads the native ops)
+from ..ops.token_loss import keep_sum_grads, scaled_sum_grads  # (importing ops loads the native ops)
 
 _ops = torch.ops.safeshape
 
@@ -146,26 +146,14 @@ class _VocabParallelLossSum(torch.autograd.Function):
         *fwd, reduce_grad_hidden = args
         ctx.fwd, ctx.reduce, ctx.group = fwd, reduce_grad_hidden, fwd[9]
         loss, lp, gh, gw = _forward(hidden, weight, *fwd, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        # kept as attributes (as ops.fused_linear_token_loss_sum does): the first backward scales them in place
-        ctx.grads = (gh, gw)
-        ctx.save_for_backward(hidden, weight)
-        ctx.mark_non_differentiable(loss, lp)
-        return loss.sum(), loss, lp
+        return keep_sum_grads(ctx, hidden, weight, loss, lp, gh, gw)
 
     @staticmethod
     def backward(ctx, g_total, _g_loss, _g_lp):
-        if ctx.grads is None:  # a second backward through the same graph (retain_graph): recompute
-            hidden, weight = ctx.saved_tensors
-            _, _, gh, gw = _forward(hidden, weight, *ctx.fwd, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        else:
-            gh, gw = ctx.grads
-            ctx.grads = None
-        if gh is not None:
-            gh.mul_(g_total.to(gh.dtype))
-            if ctx.reduce:  # each rank holds the part of dloss/dh from its slice of the vocabulary
-                dist.all_reduce(gh, group=ctx.group)
-        if gw is not None:
-            gw.mul_(g_total.to(gw.dtype))
+        gh, gw = scaled_sum_grads(ctx, g_total, lambda: _forward(*ctx.saved_tensors, *ctx.fwd, ctx.needs_input_grad[0],
+                                                                 ctx.needs_input_grad[1])[2:])
+        if gh is not None and ctx.reduce:  # each rank holds the part of dloss/dh from its slice of the vocabulary
+            dist.all_reduce(gh, group=ctx.group)
         return gh, gw, *(None,) * (len(ctx.fwd) + 1)
 
 
