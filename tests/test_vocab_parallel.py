@@ -74,7 +74,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     from safeshape.loss import DSSLoss
@@ -108,8 +108,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     h = x["hidden"].clone().requires_grad_()
     total, _, _ = vp(h, model.lm_head.weight, x["labels"], objective, params, **kw)
     total.backward()
+    h_dt = x["hidden"].clone().requires_grad_()  # hidden states that are themselves a (replicated) DTensor
+    vp(DTensor.from_local(h_dt, mesh, [Replicate()]), model.lm_head.weight, x["labels"], objective, params,
+       **kw)[0].backward()
     out["dtensor"] = dict(vocab_start=shard[2], local_rows=shard[0].shape[0], group_size=dist.get_world_size(shard[1]),
-                          total=total.detach(), grad_hidden=h.grad, grad_weight=model.lm_head.weight.grad.full_tensor(),
+                          total=total.detach(), grad_hidden=h.grad, grad_hidden_of_dtensor=h_dt.grad,
+                          grad_weight=model.lm_head.weight.grad.full_tensor(),
                           grad_placements=str(model.lm_head.weight.grad.placements))
 
     # an FSDP2-sharded head has the same Shard(0) layout but is not tensor-parallel
@@ -209,7 +213,8 @@ def test_dtensor_head_matches_one_process(ranks):
         assert (d["vocab_start"], d["local_rows"], d["group_size"]) == (SPLIT[r], SPLIT[r + 1] - SPLIT[r], WORLD)
         _close(d["total"], total)
         _close(d["grad_hidden"], gh)
-        _close(d["grad_weight"], gw)  # the DTensor's gradient, gathered here only to compare
+        _close(d["grad_weight"], 2 * gw)  # accumulated over the two calls; the DTensor gradient, gathered to compare
+        _close(d["grad_hidden_of_dtensor"], gh)
         assert "Shard(dim=0)" in d["grad_placements"]
 
 
