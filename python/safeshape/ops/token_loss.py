@@ -118,23 +118,40 @@ class _FusedLinearTokenLossSum(torch.autograd.Function):
         ctx.args = (labels, weights, ref_logprobs, positions, objective, params, ignore_index, chunk_rows, True,
                     ctx.needs_input_grad[1], fp32_grad_weight)
         loss, logprobs, _, grad_hidden, grad_weight = _ops.fused_linear_token_loss(hidden, weight, *ctx.args)
-        # kept as attributes, not saved tensors: the first backward scales them in place and hands them over, so no
-        # second [V, H] buffer exists. The inputs are saved (no copies) for a second backward.
-        ctx.grads = (grad_hidden, grad_weight)
-        ctx.save_for_backward(hidden, weight)
-        ctx.mark_non_differentiable(loss, logprobs)
-        return loss.sum(), loss, logprobs
+        return keep_sum_grads(ctx, hidden, weight, loss, logprobs, grad_hidden, grad_weight)
 
     @staticmethod
     def backward(ctx, g_total, _g_loss, _g_logprobs):
-        if ctx.grads is None:  # a second backward through the same graph (retain_graph): recompute
-            _, _, _, grad_hidden, grad_weight = _ops.fused_linear_token_loss(*ctx.saved_tensors, *ctx.args)
-        else:
-            grad_hidden, grad_weight = ctx.grads
-            ctx.grads = None
-        gh = grad_hidden.mul_(g_total.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None
-        gw = grad_weight.mul_(g_total.to(grad_weight.dtype)) if ctx.needs_input_grad[1] else None
+        gh, gw = scaled_sum_grads(ctx, g_total,
+                                  lambda: _ops.fused_linear_token_loss(*ctx.saved_tensors, *ctx.args)[3:])
         return gh, gw, *(None,) * 9
+
+
+def keep_sum_grads(ctx, hidden: Tensor, weight: Tensor, loss: Tensor, logprobs: Tensor, grad_hidden: Tensor | None,
+                   grad_weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward's end of a summed loss that forms its gradients in the forward: ``(loss.sum(), loss,
+    logprobs)``. The gradients are kept as attributes, not saved tensors: the first backward
+    (:func:`scaled_sum_grads`) scales them in place and hands them over, so no second [V, H] buffer exists. The
+    inputs are saved (no copies) for a second backward."""
+    ctx.grads = (grad_hidden, grad_weight)
+    ctx.save_for_backward(hidden, weight)
+    ctx.mark_non_differentiable(loss, logprobs)
+    return loss.sum(), loss, logprobs
+
+
+def scaled_sum_grads(ctx, g_total: Tensor, recompute) -> tuple[Tensor | None, Tensor | None]:
+    """The backward of a summed loss whose forward formed its gradients ``ctx.grads = (grad_hidden, grad_weight)``:
+    those scaled in place by the scalar upstream gradient and handed over (no second buffer); a second backward
+    through the same graph (retain_graph) gets them from ``recompute()``. Also serves the vocabulary-parallel loss
+    (safeshape.parallel.vocab)."""
+    if ctx.grads is None:
+        grad_hidden, grad_weight = recompute()
+    else:
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+    gh = grad_hidden.mul_(g_total.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None
+    gw = grad_weight.mul_(g_total.to(grad_weight.dtype)) if ctx.needs_input_grad[1] else None
+    return gh, gw
 
 
 # ---- autograd ----------------------------------------------------------------------------------------------------
