@@ -114,6 +114,10 @@ def run_zero(path, rows, world, rank, stage, head_trainable=False):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
+    # deepspeed's CPU shared-memory all-reduce is a C++ op compiled on first use (~35 s); gloo does the collectives
+    # (the module by its sys.modules name: deepspeed.comm's `torch` attribute is torch itself)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
     model = lora_model(path, head_trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     config = {"train_micro_batch_size_per_gpu": GLOBAL_ROWS // world, "gradient_accumulation_steps": 1,
@@ -127,7 +131,41 @@ def run_zero(path, rows, world, rank, stage, head_trainable=False):
     return _mean(value), grads
 
 
+def run_trainer_ddp(path, rows, world, rank):
+    """transformers.Trainer with the mixin under torchrun: DDP with Trainer's default for a PEFT model
+    (ddp_find_unused_parameters=None, which becomes True); one step over the global batch."""
+    import tempfile
+
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from safeshape import hf
+
+    class DSSTrainer(hf.TokenLossTrainerMixin, Trainer):
+        pass
+
+    class Spy(TrainerCallback):
+        grads = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            Spy.grads = {clean(n): p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model = lora_model(path)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=GLOBAL_ROWS // world, max_steps=1,
+                                 learning_rate=1e-3, max_grad_norm=0, remove_unused_columns=False, report_to=[],
+                                 logging_steps=1, use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                 ddp_backend="gloo")
+        trainer = DSSTrainer(model=model, args=args, train_dataset=rows[:GLOBAL_ROWS], loss="dss", kl_coef=0.5,
+                             data_collator=hf.DSSDataCollator(AutoTokenizer.from_pretrained(path)), callbacks=[Spy()])
+        trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel", type(trainer.model_wrapped)
+    assert trainer.model_wrapped.find_unused_parameters
+    loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+    return float(loss), Spy.grads
+
+
 SCENARIOS = {
+    "trainer_ddp": run_trainer_ddp,
     "fsdp1": run_fsdp1,
     "fsdp2": run_fsdp2,
     "fsdp2_head_trainable": lambda *a: run_fsdp2(*a, head_trainable=True),
