@@ -58,7 +58,7 @@ def reference(path, rows, head_trainable=False, loss="dss"):
     model = lora_model(path, head_trainable)
     value, _ = hf.token_loss(model, batch(path, rows, 0, GLOBAL_ROWS), loss=loss)
     value.backward()
-    return float(value), {clean(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return float(value.detach()), {clean(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _local_loss(model, path, rows, world, rank):
