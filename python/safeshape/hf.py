@@ -179,22 +179,23 @@ def _token_loss(head, hidden: Tensor, ref_hidden: Tensor | None, labels: Tensor,
     flat_labels = flat_labels[rows]
     weights = star_weights[:, 1:].reshape(-1).to(hidden.device)[rows]
     loss_fn = _loss_module(loss, kl_coef, betas, fused)
-    ref = None
-    if ref_hidden is not None:
-        with torch.no_grad():
-            ref = _head.fused_linear_token_loss_sum(pick(ref_hidden), head, flat_labels, "logprob")[2]
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(hidden.device)
     if loss == "deep-token":
         kw = dict(positions=response_positions(shifted, IGNORE_INDEX).reshape(-1)[rows])
     else:
         kw = dict(weights=weights)
-    if fused:
-        out = loss_fn(hidden=pick(hidden), lm_head_weight=head, labels=flat_labels, ref_logprobs=ref,
-                      num_items_in_batch=num_items_in_batch, **kw)
-    else:
-        out = loss_fn(logits=nn.functional.linear(pick(hidden), head), labels=flat_labels, ref_logprobs=ref,
-                      num_items_in_batch=num_items_in_batch, **kw)
+    with _head.gathered(head, hidden.dtype) as head:  # a sharded head is gathered once for both calls
+        ref = None
+        if ref_hidden is not None:
+            with torch.no_grad():
+                ref = _head.fused_linear_token_loss_sum(pick(ref_hidden), head, flat_labels, "logprob")[2]
+        if fused:
+            out = loss_fn(hidden=pick(hidden), lm_head_weight=head, labels=flat_labels, ref_logprobs=ref,
+                          num_items_in_batch=num_items_in_batch, **kw)
+        else:
+            out = loss_fn(logits=nn.functional.linear(pick(hidden), head), labels=flat_labels, ref_logprobs=ref,
+                          num_items_in_batch=num_items_in_batch, **kw)
     return out.loss
 
 

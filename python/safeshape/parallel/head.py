@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..errors import SafeshapeError
 
-__all__ = ["fused_linear_token_loss_sum", "head_module", "head_layout"]
+__all__ = ["fused_linear_token_loss_sum", "gathered", "head_module", "head_layout"]
 
 
 def _wrappers_and_model(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
@@ -117,8 +117,7 @@ def head_layout(head: Tensor | nn.Module) -> str:
         if _fsdp2_managed(modules):
             return "fsdp2"
         return "dtensor" if modules else "unknown"
-    # (a 2-D view whose storage a reshard freed is an FSDP1 shard; torch.compile traces plain weights only)
-    if weight.dim() == 2 and (torch.compiler.is_compiling() or weight.untyped_storage().size() > 0):
+    if weight.dim() == 2 and weight.untyped_storage().size() > 0:  # (a 2-D view a reshard freed: an FSDP1 shard)
         return "plain"
     if _fsdp1_units(modules):
         return "fsdp1"
@@ -136,7 +135,7 @@ def _zero3_gathered(weight: Tensor) -> Iterator[Tensor]:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-        yield weight
+        yield weight.detach()  # frozen; a plain alias (no ds_id) that a nested call does not gather again
 
 
 @contextlib.contextmanager
@@ -151,7 +150,7 @@ def _fsdp1_gathered(head: nn.Module, modules: Sequence[nn.Module]) -> Iterator[T
             "or FSDP2")
     owner = _fsdp1_units(modules)[-1]  # the innermost unit on the path to the head holds its flat parameter
     with FullyShardedDataParallel.summon_full_params(owner, recurse=False, writeback=False):
-        yield head.weight
+        yield head.weight.detach()  # frozen
 
 
 @contextlib.contextmanager
@@ -200,6 +199,15 @@ def _weight_for_call(head: Tensor | nn.Module, dtype: torch.dtype) -> Iterator[t
                              "call the loss inside the head's forward where the weight is whole")
 
 
+@contextlib.contextmanager
+def gathered(head: Tensor | nn.Module, dtype: torch.dtype) -> Iterator[Tensor | nn.Module]:
+    """For several fused calls on one head (a reference pass and the policy's loss): the weight gathered once, as a
+    plain ``[V, H]`` tensor, for the duration of the block; the head itself where nothing is gathered (tensor
+    parallel). Every rank must enter it."""
+    with _weight_for_call(head, dtype) as (kind, w):
+        yield w if kind == "local" else head
+
+
 def fused_linear_token_loss_sum(hidden: Tensor, head: Tensor | nn.Module, labels: Tensor, objective: str,
                                 params: Sequence[float] = (), *, weights: Tensor | None = None,
                                 ref_logprobs: Tensor | None = None, positions: Tensor | None = None,
@@ -210,6 +218,8 @@ def fused_linear_token_loss_sum(hidden: Tensor, head: Tensor | nn.Module, labels
     gathers are collective)."""
     kw = dict(weights=weights, ref_logprobs=ref_logprobs, positions=positions, ignore_index=ignore_index,
               chunk_rows=chunk_rows, fp32_grad_weight=fp32_grad_weight)
+    if torch.compiler.is_compiling() and isinstance(head, Tensor):  # torch.compile traces a plain weight
+        return ops.fused_linear_token_loss_sum(hidden, head, labels, objective, params, **kw)
     with _weight_for_call(head, hidden.dtype) as (kind, w):
         if kind == "local":
             return ops.fused_linear_token_loss_sum(hidden, w, labels, objective, params, **kw)
