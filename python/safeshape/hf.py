@@ -253,6 +253,7 @@ class TokenLossTrainerMixin:
         self.safeshape_loss = dict(loss=loss, kl_coef=_check_loss(type(self).__name__, loss, kl_coef),
                                    deep_token_betas=tuple(float(b) for b in deep_token_betas))
         super().__init__(*args, **kwargs)
+        check_fused_head(hf_model(self.model), type(hf_model(self.model)).__name__)
         # Trainer then counts num_items_in_batch (over labels[..., 1:], gathered over processes), passes it here,
         # and does not divide the loss by the accumulation steps again
         self.model_accepts_loss_kwargs = True
