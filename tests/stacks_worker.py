@@ -6,6 +6,7 @@ error to OUT/<scenario>.error. :func:`reference` is the same loss on one process
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -124,6 +125,14 @@ def run_zero(path, rows, world, rank, stage, head_trainable=False):
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "steps_per_print": 10 ** 9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params, lr=0.0), config=config)
+    if stage == 3:  # failure 4 of issue 21: the op on the weight as a plain attribute read finds it
+        from safeshape import ops
+
+        weight = model.get_base_model().lm_head.weight
+        try:
+            ops.fused_linear_token_loss_sum(torch.zeros(1, 32), weight, torch.tensor([0]), "sft")
+        except RuntimeError as e:
+            NOTES["before"] = f"{tuple(weight.shape)}: {e}"
     value = _local_loss(engine, path, rows, world, rank)
     engine.backward(value)
     grads = {clean(n): safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()
@@ -134,8 +143,6 @@ def run_zero(path, rows, world, rank, stage, head_trainable=False):
 def run_trainer_ddp(path, rows, world, rank):
     """transformers.Trainer with the mixin under torchrun: DDP with Trainer's default for a PEFT model
     (ddp_find_unused_parameters=None, which becomes True); one step over the global batch."""
-    import tempfile
-
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from safeshape import hf
@@ -164,7 +171,32 @@ def run_trainer_ddp(path, rows, world, rank):
     return float(loss), Spy.grads
 
 
+def run_trainer_ddp_compute_loss_func(path, rows, world, rank):
+    """Failure 1 of issue 21: the deprecated recipe (prepare_model + compute_loss_func) under the same DDP; the
+    error is kept for the test."""
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from safeshape import hf
+
+    model = hf.prepare_model(lora_model(path))
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            args = TrainingArguments(output_dir=out, per_device_train_batch_size=GLOBAL_ROWS // world, max_steps=1,
+                                     remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
+                                     disable_tqdm=True, ddp_backend="gloo")
+            Trainer(model=model, args=args, train_dataset=rows[:GLOBAL_ROWS], compute_loss_func=hf.compute_loss,
+                    data_collator=hf.DSSDataCollator(AutoTokenizer.from_pretrained(path))).train()
+    except TypeError as e:
+        NOTES["before"] = str(e)
+    else:
+        NOTES["before"] = "no error"
+    return 0.0, {}
+
+
+NOTES = {}  # what a scenario saw of the code before issue 21 (metadata "before")
+
 SCENARIOS = {
+    "trainer_ddp_compute_loss_func": run_trainer_ddp_compute_loss_func,
     "trainer_ddp": run_trainer_ddp,
     "fsdp1": run_fsdp1,
     "fsdp2": run_fsdp2,
@@ -197,7 +229,7 @@ def main(path, rows_path, out, *names):
             continue
         if rank == 0:
             save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(out, f"{name}.safetensors"),
-                      metadata={"loss": repr(loss)})
+                      metadata={"loss": repr(loss), "before": NOTES.pop("before", "")})
             print(f"stacks_worker: {name} {time.perf_counter() - start:.1f} s", file=sys.stderr)
     dist.destroy_process_group()
 

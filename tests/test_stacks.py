@@ -3,9 +3,11 @@ one process on the same global batch (loss and LoRA gradients to 1e-5), the Trai
 spec loss, and the head-weight dispatch of safeshape.parallel.head with its refusals.
 
 Fixed failures (each test fails on the code before the mixin and parallel/head.py): 1 HF Trainer DDP with the
-find-unused default (test_two_processes_equal_one[trainer_ddp]); 2 FSDP1 as accelerate wraps a PEFT model
+find-unused default (test_two_processes_equal_one[trainer_ddp]; the deprecated recipe's crash is kept as
+test_failure_1_...); 2 FSDP1 as accelerate wraps a PEFT model
 ([fsdp1]); 3 FSDP2 with the head its own unit, resharded after forward ([fsdp2], test_fsdp2_head_in_process);
-4 DeepSpeed ZeRO-3 ([zero3], and the trainable head's refusal)."""
+4 DeepSpeed ZeRO-3 ([zero3], test_failure_4_... shows the op's message on the placeholder, and the trainable
+head's refusal)."""
 import json
 import os
 import subprocess
@@ -88,6 +90,23 @@ def test_two_processes_equal_one(two_processes, references, scenario):
     for name, grad in grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _before(two_processes, scenario):
+    with safe_open(two_processes / f"{scenario}.safetensors", "pt") as f:
+        return f.metadata()["before"]
+
+
+def test_failure_1_the_deprecated_recipe_breaks_under_ddp_find_unused(two_processes):
+    """Why the mixin exists: what prepare_model attaches to the output kills DDP's output rebuild."""
+    before = _before(two_processes, "trainer_ddp_compute_loss_func")
+    assert "unexpected keyword argument 'star_weights'" in before, before
+
+
+@NEEDS_DS
+def test_failure_4_zero3_placeholder_reaches_the_op_as_the_issue_says(two_processes):
+    before = _before(two_processes, "zero3")
+    assert before.startswith("(0,):") and "2-D" in before, before
 
 
 @NEEDS_DS
