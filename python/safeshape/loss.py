@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .parallel import head
 from .schedules import DEEP_TOKEN_BETAS  # noqa: F401  (re-exported: safeshape.loss.DEEP_TOKEN_BETAS)
 
 
@@ -74,7 +75,8 @@ def response_positions(labels: Tensor, ignore_index: int = -100) -> Tensor:
 
 class _TokenLoss(nn.Module):
     """A mean per-token objective over policy logits (``fused=False``) or over hidden states and the lm-head weight
-    (``fused=True``: the ``[tokens, vocab]`` logits never exist in full)."""
+    (``fused=True``: the ``[tokens, vocab]`` logits never exist in full). ``lm_head_weight`` is the head's weight or,
+    under a sharded stack, the head module or the model (:mod:`safeshape.parallel.head`)."""
 
     objective: str
     name: str
@@ -118,7 +120,8 @@ class _TokenLoss(nn.Module):
             if hidden is None or lm_head_weight is None:
                 raise ValueError(f"{self.name}(fused=True): pass hidden and lm_head_weight (or build it with "
                                  "fused=False and pass logits)")
-            total, per_token, logprobs = ops.fused_linear_token_loss_sum(
+            # the weight however a sharded stack holds it (FSDP1/FSDP2/ZeRO-3 gathered, tensor parallel)
+            total, per_token, logprobs = head.fused_linear_token_loss_sum(
                 hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, labels, self.objective, self.params(),
                 chunk_rows=self.chunk_rows, fp32_grad_weight=self.fp32_grad_weight, **kw)
         else:
