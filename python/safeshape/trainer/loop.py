@@ -190,6 +190,18 @@ class Run:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.config.max_grad_norm, norm)
         return norm
 
+    @property
+    def sharding(self) -> str:
+        return "fsdp" if self.config.fsdp and self.dist.enabled else "ddp" if self.dist.enabled else "none"
+
+    def param_bytes(self) -> dict[str, int]:
+        """Bytes of the parameters this process holds (its shards under --fsdp): frozen base and trainable."""
+        out = {"base": 0, "trainable": 0}
+        for p in self.peft_model.parameters():
+            local = p.to_local() if distributed.is_dtensor(p) else p
+            out["trainable" if p.requires_grad else "base"] += local.numel() * local.element_size()
+        return out
+
     def full_adapter_state(self) -> dict[str, Tensor] | None:
         """Under --fsdp, the LoRA weights gathered from the shards (every process joins); else None (PEFT reads
         the model's own)."""
@@ -416,6 +428,7 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
                "examples": len(run.examples), "truncated_rows": run.truncated,
                "dropped_rows": len(run.dropped), "dropped_lines": run.dropped, "rejected_rows": run.rejected,
                "world_size": dist.world_size, "rank": dist.rank, "global_batch": run.global_batch,
+               "param_bytes": run.param_bytes(), "sharding": run.sharding,
                "config": asdict(config)}
     if is_main:
         write_json(os.path.join(out, "train_summary.json"), summary, overwrite=True)

@@ -1,0 +1,143 @@
+"""`safeshape train` past one device (issue 21, failure 6): --fsdp shards the model with FSDP2 over 2 gloo processes and
+gives the losses, gradient norms, adapter and checkpoints of 1 process on the same global batch; a sharded checkpoint
+resumes exactly; accelerate's FSDP environment turns --fsdp on, and the configs it cannot run are refused; the base
+loads in the checkpoint's dtype."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safeshape import testing
+from safeshape.errors import SafeshapeError
+from safeshape.trainer import TrainConfig, train
+from safeshape.trainer.checkpoint import load_trainer_state
+from safeshape.trainer.distributed import Dist, accelerate_fsdp
+
+from tests.torchrun_common import run_torchrun
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_same_adapter(a_dir, b_dir, rtol=1e-5, atol=1e-6):
+    wa, wb = load_file(a_dir / "adapter_model.safetensors"), load_file(b_dir / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=rtol, atol=atol)
+
+
+def test_fsdp_two_processes_equal_one_and_resume(tmp_path, monkeypatch):
+    model = testing.save_tiny_model(tmp_path / "model", hidden_size=32, vocab_size=320)
+    data = testing.write_tiny_dataset(tmp_path / "rows.jsonl", 10, "dss", seed=3)
+    single = train(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "one"), loss="dss", lr=5e-3,
+                               lora_r=4, max_len=128, progress=False, seed=2, epochs=1, device="cpu", batch_size=4,
+                               grad_accum=1, save_every=1))
+    args = ["train", "--model", str(model), "--data", str(data), "--loss", "dss", "--lr", "5e-3", "--lora-r", "4",
+            "--max-len", "128", "--seed", "2", "--epochs", "1", "--batch-size", "1", "--grad-accum", "2",
+            "--no-progress", "--device", "cpu", "--save-every", "1"]
+    run_torchrun([*args, "--out", str(tmp_path / "two"), "--fsdp"])
+
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert single["steps"] == 3 and len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"] and a["tokens"] == b["tokens"]
+        for key in ("loss", "sft_loss", "mean_weight", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert b["kl_loss"] == pytest.approx(a["kl_loss"], rel=1e-4, abs=1e-9)
+    assert one[-1]["kl_loss"] > 0  # the reference pass ran through the sharded model
+    _assert_same_adapter(tmp_path / "one", tmp_path / "two")  # gathered from the shards
+    _assert_same_adapter(tmp_path / "one" / "checkpoint-1", tmp_path / "two" / "checkpoint-1")
+
+    # really sharded: rank 0 held about half of the base (every unit split over 2), against the whole in one process
+    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert summary["sharding"] == "fsdp" and single["sharding"] == "none"
+    assert summary["param_bytes"]["base"] <= 0.55 * single["param_bytes"]["base"]
+    assert summary["param_bytes"]["trainable"] <= 0.55 * single["param_bytes"]["trainable"]
+
+    # the checkpoint holds full, unsharded optimizer moments: the layout of the one-process run
+    sa, sb = load_trainer_state(tmp_path / "one" / "checkpoint-2"), load_trainer_state(tmp_path / "two" / "checkpoint-2")
+    assert sa["optimizer"]["state"].keys() == sb["optimizer"]["state"].keys()
+    for i, state in sa["optimizer"]["state"].items():
+        for k, v in state.items():
+            torch.testing.assert_close(sb["optimizer"]["state"][i][k], v, rtol=1e-4, atol=1e-9)
+
+    # exact resume from the sharded checkpoint of step 1; this time --fsdp comes from accelerate's FSDP environment
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    for name in os.listdir(resumed):
+        if name not in ("checkpoint-1", "metrics.jsonl"):
+            (shutil.rmtree if (resumed / name).is_dir() else os.remove)(resumed / name)
+    for var, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY":
+                       "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"}.items():
+        monkeypatch.setenv(var, value)  # what `accelerate launch --use_fsdp ...` exports
+    run_torchrun([*args, "--out", str(resumed), "--resume"])
+    again = json.loads((resumed / "train_summary.json").read_text())
+    assert again["resumed_from"] == 1 and again["sharding"] == "fsdp"
+    assert [m["loss"] for m in _metrics(resumed)] == pytest.approx([m["loss"] for m in two], rel=1e-6)
+    _assert_same_adapter(tmp_path / "two", resumed, rtol=1e-6, atol=1e-8)
+
+
+def test_accelerate_fsdp_environment_is_honoured_or_refused():
+    assert accelerate_fsdp({}) is None
+    assert accelerate_fsdp({"ACCELERATE_USE_FSDP": "false"}) is None
+    launch = accelerate_fsdp({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+                              "FSDP_ACTIVATION_CHECKPOINTING": "true", "FSDP_TRANSFORMER_CLS_TO_WRAP": "A, B"})
+    assert launch.activation_checkpointing and launch.layer_classes == ("A", "B")
+    for env, named in [({"FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, "FSDP_SHARDING_STRATEGY=SHARD_GRAD_OP"),
+                       ({"FSDP_OFFLOAD_PARAMS": "true"}, "FSDP_OFFLOAD_PARAMS=true"),
+                       ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "FSDP_AUTO_WRAP_POLICY=SIZE_BASED_WRAP"),
+                       ({"FSDP_RESHARD_AFTER_FORWARD": "false"}, "FSDP_RESHARD_AFTER_FORWARD=false")]:
+        with pytest.raises(SafeshapeError, match=named):
+            accelerate_fsdp({"ACCELERATE_USE_FSDP": "true", **env})
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_MEGATRON_LM", "ACCELERATE_USE_PARALLELISM_CONFIG"):
+        with pytest.raises(SafeshapeError, match=var):
+            accelerate_fsdp({var: "true"})
+
+
+def test_accelerate_deepspeed_config_is_refused_not_ignored(tmp_path, monkeypatch):
+    """Failure 6: an accelerate config for another stack used to be ignored without a word."""
+    model = testing.save_tiny_model(tmp_path / "model", hidden_size=32, vocab_size=320)
+    data = testing.write_tiny_dataset(tmp_path / "rows.jsonl", 4, "sft")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(SafeshapeError, match="DeepSpeed"):
+        train(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "o"), loss="sft", progress=False,
+                          device="cpu", max_steps=1))
+
+
+def test_base_loads_in_the_checkpoint_dtype(tmp_path):
+    """Failure 6: weights loaded in float32 unless --bf16; --dtype auto (the default) keeps the checkpoint's."""
+    from safeshape.trainer.loop import Run
+
+    model_dir = testing.save_tiny_model(tmp_path / "model", hidden_size=32, vocab_size=320)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(model_dir)
+    data = testing.write_tiny_dataset(tmp_path / "rows.jsonl", 4, "sft")
+    common = dict(model=str(model_dir), data=str(data), out=str(tmp_path / "o"), loss="sft", progress=False,
+                  device="cpu")
+    for kw, want in [({}, torch.bfloat16), ({"dtype": "float32"}, torch.float32), ({"bf16": True}, torch.bfloat16)]:
+        run = Run(TrainConfig(**common, **kw), Dist())
+        base = dict(run.peft_model.named_parameters())
+        q = next(p for n, p in base.items() if n.endswith("q_proj.base_layer.weight"))
+        lora = next(p for n, p in base.items() if "lora_A" in n)
+        assert q.dtype == want and lora.dtype == torch.float32, kw
+        assert run.lm_head_weight.dtype == want
+
+
+def test_dtype_flags_are_checked():
+    common = dict(model="m", data="d", out="o")
+    with pytest.raises(SafeshapeError, match="--dtype"):
+        TrainConfig(**common, dtype="fp8")
+    with pytest.raises(SafeshapeError, match="--bf16.*--dtype float16"):
+        TrainConfig(**common, bf16=True, dtype="float16")
+    assert TrainConfig(**common, bf16=True).base_dtype == "bfloat16"
+    assert TrainConfig(**common).base_dtype == "auto"
+    with pytest.raises(SafeshapeError, match="exclude"):
+        TrainConfig(**common, load_in_4bit=True, load_in_8bit=True)
+    with pytest.raises(SafeshapeError, match="--fsdp"):
+        TrainConfig(**common, fsdp=True, load_in_4bit=True)
