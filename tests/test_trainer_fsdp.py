@@ -5,6 +5,8 @@ loads in the checkpoint's dtype."""
 import json
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +18,9 @@ from safeshape.trainer import TrainConfig, train
 from safeshape.trainer.checkpoint import load_trainer_state
 from safeshape.trainer.distributed import Dist, accelerate_fsdp
 
-from tests.torchrun_common import run_torchrun
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import memory_plan  # noqa: E402
+from tests.torchrun_common import assert_same_metrics, read_metrics, run_torchrun
 
 
 def _assert_same_adapter(a_dir, b_dir, rtol=1e-5, atol=1e-6):
@@ -42,13 +41,9 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, monkeypatch):
             "--no-progress", "--device", "cpu", "--save-every", "1"]
     run_torchrun([*args, "--out", str(tmp_path / "two"), "--fsdp"])
 
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert single["steps"] == 3 and len(one) == len(two) == 3
-    for a, b in zip(one, two):
-        assert a["step"] == b["step"] and a["tokens"] == b["tokens"]
-        for key in ("loss", "sft_loss", "mean_weight", "grad_norm", "lr"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
-        assert b["kl_loss"] == pytest.approx(a["kl_loss"], rel=1e-4, abs=1e-9)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert single["steps"] == 3 and len(one) == 3
+    assert_same_metrics(one, two)
     assert one[-1]["kl_loss"] > 0  # the reference pass ran through the sharded model
     _assert_same_adapter(tmp_path / "one", tmp_path / "two")  # gathered from the shards
     _assert_same_adapter(tmp_path / "one" / "checkpoint-1", tmp_path / "two" / "checkpoint-1")
@@ -58,6 +53,9 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, monkeypatch):
     assert summary["sharding"] == "fsdp" and single["sharding"] == "none"
     assert summary["param_bytes"]["base"] <= 0.55 * single["param_bytes"]["base"]
     assert summary["param_bytes"]["trainable"] <= 0.55 * single["param_bytes"]["trainable"]
+    cfg = json.loads((model / "config.json").read_text())  # and exactly what bench/memory_plan.py predicts
+    want = memory_plan.param_bytes(cfg, "float32", world=2, r=4, targets=("q_proj", "v_proj"))
+    assert summary["param_bytes"] == {"base": want["base"], "trainable": want["trainable"]}
 
     # the checkpoint holds full, unsharded optimizer moments: the layout of the one-process run
     sa, sb = load_trainer_state(tmp_path / "one" / "checkpoint-2"), load_trainer_state(tmp_path / "two" / "checkpoint-2")
@@ -78,7 +76,7 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, monkeypatch):
     run_torchrun([*args, "--out", str(resumed), "--resume"])
     again = json.loads((resumed / "train_summary.json").read_text())
     assert again["resumed_from"] == 1 and again["sharding"] == "fsdp"
-    assert [m["loss"] for m in _metrics(resumed)] == pytest.approx([m["loss"] for m in two], rel=1e-6)
+    assert [m["loss"] for m in read_metrics(resumed)] == pytest.approx([m["loss"] for m in two], rel=1e-6)
     _assert_same_adapter(tmp_path / "two", resumed, rtol=1e-6, atol=1e-8)
 
 
