@@ -139,3 +139,32 @@ def test_dtype_flags_are_checked():
         TrainConfig(**common, load_in_4bit=True, load_in_8bit=True)
     with pytest.raises(SafeshapeError, match="--fsdp"):
         TrainConfig(**common, fsdp=True, load_in_4bit=True)
+
+
+def test_compile_gives_the_eager_run(tmp_path, monkeypatch):
+    """--compile compiles each decoder layer (policy and reference passes, no graph break) and changes no number.
+    aot_eager stands in for inductor here: the same dynamo capture and AOT autograd graphs, without minutes of C++
+    code generation on CI's CPUs."""
+    import functools
+
+    import torch._dynamo.utils as dynamo_utils
+
+    from safeshape.trainer.loop import Run
+
+    model = testing.save_tiny_model(tmp_path / "model", hidden_size=32, vocab_size=320)
+    data = testing.write_tiny_dataset(tmp_path / "rows.jsonl", 8, "dss", seed=3)
+    common = dict(model=str(model), data=str(data), loss="dss", lr=5e-3, lora_r=4, max_len=96, progress=False,
+                  seed=2, device="cpu", batch_size=4, max_steps=2)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    dynamo_utils.counters.clear()
+    runs = {}
+    for compiled in (True, False):
+        run = Run(TrainConfig(out=str(tmp_path / str(compiled)), compile=compiled, **common), Dist())
+        run.wrap_ddp()
+        runs[compiled] = [run.train_step(step) for step in range(2)]
+    assert dynamo_utils.counters["stats"]["unique_graphs"] >= 2  # the policy's layer and the adapter-disabled one
+    assert not dynamo_utils.counters["graph_break"]
+    for a, b in zip(runs[True], runs[False]):
+        for key in ("loss", "kl_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), key
+    assert runs[True][1]["kl_loss"] > 0
