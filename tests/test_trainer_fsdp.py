@@ -33,18 +33,21 @@ def _assert_same_adapter(a_dir, b_dir, rtol=1e-5, atol=1e-6):
 def test_fsdp_two_processes_equal_one_and_resume(tmp_path, monkeypatch):
     model = testing.save_tiny_model(tmp_path / "model", hidden_size=32, vocab_size=320)
     data = testing.write_tiny_dataset(tmp_path / "rows.jsonl", 10, "dss", seed=3)
+    # 3 eval rows: the ranks hold 2 and 1, so the sharded eval pads one rank's batches to keep the collectives in step
+    eval_data = testing.write_tiny_dataset(tmp_path / "eval.jsonl", 3, "dss", seed=4)
     single = train(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "one"), loss="dss", lr=5e-3,
                                lora_r=4, max_len=128, progress=False, seed=2, epochs=1, device="cpu", batch_size=4,
-                               grad_accum=1, save_every=1))
+                               grad_accum=1, save_every=1, eval_data=str(eval_data)))
     args = ["train", "--model", str(model), "--data", str(data), "--loss", "dss", "--lr", "5e-3", "--lora-r", "4",
             "--max-len", "128", "--seed", "2", "--epochs", "1", "--batch-size", "1", "--grad-accum", "2",
-            "--no-progress", "--device", "cpu", "--save-every", "1"]
+            "--no-progress", "--device", "cpu", "--save-every", "1", "--eval-data", str(eval_data)]
     run_torchrun([*args, "--out", str(tmp_path / "two"), "--fsdp"])
 
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert single["steps"] == 3 and len(one) == 3
     assert_same_metrics(one, two)
     assert one[-1]["kl_loss"] > 0  # the reference pass ran through the sharded model
+    assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-5)
     _assert_same_adapter(tmp_path / "one", tmp_path / "two")  # gathered from the shards
     _assert_same_adapter(tmp_path / "one" / "checkpoint-1", tmp_path / "two" / "checkpoint-1")
 
@@ -64,18 +67,20 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, monkeypatch):
         for k, v in state.items():
             torch.testing.assert_close(sb["optimizer"]["state"][i][k], v, rtol=1e-4, atol=1e-9)
 
-    # exact resume from the sharded checkpoint of step 1; this time --fsdp comes from accelerate's FSDP environment
+    # exact resume from the sharded checkpoint of step 1; this time --fsdp comes from accelerate's FSDP environment,
+    # which also turns on activation checkpointing (the same numbers)
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two", resumed)
     for name in os.listdir(resumed):
         if name not in ("checkpoint-1", "metrics.jsonl"):
             (shutil.rmtree if (resumed / name).is_dir() else os.remove)(resumed / name)
     for var, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY":
-                       "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"}.items():
+                       "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
+                       "FSDP_ACTIVATION_CHECKPOINTING": "true"}.items():
         monkeypatch.setenv(var, value)  # what `accelerate launch --use_fsdp ...` exports
     run_torchrun([*args, "--out", str(resumed), "--resume"])
     again = json.loads((resumed / "train_summary.json").read_text())
-    assert again["resumed_from"] == 1 and again["sharding"] == "fsdp"
+    assert again["resumed_from"] == 1 and again["sharding"] == "fsdp" and again["config"]["gradient_checkpointing"]
     assert [m["loss"] for m in read_metrics(resumed)] == pytest.approx([m["loss"] for m in two], rel=1e-6)
     _assert_same_adapter(tmp_path / "two", resumed, rtol=1e-6, atol=1e-8)
 

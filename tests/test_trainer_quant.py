@@ -18,22 +18,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import memory_plan  # noqa: E402
 
 
+def _settings(model, data):
+    return dict(model=str(model), data=str(data), loss="dss", lr=5e-2, lora_r=4, max_len=96, progress=False, seed=2,
+                device="cpu", batch_size=4, max_steps=2)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """The tiny model, its rows, and the unquantized run's first-step loss."""
     tmp = tmp_path_factory.mktemp("quant")
     model = testing.save_tiny_model(tmp / "model", hidden_size=32, vocab_size=320)
     data = testing.write_tiny_dataset(tmp / "rows.jsonl", 8, "dss", seed=3)
-    return model, data
+    fp32 = Run(TrainConfig(out=str(tmp / "f"), **_settings(model, data)), Dist()).train_step(0)
+    return model, data, fp32["loss"]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_base_trains_a_dss_step(files, tmp_path, bits):
     import bitsandbytes as bnb
 
-    model, data = files
-    common = dict(model=str(model), data=str(data), loss="dss", lr=5e-2, lora_r=4, max_len=96, progress=False,
-                  seed=2, device="cpu", batch_size=4, max_steps=2)
-    run = Run(TrainConfig(out=str(tmp_path / "q"), **{f"load_in_{bits}bit": True}, **common), Dist())
+    model, data, fp32_loss = files
+    run = Run(TrainConfig(out=str(tmp_path / "q"), **{f"load_in_{bits}bit": True}, **_settings(model, data)), Dist())
     quantized = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
     layers = {n: m for n, m in run.peft_model.named_modules() if isinstance(m, quantized)}
     assert any(n.endswith("q_proj.base_layer") for n in layers) and any(n.endswith("mlp.down_proj") for n in layers)
@@ -58,8 +63,7 @@ def test_quantized_base_trains_a_dss_step(files, tmp_path, bits):
     assert (policy - ref).abs().max() > 1e-4
 
     # and it stays near the unquantized model's loss (quantization error only)
-    fp32 = Run(TrainConfig(out=str(tmp_path / "f"), **common), Dist()).train_step(0)
-    assert steps[0]["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
+    assert steps[0]["loss"] == pytest.approx(fp32_loss, rel=2e-2)
 
     # the adapter saves in PEFT layout (LoRA weights only, float32)
     (tmp_path / "adapter").mkdir()

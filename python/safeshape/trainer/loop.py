@@ -34,8 +34,8 @@ from ..hub import portable_name, resolve_folder
 from ..io import atomic_write_text, write_json
 from ..loss import response_positions, uses_reference
 from . import checkpoint as ckpt_io
-from .config import TrainConfig
 from . import distributed
+from .config import TrainConfig
 from .distributed import Dist, setup
 from .model import PolicyHidden, apply_lora, enable_checkpointing, head_weight, load_model, load_tokenizer
 from .report import open_reporter
@@ -153,6 +153,9 @@ class Run:
                 layer.compile()
         if self.config.fsdp and self.dist.enabled:
             self.wrap_fsdp(layers)
+        elif self.config.fsdp and self.dist.is_main:
+            print("safeshape train: --fsdp with one process: nothing to shard over (launch several with torchrun)",
+                  file=sys.stderr)
         elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -205,13 +208,13 @@ class Run:
     def full_adapter_state(self) -> dict[str, Tensor] | None:
         """Under --fsdp, the LoRA weights gathered from the shards (every process joins); else None (PEFT reads
         the model's own)."""
-        if not (self.config.fsdp and self.dist.enabled):
+        if self.sharding != "fsdp":
             return None
         return distributed.full_state_dict({n: p for n, p in self.peft_model.named_parameters() if p.requires_grad})
 
     def full_optimizer_state(self) -> dict | None:
         """Under --fsdp, the optimizer state with its moments gathered (every process joins); else None."""
-        if not (self.config.fsdp and self.dist.enabled):
+        if self.sharding != "fsdp":
             return None
         return distributed.full_optimizer_state(self.optimizer)
 
@@ -324,6 +327,8 @@ class Run:
                     loss_sum += float(self.micro_loss(batch, total, policy=self.policy).loss)
         finally:
             self.peft_model.train()
+            if self.sharding == "fsdp":
+                self.policy.reshard()  # a forward without backward leaves the root unit gathered
         return {"eval_loss": float(self.dist.sum([loss_sum])[0]), "eval_tokens": total}
 
     def rng_states(self) -> list[dict]:
