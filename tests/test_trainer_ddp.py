@@ -1,20 +1,13 @@
 """DDP on CPU (gloo): 2 processes give the losses and the adapter of 1 process with the same global batch."""
 import json
-import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from safeshape import testing
 from safeshape.trainer import TrainConfig, train
 
-from tests.torchrun_common import run_torchrun
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from tests.torchrun_common import assert_same_metrics, read_metrics, run_torchrun
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -30,13 +23,9 @@ def test_two_processes_equal_one(tmp_path):
                   "--lr", "5e-3", "--lora-r", "4", "--max-len", "128", "--seed", "2", "--epochs", "1",
                   "--batch-size", "1", "--grad-accum", "2", "--no-progress", "--device", "cpu"])
 
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert single["steps"] == 3 and len(one) == len(two) == 3
-    for a, b in zip(one, two):
-        assert a["step"] == b["step"] and a["tokens"] == b["tokens"]
-        for key in ("loss", "sft_loss", "mean_weight", "grad_norm", "lr"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
-        assert b["kl_loss"] == pytest.approx(a["kl_loss"], rel=1e-4, abs=1e-9)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert single["steps"] == 3 and len(one) == 3
+    assert_same_metrics(one, two)
     assert one[-1]["kl_loss"] > 0
     wa = load_file(tmp_path / "one" / "adapter_model.safetensors")
     wb = load_file(tmp_path / "two" / "adapter_model.safetensors")

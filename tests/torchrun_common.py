@@ -1,5 +1,6 @@
 """Running `python -m safeshape ...` under torchrun in fresh interpreters (a fork of the test process could inherit a
 live OpenMP pool from earlier tests and hang in the children), with a deadline."""
+import json
 import os
 import socket
 import subprocess
@@ -26,3 +27,18 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subproc
         pytest.fail(f"the {nproc}-process run did not finish in {timeout} s")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def read_metrics(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_metrics(one: list[dict], two: list[dict]) -> None:
+    """The metric lines of two runs of the same global batch agree (1e-5; the KL term, which starts near 0, 1e-4)."""
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"] and a["tokens"] == b["tokens"]
+        for key in ("loss", "sft_loss", "mean_weight", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert b["kl_loss"] == pytest.approx(a["kl_loss"], rel=1e-4, abs=1e-9)

@@ -99,9 +99,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_adapter_files(peft_model, folder: str) -> None:
-    """PEFT ``save_pretrained`` into ``folder`` (which must exist)."""
-    peft_model.save_pretrained(folder, safe_serialization=True)
+def save_adapter_files(peft_model, folder: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """PEFT ``save_pretrained`` into ``folder`` (which must exist); ``state_dict``: the adapter's weights when the
+    model holds only shards of them (--fsdp), named as ``peft_model.named_parameters()``."""
+    if state_dict is None:
+        peft_model.save_pretrained(folder, safe_serialization=True)
+    else:
+        peft_model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     for name in ADAPTER_FILES:
         if not os.path.isfile(os.path.join(folder, name)):
             raise RuntimeError(f"PEFT did not write {name} into {folder}")
@@ -109,17 +113,20 @@ def save_adapter_files(peft_model, folder: str) -> None:
 
 
 def save_checkpoint(out: str, step: int, peft_model, optimizer, scheduler, rng_states: list[dict],
-                    config: TrainConfig, data_sha256: str, epoch: float) -> str:
-    """Write ``out/checkpoint-<step>`` atomically; returns its path."""
+                    config: TrainConfig, data_sha256: str, epoch: float,
+                    adapter_state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> str:
+    """Write ``out/checkpoint-<step>`` atomically; returns its path. ``adapter_state`` / ``optimizer_state``: the
+    full states gathered from shards (--fsdp) instead of the model's and the optimizer's own."""
     from safetensors.torch import save_file
 
     final = os.path.join(out, f"checkpoint-{step}")
     tensors: dict[str, torch.Tensor] = {}
-    objects = encode_state({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    objects = encode_state({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                             "rng": rng_states}, tensors)
     # overwrite: only when a finished run is resumed and saves its last step again
     with atomic_output_dir(final, overwrite=True, what="checkpoint") as tmp:
-        save_adapter_files(peft_model, str(tmp))
+        save_adapter_files(peft_model, str(tmp), adapter_state)
         save_file(tensors, str(tmp / STATE_TENSORS))
         apply_umask(tmp / STATE_TENSORS)
         write_json(tmp / STATE_OBJECTS, objects)
@@ -128,12 +135,12 @@ def save_checkpoint(out: str, step: int, peft_model, optimizer, scheduler, rng_s
     return final
 
 
-def save_final_adapter(out: str, peft_model) -> None:
+def save_final_adapter(out: str, peft_model, adapter_state: dict[str, torch.Tensor] | None = None) -> None:
     """The final adapter lands in ``out`` itself (PEFT layout): staged in a temporary folder, then the weights
     and, last, ``adapter_config.json`` are renamed in (a kill in between leaves no config: not an adapter)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".final-adapter.tmp-{os.getpid()}-", dir=out))
     try:
-        save_adapter_files(peft_model, str(tmp))
+        save_adapter_files(peft_model, str(tmp), adapter_state)
         names = sorted(set(os.listdir(tmp)) - {"adapter_config.json"})  # the weights and PEFT's README.md
         install_files(tmp, Path(out), names + ["adapter_config.json"])
     finally:

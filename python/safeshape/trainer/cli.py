@@ -13,10 +13,11 @@ from dataclasses import MISSING, fields
 
 from ..data import TRAIN_ON
 from ..errors import SafeshapeError
-from .config import LOSSES, MIXED_PRECISION, TrainConfig
+from .config import DTYPES, LOSSES, MIXED_PRECISION, TrainConfig
 
 _CHOICES = {"loss": LOSSES, "schedule": ("linear", "constant"), "mixed_precision": MIXED_PRECISION,
-            "report_to": ("none", "tensorboard", "wandb"), "train_on": TRAIN_ON}
+            "report_to": ("none", "tensorboard", "wandb"), "train_on": TRAIN_ON,
+            "dtype": DTYPES}
 
 _HELP = {
     "model": "Hugging Face causal LM (the aligned chat model, with its tokenizer and chat template): a folder, or a "
@@ -48,7 +49,15 @@ _HELP = {
     "batch_size": "rows per micro-batch per process",
     "grad_accum": "micro-batches per optimizer step",
     "max_len": "tokens per row (longer rows are cut at the end)",
-    "bf16": "load the base weights in bfloat16 (LoRA weights stay float32)",
+    "dtype": "dtype of the base weights: auto (the checkpoint's torch_dtype), bfloat16, float16 or float32 (LoRA "
+             "weights stay float32)",
+    "bf16": "the old spelling of --dtype bfloat16",
+    "load_in_4bit": "QLoRA: load the base's Linear layers in 4-bit NF4 through bitsandbytes (computing in --dtype; "
+                    "the output head stays unquantized)",
+    "load_in_8bit": "load the base's Linear layers in 8-bit (bitsandbytes LLM.int8)",
+    "fsdp": "shard the model over the processes with FSDP2 (each decoder layer and the root a unit; gloo on CPU, "
+            "nccl on CUDA); accelerate launch with an FSDP config turns it on",
+    "compile": "torch.compile each decoder layer",
     "mixed_precision": "bf16: run the forward passes under bfloat16 autocast, whatever dtype the weights have",
     "gradient_checkpointing": "recompute the decoder layers' activations in backward: less memory, more compute",
     "save_every": "checkpoint every N optimizer steps (0: only at the end)",

@@ -41,7 +41,12 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * processes
     max_len: int = 512  # tokens per row (longer rows are cut at the end)
     seed: int = 0
-    bf16: bool = False  # load the base weights in bfloat16 (LoRA weights stay float32)
+    dtype: str = "auto"  # auto (the checkpoint's torch_dtype) | bfloat16 | float16 | float32: the base weights
+    bf16: bool = False  # the old spelling of --dtype bfloat16 (kept working)
+    load_in_4bit: bool = False  # QLoRA: the base's Linear layers in 4-bit NF4 (bitsandbytes); LoRA stays float32
+    load_in_8bit: bool = False  # the base's Linear layers in 8-bit (bitsandbytes LLM.int8)
+    fsdp: bool = False  # FSDP2: shard the model over the processes (each decoder layer and the root a unit)
+    compile: bool = False  # torch.compile each decoder layer
     mixed_precision: str = "no"  # no | bf16: forward passes under bfloat16 autocast (weights keep their dtype)
     gradient_checkpointing: bool = False  # recompute the decoder layers' activations in backward (less memory)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
@@ -68,6 +73,11 @@ class TrainConfig:
                                      f"{self.deep_token_betas!r}") from None
         self.deep_token_betas = tuple(float(b) for b in self.deep_token_betas)
         self.validate()
+
+    @property
+    def base_dtype(self) -> str:
+        """The dtype the base weights load in: ``auto`` (the checkpoint's ``torch_dtype``) or a torch dtype name."""
+        return "bfloat16" if self.bf16 else self.dtype
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> SafeshapeError:
@@ -112,12 +122,26 @@ class TrainConfig:
             raise bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad("device", f"must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.bf16 and self.dtype not in ("auto", "bfloat16"):
+            raise bad("bf16", f"is the old spelling of --dtype bfloat16 and contradicts --dtype {self.dtype}; "
+                              "give --dtype only")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise SafeshapeError("--load-in-4bit and --load-in-8bit exclude each other")
+        if self.fsdp and (self.load_in_4bit or self.load_in_8bit):
+            raise bad("fsdp", f"with --load-in-{4 if self.load_in_4bit else 8}bit is not supported (bitsandbytes' "
+                              "quantized weights are not sharded here); a 4-bit base is a quarter of its bf16 size, "
+                              "so train it with one full copy per process (DDP, no --fsdp)")
         if self.resume and self.overwrite:
             raise SafeshapeError("--resume and --overwrite exclude each other")
 
 
 MIXED_PRECISION = ("no", "bf16")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 # fields that may change between a run and its --resume without changing what is computed
 RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device", "gradient_checkpointing",
-                     "eval_data", "eval_split", "eval_every", "report_to"}
+                     "eval_data", "eval_split", "eval_every", "report_to",
+                     # the same computation, sharded or compiled (checkpoints hold full, unsharded states)
+                     "fsdp", "compile"}

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from contextlib import closing, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -34,10 +34,10 @@ from ..hub import portable_name, resolve_folder
 from ..io import atomic_write_text, write_json
 from ..loss import response_positions, uses_reference
 from . import checkpoint as ckpt_io
+from . import distributed
 from .config import TrainConfig
 from .distributed import Dist, setup
-from .model import (PolicyHidden, apply_lora, body_and_head, enable_checkpointing, load_model, load_tokenizer,
-                    reference_hidden)
+from .model import PolicyHidden, apply_lora, enable_checkpointing, head_weight, load_model, load_tokenizer
 from .report import open_reporter
 
 METRICS = "metrics.jsonl"
@@ -105,7 +105,8 @@ class Run:
                                                   split=config.eval_split, train_on=config.train_on)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        model = load_model(model_dir, torch.bfloat16 if config.bf16 else torch.float32, dist.device)
+        model = load_model(model_dir, config.base_dtype, dist.device,
+                           quantize=4 if config.load_in_4bit else 8 if config.load_in_8bit else None)
         if config.gradient_checkpointing:  # non-reentrant: LoRA inputs need no requires_grad, RNG is replayed
             enable_checkpointing(model)
         self.peft_model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
@@ -122,7 +123,6 @@ class Run:
         self.scheduler = lr_scheduler(config, self.optimizer, self.total_steps)
         self.policy = PolicyHidden(self.peft_model)
         self.ddp = self.policy
-        self.lm_head_weight = body_and_head(self.peft_model)[1]
         self.use_reference = uses_reference(config.loss, config.kl_coef)
         # bf16 autocast of the forward passes, independent of the dtype the weights were loaded in (--bf16)
         self.autocast_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
@@ -138,12 +138,85 @@ class Run:
         self.empty_row = Example(first.input_ids[:2], [IGNORE_INDEX] * len(first.input_ids[:2]),
                                  [0.0] * len(first.input_ids[:2]), 0)
 
+    @property
+    def lm_head_weight(self) -> Tensor:
+        """Read when used: under --fsdp it is a plain tensor only between the root's forward and backward."""
+        return head_weight(self.peft_model)
+
     def wrap_ddp(self) -> None:
-        if self.dist.enabled:
+        """DDP over the processes, or FSDP2 under --fsdp; --compile compiles each decoder layer first."""
+        launch = distributed.accelerate_fsdp()
+        layers = (distributed.decoder_layers(self.peft_model, launch.layer_classes if launch else ())
+                  if self.config.compile or self.config.fsdp else [])
+        if self.config.compile:
+            for layer in layers:
+                layer.compile()
+        if self.config.fsdp and self.dist.enabled:
+            self.wrap_fsdp(layers)
+        elif self.config.fsdp and self.dist.is_main:
+            print("safeshape train: --fsdp with one process: nothing to shard over (launch several with torchrun)",
+                  file=sys.stderr)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.dist.device] if self.dist.device.type == "cuda" else None
             self.ddp = DDP(self.policy, device_ids=ids)
+
+    def wrap_fsdp(self, layers: list) -> None:
+        """Shard the policy (in place) and rebuild the optimizer and schedule over the sharded parameters, carrying
+        over the state a --resume loaded (full tensors, sharded here)."""
+        optimizer_state, scheduler_state = self.optimizer.state_dict(), self.scheduler.state_dict()
+        distributed.shard_fsdp(self.policy, layers, self.dist.device)
+        self.ddp = self.policy
+        self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.scheduler = lr_scheduler(self.config, self.optimizer, self.total_steps)
+        self.optimizer.load_state_dict(optimizer_state)
+        distributed.shard_optimizer_state(self.optimizer)
+        self.scheduler.load_state_dict(scheduler_state)
+
+    def grad_sync(self, last: bool):
+        """Gradient averaging over the processes at the step's last micro-batch only."""
+        if last or not self.dist.enabled:
+            return nullcontext()
+        if self.config.fsdp:
+            return distributed.fsdp_gradient_sync(self.policy, False)
+        return self.ddp.no_sync()
+
+    def clip_grads(self) -> Tensor:
+        """The global gradient norm (of the whole, unsharded gradient under --fsdp); clips when --max-grad-norm."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if distributed.is_dtensor(norm):
+            norm = norm.full_tensor()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.max_grad_norm, norm)
+        return norm
+
+    @property
+    def sharding(self) -> str:
+        return "fsdp" if self.config.fsdp and self.dist.enabled else "ddp" if self.dist.enabled else "none"
+
+    def param_bytes(self) -> dict[str, int]:
+        """Bytes of the parameters this process holds (its shards under --fsdp): frozen base and trainable."""
+        out = {"base": 0, "trainable": 0}
+        for p in self.peft_model.parameters():
+            local = p.to_local() if distributed.is_dtensor(p) else p
+            out["trainable" if p.requires_grad else "base"] += local.numel() * local.element_size()
+        return out
+
+    def full_adapter_state(self) -> dict[str, Tensor] | None:
+        """Under --fsdp, the LoRA weights gathered from the shards (every process joins); else None (PEFT reads
+        the model's own)."""
+        if self.sharding != "fsdp":
+            return None
+        return distributed.full_state_dict({n: p for n, p in self.peft_model.named_parameters() if p.requires_grad})
+
+    def full_optimizer_state(self) -> dict | None:
+        """Under --fsdp, the optimizer state with its moments gathered (every process joins); else None."""
+        if self.sharding != "fsdp":
+            return None
+        return distributed.full_optimizer_state(self.optimizer)
 
     def step_rows(self, step: int) -> list[int]:
         epoch, k = divmod(step, self.steps_per_epoch)
@@ -171,7 +244,6 @@ class Run:
         if rows.numel() == 0:
             rows = rows.new_zeros(1)  # keeps the graph connected (zero gradient) for DDP
         labels, weights, positions = labels[rows], weights[rows], positions[rows]
-        w_head = self.lm_head_weight
 
         def pick(h: Tensor) -> Tensor:
             return h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
@@ -179,9 +251,10 @@ class Run:
         ref = None
         if self.use_reference:
             with torch.no_grad(), self.autocast():
-                ref = self.reference_logprobs(pick(reference_hidden(self.peft_model, ids, mask)), labels)
+                ref = self.reference_logprobs(pick(self.policy(ids, mask, reference=True)), labels)
         with self.autocast():
             hidden = pick((policy or self.ddp)(ids, mask))
+        w_head = self.lm_head_weight
         if hidden.dtype != w_head.dtype:  # autocast ran the body in bf16: the head matmul too, as autocast would
             w_head = w_head.to(hidden.dtype)
         kw = dict(positions=positions, weights=None) if self.config.loss == "deep-token" else dict(weights=weights)
@@ -212,7 +285,7 @@ class Run:
         stats = torch.zeros(6, dtype=torch.float64)
         for j, batch in enumerate(batches):
             last = j == len(batches) - 1
-            sync = nullcontext() if last or not self.dist.enabled else self.ddp.no_sync()
+            sync = self.grad_sync(last)
             with sync:
                 out = self.micro_loss(batch, num_items)
                 # DDP averages gradients over processes; the loss is already a share of the global sum
@@ -223,9 +296,7 @@ class Run:
                                    float(batch["attention_mask"].sum())], dtype=torch.float64)
         if self.dist.enabled:
             stats = self.dist.sum(stats).cpu()
-        clip = self.config.max_grad_norm
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, clip) if clip > 0
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params])))
+        grad_norm = self.clip_grads()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -244,6 +315,8 @@ class Run:
         numbers of batches (DDP's forward would need them in step)."""
         mine = self.eval_examples[self.dist.rank::self.dist.world_size]
         local = sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in mine)
+        if self.config.fsdp and self.dist.enabled:  # sharded forwards are collectives: same batch count everywhere
+            mine = mine + [self.empty_row] * (max(self.dist.gather_objects(len(mine))) - len(mine))
         total = int(self.dist.sum([local]).item())
         loss_sum, bs = 0.0, self.config.batch_size
         self.peft_model.eval()
@@ -254,6 +327,8 @@ class Run:
                     loss_sum += float(self.micro_loss(batch, total, policy=self.policy).loss)
         finally:
             self.peft_model.train()
+            if self.sharding == "fsdp":
+                self.policy.reshard()  # a forward without backward leaves the root unit gathered
         return {"eval_loss": float(self.dist.sum([loss_sum])[0]), "eval_tokens": total}
 
     def rng_states(self) -> list[dict]:
@@ -290,6 +365,9 @@ def train(config: TrainConfig) -> dict:
 
     Under ``torchrun --nproc_per_node=N`` every process calls this; rank 0 writes the outputs.
     """
+    if (launch := distributed.accelerate_fsdp()) is not None:  # `accelerate launch` with an FSDP config
+        config = replace(config, fsdp=True,
+                         gradient_checkpointing=config.gradient_checkpointing or launch.activation_checkpointing)
     dist = setup(config.device)
     try:
         return _train(config, dist)
@@ -316,9 +394,11 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
 
     def save(step: int) -> None:
         states = run.rng_states()  # a collective: every rank joins
+        adapter, optimizer = run.full_adapter_state(), run.full_optimizer_state()  # collectives under --fsdp
         if is_main:
             ckpt_io.save_checkpoint(out, step, run.peft_model, run.optimizer, run.scheduler, states, config,
-                                    data_sha, step / run.steps_per_epoch)
+                                    data_sha, step / run.steps_per_epoch, adapter_state=adapter,
+                                    optimizer_state=optimizer)
         dist.barrier()
 
     reporter = open_reporter(config.report_to if is_main else "none", out, config)
@@ -341,8 +421,9 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
             if config.save_every and done % config.save_every == 0 and done != run.total_steps:
                 save(done)
     save(run.total_steps)
+    adapter = run.full_adapter_state()
     if is_main:
-        ckpt_io.save_final_adapter(out, run.peft_model)
+        ckpt_io.save_final_adapter(out, run.peft_model, adapter)
     if last is None and dist.is_main and os.path.getsize(metrics_path):  # resumed a finished run
         with open(metrics_path, encoding="utf-8") as f:
             last = json.loads(f.readlines()[-1])
@@ -352,6 +433,7 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
                "examples": len(run.examples), "truncated_rows": run.truncated,
                "dropped_rows": len(run.dropped), "dropped_lines": run.dropped, "rejected_rows": run.rejected,
                "world_size": dist.world_size, "rank": dist.rank, "global_batch": run.global_batch,
+               "param_bytes": run.param_bytes(), "sharding": run.sharding,
                "config": asdict(config)}
     if is_main:
         write_json(os.path.join(out, "train_summary.json"), summary, overwrite=True)

@@ -22,19 +22,51 @@ def load_tokenizer(model_dir: str):
     return tokenizer
 
 
-def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(model_dir: str, dtype: torch.dtype | str, device: torch.device, quantize: int | None = None) -> nn.Module:
+    """The causal LM in ``model_dir`` on ``device``; ``dtype`` is a torch dtype, its name, or ``"auto"`` (the
+    checkpoint's ``torch_dtype``). ``quantize`` 4 or 8: the base's Linear layers through bitsandbytes (NF4 with
+    double quantization, or LLM.int8), computing in ``dtype``; the output head stays unquantized (transformers
+    skips it), which the fused loss needs."""
     from transformers import AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise SafeshapeError(f"--model {model_dir}: no config.json (a local Hugging Face model folder is needed)")
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    extra = {}
+    if quantize:
+        extra = dict(quantization_config=quantization_config(model_dir, dtype, quantize),
+                     device_map={"": device})  # a quantized model cannot be moved by .to()
     try:
         # safetensors only: a pytorch_model.bin is a pickle, and no file we are handed is unpickled
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, **extra)
+    except SafeshapeError:
+        raise
     except Exception as exc:
         raise SafeshapeError(f"--model {model_dir}: cannot load the model ({exc})") from None
     check_fused_head(model, f"--model {model_dir}")
-    return model.to(device)
+    return model if quantize else model.to(device)
+
+
+def quantization_config(model_dir: str, dtype: torch.dtype | str, bits: int):
+    """transformers' ``BitsAndBytesConfig`` for ``--load-in-4bit`` / ``--load-in-8bit``."""
+    flag = f"--load-in-{bits}bit"
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise SafeshapeError(f"{flag}: needs the bitsandbytes package (pip install bitsandbytes): {exc}") from None
+    if dtype == "auto":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -59,6 +91,10 @@ def check_fused_head(model: nn.Module, source: str) -> None:
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.bias is not None:
         raise SafeshapeError(f"{source}: the output embedding must be a Linear without bias for the fused loss")
+    if not head.weight.dtype.is_floating_point:
+        raise SafeshapeError(f"{source}: the output head is quantized ({type(head.weight).__name__}, "
+                             f"{head.weight.dtype}); the fused loss reads its weight as a float matrix, so leave the "
+                             "head out of quantization (llm_int8_skip_modules)")
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -117,8 +153,25 @@ class PolicyHidden(nn.Module):
         self.model = model
         self.body, _ = body_and_head(model)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, reference: bool = False) -> Tensor:
+        """``reference``: the adapter-disabled model's, without gradient (through this module's forward, so that a
+        sharded root gathers its weights for it as for the policy pass)."""
+        if reference:
+            return reference_hidden(self.model, input_ids, attention_mask)
         return self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def head_weight(model: nn.Module) -> Tensor:
+    """The output head's weight as the fused loss takes it: a plain ``[V, H]`` tensor. Under ``--fsdp`` the head
+    lives in the root unit, which FSDP2 keeps unsharded from the root's forward to its backward; read outside that
+    window it is a DTensor shard, which is refused here rather than passed on."""
+    from .distributed import is_dtensor
+
+    weight = hf_model(model).get_output_embeddings().weight
+    if is_dtensor(weight):
+        raise SafeshapeError(f"lm_head.weight is a sharded DTensor ({weight.placements}) at the loss: read it between "
+                             "the FSDP root's forward and its backward")
+    return weight
 
 
 def reference_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
