@@ -79,12 +79,14 @@ def _mean(value):
     return float(v) / dist.get_world_size()
 
 
-def run_fsdp1(path, rows, world, rank):
-    """FSDP1 as accelerate wraps a PEFT model: PEFT's auto-wrap policy, use_orig_params=True."""
+def run_fsdp1(path, rows, world, rank, head_trainable=False):
+    """FSDP1 as accelerate wraps a PEFT model: PEFT's auto-wrap policy, use_orig_params=True. With the head
+    trainable, its weight outside the forward is the rank's 1-D slice of the flat parameter: the loss must refuse
+    it (the error file) and say how."""
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    model = lora_model(path)
+    model = lora_model(path, head_trainable)
     wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
                    device_id=torch.device("cpu"))
     value = _local_loss(wrapped, path, rows, world, rank)
@@ -193,7 +195,64 @@ def run_trainer_ddp_compute_loss_func(path, rows, world, rank):
     return 0.0, {}
 
 
-NOTES = {}  # what a scenario saw of the code before issue 21 (metadata "before")
+def run_tp_vocab(path, rows, world, rank, head_trainable=False, call="token_loss"):
+    """Tensor parallelism: lm_head sharded over the vocabulary (ColwiseParallel(output_layouts=Shard(-1)), as
+    Megatron and torchtitan shard it) on a 1-D mesh of the ranks, the same global batch on every rank, the loss
+    called as a user would: ``hf.token_loss`` on the model, or (``call="loss_module"``) DSSLoss with the model as
+    the head and the reference log-probs from the same model with its adapter disabled. Every rank holds the loss
+    and the whole gradients: NOTES["ranks"] is their largest difference from rank 0's, NOTES["vocab_parallel_calls"]
+    the objectives that went through the vocabulary-parallel loss (the head never gathered)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from safeshape.parallel import vocab
+
+    model = lora_model(path, head_trainable)
+    parallelize_module(model.get_base_model().lm_head, init_device_mesh("cpu", (world,)),
+                       ColwiseParallel(output_layouts=Shard(-1)))
+    assert isinstance(model.get_base_model().lm_head.weight, DTensor)
+    inputs = batch(path, rows, 0, GLOBAL_ROWS)
+    real, calls = vocab.vocab_parallel_fused_linear_token_loss_sum, []  # which objectives took the path
+    vocab.vocab_parallel_fused_linear_token_loss_sum = lambda *a, **kw: calls.append(a[3]) or real(*a, **kw)
+    try:
+        value = _tp_loss(model, inputs, call)
+    finally:
+        vocab.vocab_parallel_fused_linear_token_loss_sum = real
+    NOTES["vocab_parallel_calls"] = ",".join(calls)
+    value.backward()
+    grads = {clean(n): p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+             for n, p in model.named_parameters() if p.requires_grad}
+    diff = torch.zeros(())
+    for t in [value.detach(), *grads.values()]:
+        first = t.clone()
+        dist.broadcast(first, src=0)
+        diff = torch.maximum(diff, (t - first).abs().max())
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    NOTES["ranks"] = repr(float(diff))
+    return float(value.detach()), grads
+
+
+def _tp_loss(model, inputs, call):
+    """The DSS loss (kl_coef 0.5, with the reference pass) of the batch, called as ``call`` says."""
+    from safeshape import hf
+    from safeshape.loss import DSSLoss
+    from safeshape.parallel import head as head_mod
+
+    if call == "token_loss":
+        return hf.token_loss(model, inputs)[0]
+    labels, weights = inputs.pop("labels")[:, 1:], inputs.pop("star_weights")[:, 1:]  # row t predicts token t + 1
+    with torch.no_grad(), model.disable_adapter():
+        ref_hidden = model(**inputs, output_hidden_states=True).hidden_states[-1][:, :-1]
+        ref = head_mod.fused_linear_token_loss_sum(ref_hidden.reshape(-1, ref_hidden.shape[-1]), model,
+                                                   labels.reshape(-1), "logprob")[2]
+    hidden = model(**inputs, output_hidden_states=True).hidden_states[-1][:, :-1]
+    return DSSLoss(kl_coef=0.5, kl="k2")(hidden=hidden, lm_head_weight=model, labels=labels, weights=weights,
+                                         ref_logprobs=ref.view_as(labels)).loss
+
+
+NOTES = {}  # what a scenario saw of the code before issue 21 (metadata "before"), and other metadata it keeps
 
 SCENARIOS = {
     "trainer_ddp_compute_loss_func": run_trainer_ddp_compute_loss_func,
@@ -204,6 +263,10 @@ SCENARIOS = {
     "zero2": lambda *a: run_zero(*a, stage=2),
     "zero3": lambda *a: run_zero(*a, stage=3),
     "zero3_head_trainable": lambda *a: run_zero(*a, stage=3, head_trainable=True),
+    "fsdp1_head_trainable": lambda *a: run_fsdp1(*a, head_trainable=True),
+    "tp_vocab": run_tp_vocab,
+    "tp_vocab_loss_module": lambda *a: run_tp_vocab(*a, call="loss_module"),
+    "tp_vocab_head_trainable": lambda *a: run_tp_vocab(*a, head_trainable=True),
 }
 
 
@@ -223,14 +286,16 @@ def main(path, rows_path, out, *names):
         try:
             loss, grads = SCENARIOS[name](path, rows, world, rank)
         except SafeshapeError as e:
+            NOTES.clear()
             if rank == 0:
                 with open(os.path.join(out, f"{name}.error"), "w") as f:
                     f.write(str(e))
             continue
         if rank == 0:
             save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(out, f"{name}.safetensors"),
-                      metadata={"loss": repr(loss), "before": NOTES.pop("before", "")})
+                      metadata={"loss": repr(loss), "before": NOTES.pop("before", ""), **NOTES})
             print(f"stacks_worker: {name} {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        NOTES.clear()
     dist.destroy_process_group()
 
 

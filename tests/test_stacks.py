@@ -7,7 +7,9 @@ find-unused default (test_two_processes_equal_one[trainer_ddp]; the deprecated r
 test_failure_1_...); 2 FSDP1 as accelerate wraps a PEFT model
 ([fsdp1]); 3 FSDP2 with the head its own unit, resharded after forward ([fsdp2], test_fsdp2_head_in_process);
 4 DeepSpeed ZeRO-3 ([zero3], test_failure_4_... shows the op's message on the placeholder, and the trainable
-head's refusal)."""
+head's refusal); 5 a head sharded over the vocabulary by tensor parallelism ([tp_vocab*]: hf.token_loss and the
+loss modules with the model as the head, through parallel/vocab.py). FSDP1's trainable head shard is refused
+(test_fsdp1_trainable_head_shard_is_refused_with_how)."""
 import json
 import os
 import subprocess
@@ -35,7 +37,8 @@ except ImportError:  # DS_BUILD_OPS=0 pip install deepspeed (the Makefile's deps
 
 NEEDS_DS = pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (DS_BUILD_OPS=0 pip install deepspeed)")
 SCENARIOS = ["trainer_ddp", "fsdp1", "fsdp2", "fsdp2_head_trainable",
-             pytest.param("zero2", marks=NEEDS_DS), pytest.param("zero3", marks=NEEDS_DS)]
+             pytest.param("zero2", marks=NEEDS_DS), pytest.param("zero3", marks=NEEDS_DS),
+             "tp_vocab", "tp_vocab_loss_module", "tp_vocab_head_trainable"]
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,25 @@ def test_failure_4_zero3_placeholder_reaches_the_op_as_the_issue_says(two_proces
 def test_zero3_trainable_head_is_refused_with_how(two_processes):
     message = (two_processes / "zero3_head_trainable.error").read_text()
     assert "ZeRO-3" in message and "Freeze the head" in message and "ZeRO-2 or FSDP2" in message
+
+
+def test_fsdp1_trainable_head_shard_is_refused_with_how(two_processes):
+    """FSDP1 as accelerate wraps a PEFT model whose head is trainable: outside the forward the head's weight is the
+    rank's 1-D slice of the flat parameter, which cannot take a [V, H] gradient back; refused, saying how."""
+    message = (two_processes / "fsdp1_head_trainable.error").read_text()
+    assert "FSDP1 shard outside the forward (use_orig_params=True), and trainable" in message, message
+    assert "Freeze the head" in message and "use_orig_params=False" in message and "FSDP2" in message, message
+
+
+@pytest.mark.parametrize("scenario", ["tp_vocab", "tp_vocab_loss_module", "tp_vocab_head_trainable"])
+def test_tensor_parallel_head_takes_the_vocabulary_parallel_loss(two_processes, scenario):
+    """The vocabulary-sharded head (ColwiseParallel(output_layouts=Shard(-1))) is never gathered: the reference
+    pass and the DSS loss both go through parallel/vocab.py, and every rank holds the same loss and gradients
+    (test_two_processes_equal_one compares them with one process)."""
+    with safe_open(two_processes / f"{scenario}.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["vocab_parallel_calls"] == "logprob,dss_k2", meta
+    assert float(meta["ranks"]) == 0.0, meta
 
 
 # ---- the Trainer / SFTTrainer mixin, one process ---------------------------------------------------------------
@@ -280,8 +302,8 @@ def test_fsdp2_head_in_process(tiny, one_rank_group):
 
 
 def test_tensor_parallel_head_goes_to_the_vocabulary_parallel_loss(one_rank_group, monkeypatch):
-    """A DTensor head not managed by FSDP: parallel/vocab.py (a stub here) recognises the shard and computes the
-    loss; a layout it does not recognise is refused with its placements and mesh."""
+    """The dispatch at one rank: a DTensor head not managed by FSDP goes to parallel/vocab.py (a stub here; the real
+    one on 2 ranks is [tp_vocab*]); a layout it does not recognise is refused with its placements and mesh."""
     import types
 
     from torch.distributed.device_mesh import init_device_mesh
