@@ -74,15 +74,35 @@ def _policy(folder):
     return folder / "policy", folder / "adapter"
 
 
+def _guard(folder, rows):
+    """A tiny random guard whose verdict tokens' logits are lifted to the top of the vocabulary and kept close to
+    each other, so that the authors' top-k/top-p keeps both verdicts at some prefixes, one at others and neither
+    at the rest (all three cases are compared)."""
+    model, tok = tiny.build_tiny_guard(hidden=128)
+    scorer = StarScorer(model, tok, preset=PRESET, engine="naive", recipe="authors")
+    seqs = [gi.prefix_ids(k) for gi in (scorer.build(r["prompt"], r["response"]) for r in rows)
+            for k in range(1, gi.num_prefixes + 1)]
+    safe, unsafe = scorer.verdict_ids
+    with torch.no_grad():
+        out = [model(torch.tensor([s]), output_hidden_states=True) for s in seqs[::3]]
+        u = torch.stack([o.hidden_states[-1][0, -1] for o in out]).mean(0)
+        top = torch.stack([o.logits[0, -1].max() for o in out]).mean()
+        w = model.lm_head.weight
+        w[safe] += 2 * top * u / (u @ u)
+        w[unsafe] = w[safe] + 0.05 * torch.randn(u.shape, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     policy, adapter = _policy(root)
-    tiny.save_tiny_guard(root / "guard", hidden=128)
     prompts = T.corpus(6, seed=7)
     prompts[1] = "Hi."
     rows = [{"prompt": p, "response": tiny.random_text(n, seed=i)} for i, (p, n) in
             enumerate(zip(prompts, (23, 7, 41, 12, 5, 30)))]
+    _guard(root / "guard", rows)
     (root / "harmful.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     (root / "star.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"root": root, "policy": policy, "adapter": adapter, "guard": root / "guard", "prompts": prompts,
@@ -131,13 +151,13 @@ def test_greedy_ids_equal_transformers_base_and_lora(world):
 
 
 # ---- STAR and the judge ------------------------------------------------------------------------------------------
-def _hf_values(world, recipe, full=False):
+def _hf_values(world, recipe):
     from safeshape.star import load_guard
 
     guard, tok = load_guard(str(world["guard"]))
     scorer = StarScorer(guard, tok, preset=PRESET, engine="naive", recipe=recipe)
     items = [(r["prompt"], r["response"]) for r in world["rows"]]
-    return (scorer.score_full(items) if full else scorer.score(items)), scorer
+    return scorer.score(items), scorer.score_full(items), scorer
 
 
 def _vllm_values(world, recipe):
@@ -158,13 +178,19 @@ def _vllm_values(world, recipe):
 @pytest.mark.parametrize("recipe", ["exact", "authors"])
 def test_star_values_match_the_hf_engines(world, recipe):
     prefixes, full, scorer = _vllm_values(world, recipe)
-    want, hf = _hf_values(world, recipe)
-    want_full, _ = _hf_values(world, recipe, full=True)
+    want, want_full, hf = _hf_values(world, recipe)
+    # the authors' temperature 0.2 multiplies the two engines' float32 logit differences (~1e-6) by five
+    tol = TOL if recipe == "exact" else TOL / 0.2
     assert [len(v) for v in prefixes] == [len(v) for v in want] and sum(map(len, want)) > 20
     for got, exp in zip(prefixes, want):
-        assert got == pytest.approx(exp, abs=TOL)
-    assert full == pytest.approx(want_full, abs=TOL)
+        assert got == pytest.approx(exp, abs=tol)
+    assert full == pytest.approx(want_full, abs=tol)
     assert scorer.stats["both_masked"] == hf.stats["both_masked"]
+    flat = [v for r in want for v in r]
+    if recipe == "authors":  # both verdicts kept, one kept (V is 0 or 1), neither kept (the fallback): all compared
+        assert 0 < hf.stats["both_masked"] and sum(v in (0.0, 1.0) for v in flat) > 0
+        assert hf.stats["both_masked"] + sum(v in (0.0, 1.0) for v in flat) < len(flat)
+    assert len({round(v, 3) for v in flat}) > len(flat) // 2  # values that differ: the test can fail
     assert scorer.stats["guard_tokens"] > 0
 
 
