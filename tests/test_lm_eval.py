@@ -109,6 +109,8 @@ def test_include_needs_tasks_and_a_folder(world, tmp_path, capsys):
     assert cli_main(base + ["--out", str(tmp_path / "b"), "--lm-eval", TASK,
                             "--lm-eval-include", str(tmp_path / "nope")]) == 2
     assert f"--lm-eval-include {tmp_path / 'nope'}: not a folder" in capsys.readouterr().err
-    assert cli_main(base + ["--out", str(tmp_path / "c"), "--lm-eval", "no_such_task_here",
+    assert cli_main(base + ["--out", str(tmp_path / "c"), "--lm-eval", f"{TASK},no_such_task_here",
                             "--lm-eval-include", str(world["root"] / "tasks")]) == 2
-    assert "lm-eval-harness failed" in capsys.readouterr().err
+    assert "--lm-eval: unknown task(s) no_such_task_here: not among lm-eval's tasks or in --lm-eval-include" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before any generation

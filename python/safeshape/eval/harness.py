@@ -43,6 +43,21 @@ def require() -> None:
                              "(or pip install 'safeshape[harness]')")
 
 
+def check_tasks(tasks: list[str], include: list[str] | None = None) -> None:
+    """Refuse task names lm-eval does not know (its own tasks and those of the ``include`` folders), before any
+    generation; a YAML file path is a task too."""
+    require()
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=list(include) if include else None)
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known and not Path(t).is_file() and not manager.match_tasks([t])]
+    if unknown:
+        where = f" or in --lm-eval-include {', '.join(include)}" if include else \
+            " (a task of your own: --lm-eval-include DIR, a folder of its YAML)"
+        raise SafeshapeError(f"--lm-eval: unknown task(s) {', '.join(unknown)}: not among lm-eval's tasks{where}")
+
+
 def run_tasks(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None,
               include: list[str] | None = None) -> dict:
     """``{task: {metric: value}}`` (numeric metrics only) from ``lm_eval.simple_evaluate`` on ``model``; ``include``:

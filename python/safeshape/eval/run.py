@@ -156,6 +156,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
         harness.require()
         if cfg.engine != "hf":
             raise SafeshapeError("--lm-eval runs its tasks on the transformers model: use it with --engine hf")
+        harness.check_tasks(tasks, cfg.lm_eval_include)
     specs = [("base", cfg.model, None)]
     for n, p in map(parse_adapter, cfg.adapters):
         specs.append((n, cfg.model, p))
