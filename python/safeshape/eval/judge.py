@@ -19,15 +19,17 @@ class GuardJudge:
     safe (P(unsafe) = 0). ``stats`` counts responses judged, guard tokens and seconds.
     """
 
-    def __init__(self, guard, tokenizer, preset="llama-guard-3", batch_size: int = 8, temperature: float = 1.0):
+    def __init__(self, guard, tokenizer, preset="llama-guard-3", batch_size: int = 8, temperature: float = 1.0,
+                 engine: str = "naive"):
         from ..star import StarScorer, get_preset
 
         if getattr(tokenizer, "chat_template", None) is None:
             raise SafeshapeError(f"guard tokenizer {getattr(tokenizer, 'name_or_path', '')!s}: no chat template "
                                  "(tokenizer_config.json 'chat_template' or chat_template.jinja); the guard is asked "
                                  "through its own template")
-        # naive engine: with a single prefix it is one guard pass over exactly that prefix's input
-        self.scorer = StarScorer(guard, tokenizer, preset=preset, chunk_words=_WHOLE, engine="naive",
+        # naive engine: with a single prefix it is one guard pass over exactly that prefix's input (or "vllm":
+        # ``guard`` a safeshape.star.vllm_engine.VllmGuard, one request per response)
+        self.scorer = StarScorer(guard, tokenizer, preset=preset, chunk_words=_WHOLE, engine=engine,
                                  batch_size=batch_size, temperature=temperature)
         self.batch_size = batch_size
         self.preset = get_preset(preset)

@@ -26,6 +26,7 @@ def table(report: dict) -> str:
     lines.append(f"harmful = guard P(unsafe) > 0.5 on {report['models'][0]['safety']['n']} harmful prompts"
                  + (f" ({st['guard']}, preset {st['preset']})" if st.get("guard") else " (no --guard: not judged)"))
     lines.append("refusal = response contains a refusal phrase (safeshape.eval.REFUSAL_KEYWORDS)")
+    lines.append(f"engine = {st.get('engine', 'hf')}")
     if report["models"][0].get("utility"):
         lines.append(f"utility = {'/'.join(report['models'][0]['utility']['metrics'])} match on "
                      f"{report['models'][0]['utility']['n']} task prompts")

@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text the guard writes before the verdict (generic preset; e.g. a blank line)")
     parser.add_argument("--chunk-words", type=int, default=5, metavar="M", help="words per chunk (default: 5)")
     parser.add_argument("--engine", default="shared", choices=ENGINES,
-                        help="shared: one guard pass per response (default); naive: one pass per prefix")
+                        help="shared: one guard pass per response (default); naive: one pass per prefix; vllm: "
+                             "each prefix a vLLM request, prefix caching on (needs vLLM; docs/engines.md)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="--engine vllm: devices the guard is split over (default 1)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="guard sequences per forward pass: responses (shared) or prefixes (naive)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -71,6 +74,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"safeshape star: error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.engine == "vllm":
+            print("safeshape star: error: --engine vllm runs one engine, not one per torchrun process: run it "
+                  "without torchrun (--tensor-parallel-size N splits the guard over N devices)", file=sys.stderr)
+            return 2
         return _main_sharded(args, preset, guard_date)
     try:
         report = _annotate(args, preset, guard_date, args.device, args.out, (0, 1), not args.no_progress)
@@ -87,11 +94,25 @@ def _annotate(args, preset, guard_date, device, out, shard, progress) -> dict:
     from .annotate import annotate_file
     from .guard import load_guard
 
-    guard, tokenizer = load_guard(args.guard, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    return annotate_file(guard, tokenizer, args.data, out, preset, chunk_words=args.chunk_words,
+    if args.engine == "vllm":
+        from ..hub import resolve_folder
+        from .guard import load_guard_tokenizer
+        from .vllm_engine import VllmGuard
+
+        folder = resolve_folder(args.guard, "--guard")
+        tokenizer = load_guard_tokenizer(folder, "--guard")
+        guard = VllmGuard(folder, recipe=args.recipe, dtype=DTYPES[args.dtype],
+                          tensor_parallel_size=args.tensor_parallel_size)
+    else:
+        guard, tokenizer = load_guard(args.guard, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    try:
+        return annotate_file(guard, tokenizer, args.data, out, preset, chunk_words=args.chunk_words,
                          engine=args.engine, batch_size=args.batch_size, temperature=args.temperature,
                          progress=progress, overwrite=args.overwrite, guard_date=guard_date, recipe=args.recipe,
                          shard=shard)
+    finally:
+        if args.engine == "vllm":
+            guard.close()
 
 
 def _main_sharded(args, preset, guard_date) -> int:

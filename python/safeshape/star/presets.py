@@ -91,8 +91,9 @@ PRESETS: dict[str, GuardPreset] = {
 }
 PRESET_NAMES = (*PRESETS, "generic")
 
-#: scoring engines (:mod:`safeshape.star.engines`): one pass per response, or one pass per prefix
-ENGINES = ("shared", "naive")
+#: scoring engines (:mod:`safeshape.star.engines`): one pass per response, or one pass per prefix; or a guard
+#: served by vLLM (:mod:`safeshape.star.vllm_engine`, optional)
+ENGINES = ("shared", "naive", "vllm")
 RECIPES = ("exact", "authors")  # docs/math.md#star-exact-guard-input or docs/math.md#star-authors-recipe
 
 

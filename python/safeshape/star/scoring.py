@@ -82,7 +82,10 @@ class StarScorer:
                           "falling back to the naive engine (one guard pass per prefix). Load the guard with "
                           "attn_implementation='sdpa' or 'eager' to use the shared engine.", stacklevel=2)
             self.engine = "naive"
-        if guard.training:
+        if engine == "vllm" and getattr(guard, "recipe", None) != recipe:
+            raise SafeshapeError(f"engine 'vllm' needs a safeshape.star.vllm_engine.VllmGuard made for the {recipe} "
+                                 f"recipe, got {type(guard).__name__} (recipe {getattr(guard, 'recipe', None)!r})")
+        if getattr(guard, "training", False):
             warnings.warn("STAR: the guard was in training mode; switching it to eval mode", stacklevel=2)
             guard.eval()
         pad = tokenizer.pad_token_id
@@ -101,6 +104,15 @@ class StarScorer:
 
     def score_inputs(self, inputs: list[GuardInput]) -> list[list[float]]:
         """P(safe) per chunk for prepared guard inputs."""
+        if self.engine == "vllm":  # every prefix a request; the engine's prefix cache shares their heads
+            flat = self._vllm_values([gi.prefix_ids(k) for gi in inputs for k in range(1, gi.num_prefixes + 1)])
+            values, start = [], 0
+            for gi in inputs:
+                values.append(flat[start:start + gi.num_prefixes])
+                start += gi.num_prefixes
+            self.stats["responses"] += len(inputs)
+            self.stats["chunks"] += sum(gi.num_prefixes for gi in inputs)
+            return values
         if self.engine == "naive":
             logits = self._naive_logits(inputs)
         else:  # responses whose prefixes share too little with the body are cheaper one prefix at a time
@@ -165,6 +177,9 @@ class StarScorer:
     def score_full(self, items: Sequence[tuple[Conversation, str]]) -> list[float]:
         """P(safe) of each whole response (one guard pass each; no prefixes)."""
         seqs = [self.full_response_ids(p, r) for p, r in items]
+        if self.engine == "vllm":
+            self.stats["responses"] += len(items)
+            return self._vllm_values(seqs)
         logits = self._sequence_logits(seqs)
         self.stats["responses"] += len(items)
         if self.recipe == "exact":
@@ -176,6 +191,17 @@ class StarScorer:
     def score(self, items: Sequence[tuple[Conversation, str]]) -> list[list[float]]:
         """P(safe) per chunk for each (prompt or conversation, response) pair."""
         return self.score_inputs([self.build(p, r) for p, r in items])
+
+    def _vllm_values(self, seqs: list[list[int]]) -> list[float]:
+        """P(safe) after each guard sequence from a :class:`~safeshape.star.vllm_engine.VllmGuard` (one request
+        each, one call)."""
+        tokens = sum(len(s) for s in seqs)
+        self._count(tokens, tokens, 1 if seqs else 0)
+        if self.recipe == "exact":
+            return verdict_probability(self.guard.verdict_logits(seqs, self.verdict_ids), self.temperature)
+        pairs, both = self.guard.authors_pairs(seqs, *self.verdict_ids)
+        self.stats["both_masked"] += both
+        return pairs.softmax(dim=1)[:, 0].tolist()
 
     def _count(self, tokens: int, slots: int, passes: int = 1) -> None:
         self.stats["guard_tokens"] += tokens

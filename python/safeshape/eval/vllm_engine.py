@@ -1,0 +1,169 @@
+"""``safeshape eval --engine vllm``: the base model and every adapter served by one vLLM engine (adapters as LoRA
+requests), prompts rendered and tokenized as the hf engine does (:func:`.generate.render_prompt`) and passed as
+token ids, responses cut and decoded as :func:`.generate.generate_batch` does, so greedy float32 responses match.
+
+``--batch-size`` prompts are submitted per call (vLLM batches them continuously inside) and saved after each call,
+so a run resumes as the hf engine's does.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+from ..errors import SafeshapeError
+from .generate import Generation, GenerationSettings, check_policy_tokenizer, render_prompt, stop_ids
+
+WHAT = "--engine vllm"
+
+
+def adapter_rank(folder: str) -> int:
+    """The LoRA rank ``r`` of a PEFT adapter folder (vLLM sizes its LoRA slots by the largest)."""
+    path = Path(folder) / "adapter_config.json"
+    try:
+        r = json.loads(path.read_text()).get("r", 8)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SafeshapeError(f"--adapter {folder}: cannot read {path}: {exc}") from None
+    return int(r)
+
+
+def meta_model(folder: str):
+    """The model's modules without weights (meta device): what :func:`.adapters.check_adapter` reads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+class VllmPolicy:
+    """One engine for ``model`` and LoRA requests for ``adapters`` (folders), ids in the order given."""
+
+    def __init__(self, model: str, adapters: Sequence[str], dtype: str = "float32", tensor_parallel_size: int = 1,
+                 seed: int = 0):
+        from transformers import GenerationConfig
+
+        from ..vllm_support import make_llm
+
+        self.model = str(model)
+        self.adapters = {str(Path(a).resolve()): i + 1 for i, a in enumerate(dict.fromkeys(adapters))}
+        ranks = [adapter_rank(a) for a in self.adapters]
+        max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks)), max(ranks)) \
+            if ranks else 16
+        try:
+            gen_cfg = GenerationConfig.from_pretrained(self.model, local_files_only=True)
+        except Exception:  # no generation_config.json: the tokenizer's EOS only
+            gen_cfg = None
+        self.generation_config = gen_cfg
+        self.llm = make_llm(self.model, WHAT, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                            enable_lora=bool(ranks), max_lora_rank=max_rank, max_loras=max(1, len(ranks)))
+
+    def lora_request(self, adapter: str | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        key = str(Path(adapter).resolve())
+        if key not in self.adapters:
+            raise SafeshapeError(f"--adapter {adapter}: not one of the adapters this engine was started with")
+        return LoRARequest(f"adapter-{self.adapters[key]}", self.adapters[key], key)
+
+    def close(self) -> None:
+        from ..vllm_support import close
+
+        if self.llm is not None:
+            close(self.llm)
+            self.llm = None
+
+    def generate_ids(self, tokenizer, ids: list[list[int]], settings: GenerationSettings, seeds: list[int],
+                     adapter: str | None = None) -> list[Generation]:
+        """One call: each prompt's ids a request (greedy, or sampled with its own seed); cut at the first stop id
+        and decoded as the hf engine does."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        eos = stop_ids(SimpleNamespace(generation_config=self.generation_config), tokenizer)
+        sample = settings.temperature > 0
+        params = [SamplingParams(max_tokens=settings.max_new_tokens, stop_token_ids=eos, detokenize=False,
+                                 temperature=settings.temperature if sample else 0.0,
+                                 top_p=settings.top_p if sample else 1.0, seed=s if sample else None)
+                  for s in seeds]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in ids], params, use_tqdm=False,
+                                 lora_request=self.lora_request(adapter))
+        results = []
+        for o in outs:
+            row = list(o.outputs[0].token_ids)
+            stop = next((i for i, t in enumerate(row) if t in eos), None)
+            toks = row if stop is None else row[:stop]
+            text = tokenizer.decode(toks, skip_special_tokens=True).strip()
+            results.append(Generation(text, len(toks) + (stop is not None), stop is not None))
+        return results
+
+
+def generate_responses(policy: VllmPolicy, tokenizer, prompts: Sequence[str],
+                       settings: GenerationSettings | None = None, progress: bool = False, desc: str = "generate",
+                       dist=None, skip: Sequence[bool] | None = None,
+                       on_batch: Callable[[list[int], list[Generation]], None] | None = None,
+                       adapter: str | None = None) -> list[Generation | None]:
+    """:func:`.generate.generate_responses` through ``policy`` (``adapter``: one of its LoRA folders, or None for the
+    base model); ``settings.batch_size`` prompts per engine call, ``on_batch`` after each; ``dist`` must be one
+    process (vLLM shares its own work)."""
+    from tqdm.auto import tqdm
+
+    if dist is not None and dist.enabled and dist.world_size > 1:
+        raise SafeshapeError(f"{WHAT} runs one engine, not one per torchrun process: run it without torchrun "
+                             "(--tensor-parallel-size N splits the model over N devices)")
+    settings = settings or GenerationSettings()
+    check_policy_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "tokenizer"))
+    ids = [render_prompt(tokenizer, p) for p in prompts]
+    todo = [i for i in range(len(ids)) if not (skip is not None and skip[i])]
+    out: list[Generation | None] = [None] * len(ids)
+    bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress, dynamic_ncols=True, leave=False)
+    start, new_tokens = time.perf_counter(), 0
+    try:
+        for b0 in range(0, len(todo), settings.batch_size):
+            idx = todo[b0:b0 + settings.batch_size]
+            gens = policy.generate_ids(tokenizer, [ids[i] for i in idx], settings,
+                                       [settings.seed + i for i in idx], adapter)
+            for i, g in zip(idx, gens):
+                out[i] = g
+            new_tokens += sum(g.new_tokens for g in gens)
+            bar.update(len(idx))
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+            if on_batch is not None:
+                on_batch(idx, gens)
+    finally:
+        bar.close()
+    return out
+
+
+def load_policy(cfg, specs) -> tuple[VllmPolicy, object]:
+    """(engine, tokenizer) for ``safeshape eval``'s config ``cfg`` and its (name, model, adapter) ``specs``."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    except Exception as exc:
+        raise SafeshapeError(f"--model {cfg.model}: cannot load a tokenizer ({exc})") from None
+    check_policy_tokenizer(tokenizer, f"--model {cfg.model}")
+    for _, _, adapter in specs:  # vLLM would fail later, inside its engine
+        if adapter is not None:
+            from .adapters import check_adapter
+
+            check_adapter(meta_model(cfg.model), adapter)
+    adapters = [a for _, _, a in specs if a is not None]
+    return VllmPolicy(cfg.model, adapters, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+                      seed=cfg.seed), tokenizer
+
+
+def load_guard(cfg):
+    """(VllmGuard, tokenizer) for ``safeshape eval``'s judge (the exact recipe)."""
+    from ..star.guard import load_guard_tokenizer
+    from ..star.vllm_engine import VllmGuard
+
+    tokenizer = load_guard_tokenizer(cfg.guard, "--guard")
+    return VllmGuard(cfg.guard, recipe="exact", dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+                     seed=cfg.seed), tokenizer
