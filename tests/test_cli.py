@@ -97,3 +97,31 @@ def test_every_flag_is_documented(name):
     missing = [a.option_strings[-1] for a in sub._actions if a.option_strings and a.dest != "help"
                and not any(re.search(re.escape(o) + r"(?![\w-])", readme) for o in a.option_strings)]
     assert not missing, f"safeshape {name}: flags neither README.md nor docs/*.md shows: {missing}"
+
+
+def test_json_stdout_carries_the_report_alone(capsys):
+    """--json: whatever a library prints to stdout while the command runs (deepspeed's logger, whose handler holds
+    stdout from its import, prints its accelerator warning when transformers imports it) goes to stderr."""
+    import argparse
+    import logging
+
+    from safeshape.io import json_main, print_json
+
+    chatty = logging.getLogger("safeshape-test-chatty")
+    chatty.propagate = False
+    chatty.addHandler(logging.StreamHandler(stream=sys.stdout))  # made before the command, as an import makes it
+
+    @json_main
+    def main(args):
+        print("a library's print")
+        chatty.warning("a library's log line")
+        print_json({"ok": True})
+        return 0
+
+    assert main(argparse.Namespace(json=True)) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ['{"ok": true}'] and "a library's print" in err and "a library's log line" in err
+    assert main(argparse.Namespace(json=False)) == 0  # without --json nothing moves
+    out, _ = capsys.readouterr()
+    assert "a library's print" in out and "a library's log line" in out
+    assert chatty.handlers[0].stream is sys.stdout  # put back

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +28,48 @@ from .errors import SafeshapeError
 
 # ".<name>.tmp-<pid>-<mkdtemp suffix>"; without the pid: left by a version that did not record it (taken as dead)
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}$")
+
+
+_REPORT_STREAM = None  # the real stdout while a --json command runs under json_stdout()
+
+
+@contextlib.contextmanager
+def json_stdout():
+    """For ``--json``: stdout carries the JSON report alone. While the command runs, anything printed to stdout
+    (deepspeed's logger writes its accelerator warning there when transformers imports it) goes to stderr;
+    ``print_json`` writes to the real stdout."""
+    global _REPORT_STREAM
+    _REPORT_STREAM = sys.stdout
+    # logging handlers made before this (a library imported earlier) hold stdout itself: point them at stderr too
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    moved = [h for lg in loggers for h in lg.handlers
+             if isinstance(h, logging.StreamHandler) and h.stream is _REPORT_STREAM]
+    for h in moved:
+        h.setStream(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for h in moved:
+            h.setStream(_REPORT_STREAM)
+        _REPORT_STREAM = None
+
+
+def json_main(main):
+    """Decorates a subcommand's ``main(args)``: with ``args.json`` it runs under ``json_stdout()``."""
+    @functools.wraps(main)
+    def run(args):
+        if not getattr(args, "json", False):
+            return main(args)
+        with json_stdout():
+            return main(args)
+    return run
+
+
+def print_json(obj, **dumps_kwargs) -> None:
+    """The ``--json`` report on stdout (the real one under ``json_stdout``)."""
+    print(json.dumps(obj, **dumps_kwargs), file=_REPORT_STREAM or sys.stdout, flush=True)
 
 
 def _overlaps(a: Path, b: Path) -> bool:

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from ..io import json_main, print_json
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="safeshape-demo",
@@ -51,6 +53,7 @@ def _table_from(path: str) -> int:
     return 0
 
 
+@json_main
 def main(args: argparse.Namespace) -> int:
     from ..errors import SafeshapeError
     from .pipeline import Demo, parse_int_list
@@ -69,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"safeshape demo: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(report, indent=2))
+        print_json(report, indent=2)
     else:
         print()
         print(table(report))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
+
+from ..io import json_main, print_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--json", action="store_true", help="print the report as JSON instead of the table")
 
 
+@json_main
 def main(args: argparse.Namespace) -> int:
     from ..errors import SafeshapeError
     from .report import table
@@ -76,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     if not report:  # not process 0
         return 0
     if args.json:
-        print(json.dumps(report, indent=2))
+        print_json(report, indent=2)
     else:
         print(table(report))
         plot = f"   plot: {args.out}/{report['plot']}" if report["plot"] else ""

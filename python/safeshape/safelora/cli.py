@@ -1,10 +1,10 @@
 """`safeshape project`: Safe LoRA on a PEFT adapter folder."""
 from __future__ import annotations
 
-import json
 import sys
 
 from ..errors import SafeshapeError
+from ..io import json_main, print_json
 
 
 def add_arguments(p):
@@ -61,6 +61,7 @@ def print_table(report: dict, rows: int = 20, file=None):
         print(f"warning: {w}", file=sys.stderr)
 
 
+@json_main
 def main(args) -> int:
     from .project import REPORT_NAME, project_adapter
 
@@ -77,5 +78,5 @@ def main(args) -> int:
     print_table(report, args.table_rows, file=human)
     print(f"wrote {args.out} and {args.report or f'{args.out}/{REPORT_NAME}'}", file=human)
     if args.json:
-        print(json.dumps(report, sort_keys=True))
+        print_json(report, sort_keys=True)
     return 0

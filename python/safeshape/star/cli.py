@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
 
 from ..errors import SafeshapeError
-from ..io import write_json
+from ..io import json_main, print_json, write_json
 from .presets import ENGINES, PRESET_NAMES, RECIPES, get_preset
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -55,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the report as one JSON line on stdout (the summary goes to stderr)")
 
 
+@json_main
 def main(args: argparse.Namespace) -> int:
     """One process, or (under ``torchrun``) one rank of a sharded run: rank r annotates rows r, r + N, ... into
     its own resumable part ``OUT.part-r-of-N``; rank 0 then merges the parts into OUT in input order."""
@@ -184,7 +184,7 @@ def _print_report(args, report: dict) -> None:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps(report, sort_keys=True))
+        print_json(report, sort_keys=True)
     if args.report:
         write_json(args.report, report, overwrite=True)
 

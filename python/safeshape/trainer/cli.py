@@ -13,6 +13,7 @@ from dataclasses import MISSING, fields
 
 from ..data import TRAIN_ON
 from ..errors import SafeshapeError
+from ..io import json_main, print_json
 from .config import DTYPES, LOSSES, MIXED_PRECISION, TrainConfig
 
 _CHOICES = {"loss": LOSSES, "schedule": ("linear", "constant"), "mixed_precision": MIXED_PRECISION,
@@ -147,6 +148,7 @@ def load_config_file(path: str) -> dict:
     return out
 
 
+@json_main
 def main(args: argparse.Namespace) -> int:
     from .loop import train
 
@@ -172,5 +174,5 @@ def main(args: argparse.Namespace) -> int:
           f"{summary['global_batch']}), final loss {loss}, adapter in {summary['out']}",
           file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+        print_json({k: v for k, v in summary.items() if k != "config"})
     return 0
