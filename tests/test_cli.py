@@ -89,9 +89,10 @@ def test_one_style_for_progress_and_json(name):
 def test_every_flag_is_in_the_readme(name):
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()  # the repository's, not the package's
+    root = Path(__file__).resolve().parents[1]  # the repository's README and docs/, not the package's
+    readme = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").rglob("*.md"))])
     parser = cli.build_parser(name)
     sub = next(a for a in parser._actions if a.dest == "command").choices[name]
     missing = [a.option_strings[-1] for a in sub._actions if a.option_strings and a.dest != "help"
                and not any(re.search(re.escape(o) + r"(?![\w-])", readme) for o in a.option_strings)]
-    assert not missing, f"safeshape {name}: flags the README never shows: {missing}"
+    assert not missing, f"safeshape {name}: flags the README and docs/ never show: {missing}"

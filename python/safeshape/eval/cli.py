@@ -9,14 +9,19 @@ from dataclasses import fields
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..star.presets import PRESET_NAMES
+    from ..safelora.selection import parse_num_layers
     from .prompts import DTYPES, UTILITY_METRICS
 
     a = parser.add_argument
-    a("--model", required=True, metavar="DIR", help="Hugging Face chat model (the base of the adapters): a folder, or a "
-      "hub id read through the HF cache")
+    a("--model", required=True, action="append", metavar="[NAME=]DIR",
+      help="a Hugging Face chat model: a folder, or a hub id read through the HF cache. Repeat for several, all in "
+           "one report and plot (e.g. --model base=BASE --model aligned=ALIGNED); a lone unnamed one is 'base', "
+           "several are named after their folders")
     a("--adapter", dest="adapters", action="append", default=[], metavar="[NAME=]DIR",
-      help="a PEFT LoRA adapter for --model (repeat for several; e.g. the trained one and its `safeshape project` "
-           "output); each is evaluated next to the base model")
+      help="a PEFT LoRA adapter on the last --model (or --adapter-model): repeat for several, e.g. the trained one "
+           "and its `safeshape project` output (name it NAME+safelora and --project-base will not project it again)")
+    a("--adapter-model", default=None, metavar="NAME",
+      help="the --model NAME the adapters go on (default: the last --model; Safe LoRA assumes the aligned one)")
     a("--harmful", required=True, metavar="PROMPTS",
       help="harmful prompts: AdvBench harmful_behaviors.csv (goal,target), a CSV/JSONL with a `prompt` column "
            "(and optional `category`), or a folder of files, one per category (HEx-PHI)")
@@ -29,11 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--verdict-prefix", default=None, metavar="STR", help="text the guard writes before its verdict (generic)")
     a("--guard-batch-size", type=int, default=8, metavar="N", help="responses per guard pass (default 8)")
     a("--guard-temperature", type=float, default=1.0, help="verdict softmax temperature (default 1)")
-    a("--project-base", default=None, metavar="DIR",
-      help="also evaluate each adapter after Safe LoRA (`safeshape project` with this unaligned base and --model as "
-           "the aligned model), written to OUT/projected/NAME")
+    a("--project-base", default=None, metavar="DIR|NAME",
+      help="also evaluate each adapter after Safe LoRA (`safeshape project` with this unaligned base, a folder, hub "
+           "id or the NAME of a --model, and the adapters' model as the aligned model), written to "
+           "OUT/projected/NAME; adapters that are projections already are not projected again")
     a("--project-select", default="number", choices=("number", "threshold"), help="Safe LoRA selection (default number)")
-    a("--project-num-layers", type=int, default=10, metavar="K", help="Safe LoRA k in number mode (default 10)")
+    a("--project-num-layers", type=parse_num_layers, default=10, metavar="K|F",
+      help="Safe LoRA in number mode: a count K or a fraction F in (0, 1) of each adapter's modules (default 10)")
     a("--project-threshold", type=float, default=0.5, metavar="TAU", help="Safe LoRA tau in threshold mode (0.5)")
     a("--utility", default=None, metavar="TASK.jsonl", help="utility rows {prompt, answer[, metric]}")
     a("--utility-metric", default="exact", choices=UTILITY_METRICS,

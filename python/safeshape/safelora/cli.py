@@ -5,6 +5,7 @@ import json
 import sys
 
 from ..errors import SafeshapeError
+from .selection import parse_num_layers
 
 
 def add_arguments(p):
@@ -15,7 +16,9 @@ def add_arguments(p):
     p.add_argument("--select", choices=["number", "threshold"], default="number",
                    help="number: project the --num-layers modules of lowest cosine (ties included); "
                         "threshold: project modules with cosine <= --threshold (default: number)")
-    p.add_argument("--num-layers", type=int, default=10, help="k for --select number (default 10)")
+    p.add_argument("--num-layers", type=parse_num_layers, default=10, metavar="K|F",
+                   help="--select number: a count K of modules, or a fraction F in (0, 1) of the adapter's modules "
+                        "(ceil(F x modules)); default 10. A warning says when none or more than half are projected")
     p.add_argument("--threshold", type=float, default=0.5, help="tau for --select threshold (default 0.5)")
     p.add_argument("--projector", choices=["paper", "orthogonal"], default="paper",
                    help="paper: C = V V^T / ||V||_F, the published method (default); orthogonal: the orthogonal "

@@ -12,7 +12,7 @@ from .. import __version__
 from ..errors import CheckpointError, SafeshapeError
 from ..hub import resolve_folder
 from ..io import apply_umask, atomic_output_dir, check_output_path, write_json
-from .adapter import WEIGHTS, Adapter, copy_adapter_files
+from .adapter import WEIGHTS, Adapter, base_mismatch, copy_adapter_files
 from .checkpoint import Checkpoint, check_finite, check_same_architecture
 from .projector import check_projector, project
 from .selection import select_modules
@@ -106,6 +106,21 @@ def check_alignment(results: list[ModuleResult], allow_zero: bool) -> list[str]:
     return [msg]
 
 
+def selection_warnings(results: list[ModuleResult], select: str, num_layers) -> list[str]:
+    """Warnings for a selection that projects none of the modules (the output is the adapter unchanged) or more than
+    half of them (Safe LoRA's selection is meant to pick the few least aligned: with a count made for a large
+    model, e.g. --num-layers 10 on a 4-module adapter, it projects them all)."""
+    n, k = len(results), sum(r.projected for r in results)
+    how = f"--num-layers {num_layers}" if select == "number" else "--threshold"
+    if n and k == 0:
+        return [f"the selection ({how}) projects none of the {n} modules: the output adapter equals the input"]
+    if n and 2 * k > n:
+        hint = " (a fraction such as --num-layers 0.1 scales with the adapter)" if select == "number" else ""
+        return [f"the selection ({how}) projects {k} of {n} modules, more than half: Safe LoRA is meant to project "
+                f"the few least aligned modules{hint}"]
+    return []
+
+
 def build_report(settings: dict, results: list[ModuleResult], cut: float, seconds: float, warnings=()) -> dict:
     n_proj = sum(r.projected for r in results)
     return {
@@ -143,6 +158,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     rounds to 5).
     """
     t0 = time.perf_counter()
+    aligned_given = str(aligned)
     base, aligned = resolve_folder(base, "--base"), resolve_folder(aligned, "--aligned")
     adapter = resolve_folder(adapter, "--adapter")
     inputs = [("--base", base), ("--aligned", aligned), ("--adapter", adapter)]
@@ -167,6 +183,9 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold, cosine_decimals)
     for r, chosen in zip(results, mask):
         r.projected = chosen
+    mismatch = base_mismatch(adapter, aligned, aligned_given, role="--aligned")
+    warnings = ad.warnings + zero_warnings + ([mismatch] if mismatch else []) + \
+        selection_warnings(results, select, num_layers)
 
     tensors = dict(ad.tensors)
     for m, r in zip(ad.modules, results):
@@ -180,7 +199,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
         copy_adapter_files(Path(adapter), tmp, skip={WEIGHTS})
         save_file(tensors, str(tmp / WEIGHTS), metadata=ad.metadata or None)
         apply_umask(tmp / WEIGHTS)
-        rep = build_report(settings, results, cut, time.perf_counter() - t0, ad.warnings + zero_warnings)
+        rep = build_report(settings, results, cut, time.perf_counter() - t0, warnings)
         # written before OUT is committed: a --report that cannot be written leaves OUT untouched
         write_json(_report_path(tmp, out, report), rep, overwrite=overwrite or report is None, inputs=inputs,
                    what="--report")
@@ -236,4 +255,5 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
                 b.copy_(p.to(device=b.device, dtype=b.dtype))
     settings = _settings(select, num_layers, threshold, device or "model", projector, energy, cosine_decimals,
                          base=base, aligned=aligned, adapter=f"<PeftModel:{name}>")
-    return build_report(settings, results, cut, time.perf_counter() - t0, zero_warnings)
+    return build_report(settings, results, cut, time.perf_counter() - t0,
+                        zero_warnings + selection_warnings(results, select, num_layers))
