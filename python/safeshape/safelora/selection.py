@@ -39,19 +39,14 @@ def is_fraction(x) -> bool:
     return isinstance(x, float) and 0.0 < x < 1.0
 
 
-def parse_num_layers(text: str) -> int | float:
-    """``--num-layers``: ``10`` (a count) or ``0.25`` (a fraction of the adapter's modules); argparse type."""
-    import argparse
-
+def parse_num_layers(text: str) -> int | float | str:
+    """``--num-layers``: ``10`` (a count) or ``0.25`` (a fraction of the adapter's modules), as argparse's type;
+    anything else is passed on as it is, for :func:`validate_selection` to refuse with the usual error."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction") from None
-    if value == int(value) and value >= 1:
-        return int(value)
-    if 0.0 < value < 1.0:
-        return value
-    raise argparse.ArgumentTypeError(f"{text!r}: give a positive count of modules or a fraction in (0, 1)")
+        return text
+    return int(value) if value.is_integer() else value
 
 
 def layer_count(num_layers: int | float, n_modules: int) -> int:
