@@ -25,6 +25,9 @@ def add_arguments(p):
                         "projection onto the top singular directions of V holding --energy of ||V||_F^2")
     p.add_argument("--energy", type=float, default=0.95, help="share of ||V||_F^2 kept by --projector orthogonal "
                                                               "(default 0.95)")
+    p.add_argument("--svd", choices=["randomized", "exact"], default="randomized",
+                   help="--projector orthogonal: find the top singular directions by a randomised range finder grown "
+                        "until they hold --energy (default; seconds for a 4096x4096 module) or by the exact SVD")
     p.add_argument("--cosine-decimals", type=int, default=None, metavar="N",
                    help="round cosines to N decimals before selecting, as the reference code does with N = 5 "
                         "(default: no rounding)")
@@ -72,7 +75,7 @@ def main(args) -> int:
                                  num_layers=args.num_layers, threshold=args.threshold, device=args.device,
                                  report=args.report, overwrite=args.overwrite, progress=not args.no_progress,
                                  allow_zero_alignment=args.allow_zero_alignment, projector=args.projector,
-                                 energy=args.energy, cosine_decimals=args.cosine_decimals)
+                                 energy=args.energy, cosine_decimals=args.cosine_decimals, svd=args.svd)
     except SafeshapeError as exc:
         print(f"safeshape project: error: {exc}", file=sys.stderr)
         return 2

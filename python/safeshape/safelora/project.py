@@ -67,28 +67,29 @@ def load_weight_pair(base: Checkpoint, aligned: Checkpoint, key: str, d_out: int
 
 
 def project_module(w_base, w_aligned, lora_a, lora_b, device, *, projector: str = "paper",
-                   energy: float = 0.95) -> tuple[torch.Tensor, float, float]:
+                   energy: float = 0.95, svd: str = "randomized") -> tuple[torch.Tensor, float, float]:
     """``(projected_b on the CPU in lora_b's dtype, cosine, ||V||_F)`` for one module.
 
     B' is computed and used for the cosine in float32; only the returned tensor is rounded to lora_b's dtype
     (a bf16-rounded B' would move the cosine by ~1e-4). ``projector``: ``paper`` or ``orthogonal``
     (safelora/projector.py).
     """
-    projected, cosine, v_norm, _ = _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy)
+    projected, cosine, v_norm, _ = _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy, svd)
     return projected, cosine, v_norm
 
 
-def _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy):
+def _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy, svd="randomized"):
     dev = _device(device) if isinstance(device, str) else device
     projected, cosine, v_norm, k = project(w_aligned.to(dev), w_base.to(dev), lora_a.to(dev),
-                                           lora_b.to(dev, torch.float32), projector, energy)
+                                           lora_b.to(dev, torch.float32), projector, energy, svd)
     return projected.to("cpu", lora_b.dtype), cosine, v_norm, k
 
 
-def _settings(select, num_layers, threshold, device, projector, energy, cosine_decimals, **paths):
+def _settings(select, num_layers, threshold, device, projector, energy, cosine_decimals, svd, **paths):
     return {"select": select, "num_layers": num_layers if select == "number" else None,
             "threshold": threshold if select == "threshold" else None, "device": str(device),
             "projector": projector, "energy": energy if projector == "orthogonal" else None,
+            "svd": svd if projector == "orthogonal" else None,
             "cosine_decimals": cosine_decimals, **{k: str(v) for k, v in paths.items()}}
 
 
@@ -145,7 +146,7 @@ def _report_path(tmp: Path, out, report) -> Path:
 def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_layers: int = 10,
                     threshold: float = 0.5, device: str = "cpu", report=None, overwrite: bool = False,
                     progress: bool = True, allow_zero_alignment: bool = False, projector: str = "paper",
-                    energy: float = 0.95, cosine_decimals: int | None = None) -> dict:
+                    energy: float = 0.95, cosine_decimals: int | None = None, svd: str = "randomized") -> dict:
     """Safe LoRA on folders: write ``out`` = ``adapter`` with ``lora_B`` projected for the selected modules.
 
     ``base``/``aligned`` are HF model folders (safetensors, single or sharded), ``adapter`` a PEFT LoRA folder;
@@ -154,7 +155,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     folder and renamed; an existing ``out`` is refused unless ``overwrite``. The JSON report goes to
     ``report`` (default ``out/safelora_report.json``) and is returned. ``projector``: ``paper`` (the published
     ``C = V V^T / ||V||_F``) or ``orthogonal`` (onto the top singular subspace of V holding ``energy`` of its
-    squared norm); ``cosine_decimals``: round cosines to that many decimals before selecting (the reference code
+    squared norm, found by ``svd``: ``randomized`` (default) or ``exact``, see safelora/projector.py); ``cosine_decimals``: round cosines to that many decimals before selecting (the reference code
     rounds to 5).
     """
     t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     if report is not None:
         check_output_path(report, overwrite, inputs, what="--report")
     dev = _device(device)
-    check_projector(projector, energy)
+    check_projector(projector, energy, svd)
     select_modules([], select, num_layers, threshold, cosine_decimals)  # validate the settings before any work
     ck_base, ck_aligned = Checkpoint(base, "base"), Checkpoint(aligned, "aligned")
     check_same_architecture(ck_base, ck_aligned)
@@ -176,7 +177,8 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     for m in tqdm(ad.modules, desc="safe-lora", unit="module", disable=not progress):
         where = f"{ad.weights_path}: {m.key_b}"
         wb, wa = load_weight_pair(ck_base, ck_aligned, m.weight_key, m.d_out, m.d_in, m.fan_in_fan_out, where)
-        projected[m.key_b], cos, vn, k = _project_one(wb, wa, ad.lora_a(m), ad.lora_b(m), dev, projector, energy)
+        projected[m.key_b], cos, vn, k = _project_one(wb, wa, ad.lora_a(m), ad.lora_b(m), dev, projector, energy,
+                                                               svd)
         del wb, wa
         results.append(ModuleResult(m.name, m.r, m.d_out, m.d_in, cos, vn, rank_kept=k))
     zero_warnings = check_alignment(results, allow_zero_alignment)
@@ -191,7 +193,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     for m, r in zip(ad.modules, results):
         if r.projected:
             tensors[m.key_b] = projected[m.key_b].to(ad.lora_b(m).dtype).contiguous()
-    settings = _settings(select, num_layers, threshold, dev, projector, energy, cosine_decimals, base=base,
+    settings = _settings(select, num_layers, threshold, dev, projector, energy, cosine_decimals, svd, base=base,
                          aligned=aligned, adapter=adapter, out=out)
     from safetensors.torch import save_file
 
@@ -209,14 +211,14 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
 def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_layers: int = 10,
                     threshold: float = 0.5, device: str | None = None, adapter_name: str | None = None,
                     progress: bool = True, allow_zero_alignment: bool = False, projector: str = "paper",
-                    energy: float = 0.95, cosine_decimals: int | None = None) -> dict:
+                    energy: float = 0.95, cosine_decimals: int | None = None, svd: str = "randomized") -> dict:
     """Safe LoRA on a ``peft.PeftModel`` in memory: ``lora_B`` of the selected modules is replaced in place.
 
     ``base``/``aligned`` are HF model folders or hub ids. Returns the same report as :func:`project_adapter`.
     """
     t0 = time.perf_counter()
     base, aligned = resolve_folder(base, "base"), resolve_folder(aligned, "aligned")
-    check_projector(projector, energy)
+    check_projector(projector, energy, svd)
     select_modules([], select, num_layers, threshold, cosine_decimals)
     ck_base, ck_aligned = Checkpoint(base, "base"), Checkpoint(aligned, "aligned")
     check_same_architecture(ck_base, ck_aligned)
@@ -243,7 +245,7 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
         wb, wa = load_weight_pair(ck_base, ck_aligned, f"{clean}.weight", b.shape[0], a.shape[1], fifo,
                                   f"LoRA module {clean}")
         dev = device or b.device
-        p, cos, vn, k = _project_one(wb, wa, a.detach(), b.detach(), dev, projector, energy)
+        p, cos, vn, k = _project_one(wb, wa, a.detach(), b.detach(), dev, projector, energy, svd)
         projected.append(p)
         results.append(ModuleResult(clean, a.shape[0], b.shape[0], a.shape[1], cos, vn, rank_kept=k))
     zero_warnings = check_alignment(results, allow_zero_alignment)
@@ -253,7 +255,7 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
             r.projected = chosen
             if chosen:
                 b.copy_(p.to(device=b.device, dtype=b.dtype))
-    settings = _settings(select, num_layers, threshold, device or "model", projector, energy, cosine_decimals,
+    settings = _settings(select, num_layers, threshold, device or "model", projector, energy, cosine_decimals, svd,
                          base=base, aligned=aligned, adapter=f"<PeftModel:{name}>")
     return build_report(settings, results, cut, time.perf_counter() - t0,
                         zero_warnings + selection_warnings(results, select, num_layers))
