@@ -120,4 +120,7 @@ MIXED_PRECISION = ("no", "bf16")
 
 # fields that may change between a run and its --resume without changing what is computed
 RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device", "gradient_checkpointing",
-                     "eval_data", "eval_split", "eval_every", "report_to"}
+                     "eval_data", "eval_split", "eval_every", "report_to",
+                     # the run's length: --resume with a larger --max-steps/--epochs extends it (the steps done are
+                     # the same; the LR schedule is the new length's from the checkpoint's step on)
+                     "max_steps", "epochs"}
