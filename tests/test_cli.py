@@ -96,3 +96,43 @@ def test_every_flag_is_in_the_readme(name):
     missing = [a.option_strings[-1] for a in sub._actions if a.option_strings and a.dest != "help"
                and not any(re.search(re.escape(o) + r"(?![\w-])", readme) for o in a.option_strings)]
     assert not missing, f"safeshape {name}: flags the README and docs/ never show: {missing}"
+
+
+def test_defaults_and_texts_agree_across_commands():
+    """--device is auto everywhere; the guard is a folder or a hub id; train's description names every loss; the
+    command line offers only presets that can score (Granite Guardian 3.3 is refused by design)."""
+    from safeshape.trainer.config import TrainConfig
+
+    assert TrainConfig.__dataclass_fields__["device"].default == "auto"  # train's flags default to its config's
+    for name in ("star", "eval", "project"):
+        assert _options(name)["--device"].default == "auto", name
+    for name in ("star", "eval"):
+        guard = _options(name)["--guard"]
+        assert "hub id" in guard.help and "local guard" not in guard.help
+        assert "granite-guardian-3.3" not in _options(name)["--preset"].choices
+        assert "granite-guardian-3" in _options(name)["--preset"].choices
+    train_help = next(h for n, _, h in cli.SUBCOMMANDS if n == "train")
+    assert all(loss in train_help for loss in ("SFT", "RS", "DSS", "Deep Token"))
+    star_help = next(h for n, _, h in cli.SUBCOMMANDS if n == "star")
+    assert "local" not in star_help
+
+
+def test_known_third_party_warnings_are_quiet_on_the_command_line(monkeypatch):
+    """The FutureWarning PEFT triggers on every model it wraps is not printed by a command; outside a command it is
+    the caller's to filter."""
+    import warnings
+
+    import safeshape.safelora.cli as project_cli
+
+    def noisy(args):
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else", FutureWarning)
+        return 0
+
+    monkeypatch.setattr(project_cli, "main", noisy)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert cli.main(["project", "--base", "b", "--aligned", "a", "--adapter", "x", "--out", "o"]) == 0
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else",
+                                             "`is_gradient_checkpointing` is deprecated and will be removed in v6."]

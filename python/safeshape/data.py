@@ -267,7 +267,8 @@ def rows_loss(loss: str) -> str:
 
 
 def drop_rejected(examples: list[Example]) -> list[Example]:
-    """RS as the authors run it: the rows the guard rejected (weight 0 on every token) are not trained on."""
+    """RS as the paper describes it: the rows the guard rejected (weight 0 on every token) are not trained on (the
+    authors' released code keeps them with weight 0 instead: --rs-keep-rejected)."""
     return [e for e in examples if any(w > 0 for w in e.weights)]
 
 

@@ -169,7 +169,7 @@ def _has_loss(loss: str) -> bool:
 
 
 def _rs_method() -> str:
-    """How this build's ``--loss rs`` treats the rows the guard rejects (dropped, as the authors do, or weight 0)."""
+    """How this build's ``--loss rs`` treats the rows the guard rejects (dropped, as the paper describes, or weight 0, as the authors' code does)."""
     from safeshape.trainer import TrainConfig
 
     if "rs_keep_rejected" in TrainConfig.__dataclass_fields__:

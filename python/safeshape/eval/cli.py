@@ -8,7 +8,7 @@ from dataclasses import fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..star.presets import PRESET_NAMES
+    from ..star.presets import USABLE_PRESET_NAMES
     from ..safelora.selection import parse_num_layers
     from .prompts import DTYPES, UTILITY_METRICS
 
@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "(and optional `category`), or a folder of files, one per category (HEx-PHI)")
     a("--out", required=True, metavar="OUT", help="output folder: responses.jsonl, eval_report.json, eval_plot.png; "
       "a rerun with the same settings resumes")
-    a("--guard", default=None, metavar="DIR", help="local guard model folder (harmful rate = P(unsafe) > 0.5)")
-    a("--preset", default="llama-guard-3", choices=PRESET_NAMES, help="guard verdict format (default llama-guard-3)")
+    a("--guard", default=None, metavar="DIR|HUB_ID",
+      help="guard model: a folder, or a hub id read through the HF cache (harmful rate = P(unsafe) > 0.5)")
+    a("--preset", default="llama-guard-3", choices=USABLE_PRESET_NAMES, help="guard verdict format (default llama-guard-3)")
     a("--safe", default=None, metavar="STR", help="safe verdict string (generic preset)")
     a("--unsafe", default=None, metavar="STR", help="unsafe verdict string (generic preset)")
     a("--verdict-prefix", default=None, metavar="STR", help="text the guard writes before its verdict (generic)")
@@ -54,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=16, metavar="N", help="prompts per generation batch (default 16)")
     a("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     a("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
-    a("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    a("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (under torchrun: "
+      "cuda:LOCAL_RANK); default auto")
     a("--dtype", default="float32", choices=DTYPES, help="model and guard dtype (default float32)")
     a("--overwrite", action="store_true", help="start OUT afresh instead of resuming it")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")

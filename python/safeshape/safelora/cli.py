@@ -31,7 +31,8 @@ def add_arguments(p):
     p.add_argument("--cosine-decimals", type=int, default=None, metavar="N",
                    help="round cosines to N decimals before selecting, as the reference code does with N = 5 "
                         "(default: no rounding)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda[:N] "
+                                                    "(default auto)")
     p.add_argument("--report", default=None, help="JSON report path (default OUT/safelora_report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report")
     p.add_argument("--allow-zero-alignment", action="store_true",

@@ -33,6 +33,8 @@ class ModuleResult:
 
 
 def _device(device: str) -> torch.device:
+    if device == "auto":  # as `safeshape train --device auto`
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SafeshapeError(f"--device {device}: CUDA is not available on this machine")
