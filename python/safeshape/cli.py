@@ -17,7 +17,8 @@ SUBCOMMANDS = [
     ("star", "safeshape.star.cli", "STAR: annotate a JSONL dataset with per-chunk P(safe) from a guard model"),
     ("train", "safeshape.trainer.cli", "LoRA fine-tuning with the SFT, RS, DSS (STAR-weighted) or Deep Token loss; "
                                        "torchrun for DDP"),
-    ("eval", "safeshape.eval.cli", "Safety (guard harmful rate, refusal rate) and utility of a model and its adapters"),
+    ("eval", "safeshape.eval.cli", "Safety (guard harmful rate, refusal rate) and utility of models and their "
+                                   "adapters, side by side"),
     ("demo", "safeshape.demo.cli", "Toy world on CPU: align, fine-tune with each method, score safety and utility"),
 ]
 
