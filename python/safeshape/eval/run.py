@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -161,7 +162,7 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
 
         preset = get_preset(cfg.preset, safe=cfg.safe, unsafe=cfg.unsafe, verdict_prefix=cfg.verdict_prefix)
         check_guard(cfg.guard, preset)
-    for w in warnings:
+    for w in warnings if os.environ.get("RANK", "0") == "0" else ():  # once under torchrun
         log(f"[eval] warning: {w}")
 
     from transformers.utils import logging as hf_logging
