@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.14.1
 # compiles only what changed. Generated files (.pyc, copied _C*.so) are not sources.
 SOURCES := CMakeLists.txt pyproject.toml $(wildcard cmake/*) $(wildcard cpp/*) $(wildcard cuda/*) \
     $(wildcard include/safeshape/*) $(wildcard scripts/torch_build_flags.py) \
-    $(shell find python/safeshape -name '*.py' -o -name '*.in' 2>/dev/null)
+    $(shell find python/safeshape \( -name '*.py' ! -name '_build_config.py' \) -o -name '*.in' 2>/dev/null)
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
