@@ -9,8 +9,8 @@
   ``randomized`` (default): a randomised range finder with subspace iteration (Halko, Martinsson & Tropp 2011,
   algorithms 4.4/5.1: a Gaussian sketch, power steps with QR, the SVD of the small ``Q^T V``) whose width l grows
   until its top k directions hold ``energy`` of ``||V||_F^2`` (computed exactly) with l >= max(2k, k + OVERSAMPLE),
-  and iterates until U_k moves by less than ``tol``; when l would pass half of min(d_out, d_in) (k a large share of
-  the rank) it takes the exact SVD instead, which is then cheaper;
+  and iterates until U_k moves by less than ``tol``; when l would pass min(d_out, d_in) / ``EXACT_ABOVE`` (k a large
+  share of the rank) it takes the exact SVD instead, which is then as cheap (bench/NOTES.md);
   ``O(d_out d_in l)`` flops a step. A sketch's singular values never exceed V's, so k is never below the exact one.
   ``exact``: the thin SVD of V in float32 (``O(d_out d_in min(d_out, d_in))`` flops): 95 s for one 4096x4096
   module on the shared 2-core dev box (bench/NOTES.md). tests/test_safelora_projector.py checks one against the other.
@@ -29,6 +29,9 @@ from ..errors import SafeshapeError
 PROJECTORS = ("paper", "orthogonal")
 SVDS = ("randomized", "exact")
 OVERSAMPLE = 10  # spare sketch directions beyond k (Halko et al.'s p)
+# the exact SVD once the sketch would be wider than min(d_out, d_in) / EXACT_ABOVE: ~10 power steps at width l cost
+# about one SVD when l ~ d / 7 (bench/NOTES.md, issue 25: k = 300, l = 600 of 4096 took 0.8x the SVD's time)
+EXACT_ABOVE = 8
 
 
 def check_projector(projector: str, energy: float, svd: str = "randomized") -> None:
@@ -77,7 +80,7 @@ def randomized_energy_basis(v: torch.Tensor, energy: float, seed: int = 0, tol: 
         captured = torch.cumsum(s.double() ** 2, 0)  # a lower bound of what the top directions of v hold
         k = int(torch.searchsorted(captured, energy * total * (1 - 1e-12)).item()) + 1  # width + 1: not reached
         want = min(full, 2 * width if k > width else max(2 * k, k + OVERSAMPLE))
-        if 2 * want > full:  # k is a large share of the rank: the exact SVD is cheaper than iterating this wide
+        if EXACT_ABOVE * want > full:  # k is a large share of the rank: the exact SVD is cheaper than iterating
             u, s, _ = torch.linalg.svd(v, full_matrices=False)
             k = energy_rank(s, energy)
             return u[:, :k], k
