@@ -64,10 +64,10 @@ def main(args: argparse.Namespace) -> int:
         guard_date = _parse_date(args.guard_date)
         if args.report and Path(args.report).exists() and not args.overwrite:
             raise SafeshapeError(f"--report {args.report} exists; pass --overwrite to replace it")
-        if args.device == "auto":
-            from ..trainer.distributed import resolve_device
+        if args.device == "auto":  # as train's: cuda when available
+            import torch
 
-            args.device = resolve_device(args.device)
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         args.no_progress = args.no_progress or not sys.stderr.isatty()  # no bars in logs
         if args.device.startswith("cuda"):
             import torch
