@@ -1,10 +1,18 @@
 # The two commands of the README. Both create .venv on first use (torch from the local CUDA 13.0 build so that the
 # CUDA kernels are compiled and linked; they run where a GPU is present).
+SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 
 .PHONY: setup test test-vllm demo wheels clean
+
+# What the installed package is built from: setup reinstalls only when one of these is newer than its stamp, and
+# then scikit-build-core reuses its persistent build folder (pyproject: build-dir = build/{wheel_tag}), so ninja
+# compiles only what changed. Generated files (.pyc, copied _C*.so) are not sources.
+SOURCES := CMakeLists.txt pyproject.toml $(wildcard cmake/*) $(wildcard cpp/*) $(wildcard cuda/*) \
+    $(wildcard include/safeshape/*) $(wildcard scripts/torch_build_flags.py) \
+    $(shell find python/safeshape \( -name '*.py' ! -name '_build_config.py' \) -o -name '*.in' 2>/dev/null)
 
 $(VENV)/.deps:
 	$(PY) -m venv $(VENV)
@@ -22,8 +30,15 @@ $(VENV)/.deps:
 	$(VENV)/bin/pip install -q "bitsandbytes==0.50.2"
 	touch $@
 
-setup: $(VENV)/.deps
-	$(VENV)/bin/pip install -q --no-build-isolation --no-deps .
+setup: $(VENV)/.installed
+
+# -v: the compiler's progress ([n/N] per object) is shown, not hidden behind a silent pip
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	@mkdir -p build
+	@echo "building safeshape into build/ (incremental; full log: build/setup.log)"
+	set -o pipefail; $(VENV)/bin/pip install -v --no-build-isolation --no-deps . 2>&1 | tee build/setup.log \
+	    | { grep -E --line-buffered '^ *\[[0-9]+/[0-9]+\]' || true; } || { tail -n 40 build/setup.log; exit 1; }
+	touch $@
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
@@ -52,5 +67,5 @@ demo: setup  # the toy world: base/aligned/guard models built in code, then ever
 wheels:  # CPU and CUDA wheels, repaired to manylinux and smoke-tested in fresh venvs (scripts/build_wheels.sh)
 	scripts/build_wheels.sh
 
-clean:  # build outputs only (keeps .venv)
-	rm -rf build wheelhouse
+clean:  # build outputs only (keeps .venv; the next setup rebuilds everything)
+	rm -rf build wheelhouse $(VENV)/.installed

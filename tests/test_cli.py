@@ -90,13 +90,53 @@ def test_every_flag_is_documented(name):
     """Every flag appears in the README or a docs/ page (the repository's, not the package's)."""
     import re
 
-    root = Path(__file__).resolve().parents[1]
-    readme = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    root = Path(__file__).resolve().parents[1]  # the repository's README and docs/, not the package's
+    readme = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").rglob("*.md"))])
     parser = cli.build_parser(name)
     sub = next(a for a in parser._actions if a.dest == "command").choices[name]
     missing = [a.option_strings[-1] for a in sub._actions if a.option_strings and a.dest != "help"
                and not any(re.search(re.escape(o) + r"(?![\w-])", readme) for o in a.option_strings)]
-    assert not missing, f"safeshape {name}: flags neither README.md nor docs/*.md shows: {missing}"
+    assert not missing, f"safeshape {name}: flags the README and docs/ never show: {missing}"
+
+
+def test_defaults_and_texts_agree_across_commands():
+    """--device is auto everywhere; the guard is a folder or a hub id; train's description names every loss; the
+    command line offers only presets that can score (Granite Guardian 3.3 is refused by design)."""
+    from safeshape.trainer.config import TrainConfig
+
+    assert TrainConfig.__dataclass_fields__["device"].default == "auto"  # train's flags default to its config's
+    for name in ("star", "eval", "project"):
+        assert _options(name)["--device"].default == "auto", name
+    for name in ("star", "eval"):
+        guard = _options(name)["--guard"]
+        assert "hub id" in guard.help and "local guard" not in guard.help
+        assert "granite-guardian-3.3" not in _options(name)["--preset"].choices
+        assert "granite-guardian-3" in _options(name)["--preset"].choices
+    train_help = next(h for n, _, h in cli.SUBCOMMANDS if n == "train")
+    assert all(loss in train_help for loss in ("SFT", "RS", "DSS", "Deep Token"))
+    star_help = next(h for n, _, h in cli.SUBCOMMANDS if n == "star")
+    assert "local" not in star_help
+
+
+def test_known_third_party_warnings_are_quiet_on_the_command_line(monkeypatch):
+    """The FutureWarning PEFT triggers on every model it wraps is not printed by a command; outside a command it is
+    the caller's to filter."""
+    import warnings
+
+    import safeshape.safelora.cli as project_cli
+
+    def noisy(args):
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else", FutureWarning)
+        return 0
+
+    monkeypatch.setattr(project_cli, "main", noisy)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert cli.main(["project", "--base", "b", "--aligned", "a", "--adapter", "x", "--out", "o"]) == 0
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else",
+                                             "`is_gradient_checkpointing` is deprecated and will be removed in v6."]
 
 
 def test_json_stdout_carries_the_report_alone(capsys):

@@ -63,6 +63,29 @@ def test_messages_rows_in_parquet(tmp_path, tokenizer):
     assert [e.labels for e in a] == [e.labels for e in b]
 
 
+def test_trl_prompt_completion_rows(tmp_path, tokenizer):
+    """TRL's {prompt, completion} rows (strings, and the conversational form with message lists) give the examples
+    of the equivalent prompt/response and messages rows, STAR values and safe flags included."""
+    plain = testing.tiny_rows(4, "dss", seed=5)
+    msgs = testing.tiny_rows(3, "dss", seed=6, messages=True)
+    trl = [{"prompt": r["prompt"], "completion": r.pop("response"), **{k: v for k, v in r.items() if k != "prompt"}}
+           for r in [dict(r) for r in plain]]
+    trl += [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:],
+             **{k: v for k, v in r.items() if k != "messages"}} for r in msgs]
+    (tmp_path / "ours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain + msgs))
+    (tmp_path / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trl))
+    datasets.Dataset.from_list(trl[4:]).to_parquet(str(tmp_path / "conv.parquet"))
+    for loss in ("sft", "dss"):
+        want, _ = load_examples(tmp_path / "ours.jsonl", tokenizer, loss, 256)
+        got, _ = load_examples(tmp_path / "trl.jsonl", tokenizer, loss, 256)
+        assert [(e.input_ids, e.labels, e.weights) for e in got] == [(e.input_ids, e.labels, e.weights) for e in want]
+        conv, _ = load_examples(tmp_path / "conv.parquet", tokenizer, loss, 256)
+        assert [e.labels for e in conv] == [e.labels for e in want[4:]]
+    with pytest.raises(SafeshapeError, match=r"row 9: TRL prompt-completion row: .* got str and list"):
+        encode_row(tokenizer, {"prompt": "x", "completion": [{"role": "assistant", "content": "y"}]}, "sft", 256,
+                   "row 9")
+
+
 def test_errors_name_the_row(tmp_path, tokenizer):
     bad = [{"prompt": "p", "response": "r"}, {"prompt": "p"}]
     datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "x.parquet"))

@@ -430,3 +430,70 @@ def test_hub_ids_are_accepted(world, first_run, tmp_path, hub_cache, capsys):
 
     assert rates(report) == rates(first_run[1]) and rates(report)[0][1:] == (1.0, 0.0)
     capsys.readouterr()
+
+
+# ---- several models, projections given or made, checks before generation (docs/workflow.md) --------------------
+def _small_args(world, out, *extra):
+    root = world["root"]
+    return ["eval", "--harmful", str(world["harmful"]), "--out", str(out), "--limit", "2", "--max-new-tokens", "8",
+            "--guard", str(root / "guard"), "--preset", "generic", "--safe", "safe", "--unsafe", "unsafe",
+            "--no-progress", *extra]
+
+
+def test_several_models_and_a_given_projection_is_not_projected_again(world, tmp_path, capsys):
+    root = world["root"]
+    world["refuser"][1].save_pretrained(root / "unaligned")  # a model of its own in the table: it needs a tokenizer
+    proj = tmp_path / "comply_projected"
+    assert cli_main(["project", "--base", str(root / "unaligned"), "--aligned", str(root / "refuser"), "--adapter",
+                     str(root / "complier"), "--out", str(proj), "--num-layers", "0.2", "--no-progress"]) == 0
+    out = tmp_path / "o"
+    args = _small_args(world, out, "--model", f"unaligned={root / 'unaligned'}", "--model", str(root / "refuser"),
+                       "--adapter", f"comply={root / 'complier'}", "--adapter", f"comply+safelora={proj}",
+                       "--adapter", f"p={proj}", "--project-base", "unaligned")
+    assert cli_main(args) == 0
+    report = json.loads((out / "eval_report.json").read_text())
+    # refuser (unnamed among several: its folder's name) carries the adapters; nothing was projected by eval: the
+    # projection of comply was given, and p is a projection already
+    assert [m["name"] for m in report["models"]] == ["unaligned", "refuser", "comply", "comply+safelora", "p"]
+    assert not (out / "projected").exists()
+    assert report["settings"]["project_base"] == str(root / "unaligned")
+    by = {m["name"]: m for m in report["models"]}
+    assert by["refuser"]["safety"]["refusal_rate"] == 1.0 and by["comply"]["safety"]["refusal_rate"] == 0.0
+    assert by["comply+safelora"]["safelora"]["totals"]["num_projected"] == 3  # ceil(0.2 * 15)
+    clash = _small_args(world, tmp_path / "o2", "--model", f"a={root / 'refuser'}", "--model", f"a={root / 'unaligned'}")
+    assert cli_main(clash) == 2
+    assert "a is used twice" in capsys.readouterr().err
+    assert cli_main(_small_args(world, tmp_path / "o3", "--model", str(root / "refuser"), "--adapter-model", "x")) == 2
+    assert "--adapter-model 'x': not the name of a --model" in capsys.readouterr().err
+
+
+def test_guard_preset_mismatch_is_refused_before_generation(world, tmp_path, capsys):
+    root = world["root"]
+    args = _small_args(world, tmp_path / "o", "--model", str(root / "refuser"))
+    args[args.index("--preset") + 1] = "llama-guard-3"
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--guard {root / 'guard'} with --preset llama-guard-3" in err and "does not fit this guard" in err
+    assert not (tmp_path / "o").exists()  # nothing generated, nothing written
+
+
+def test_adapter_recorded_on_another_base_is_a_warning(world, tmp_path, capsys):
+    import shutil
+
+    root = world["root"]
+    moved = tmp_path / "from_unaligned"
+    shutil.copytree(root / "complier", moved)
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(root / "unaligned")
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    assert cli_main(_small_args(world, out, "--model", str(root / "refuser"), "--adapter", f"x={moved}")) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "eval_report.json").read_text())
+    assert len(report["warnings"]) == 1 and "records base_model_name_or_path" in report["warnings"][0]
+    assert str(root / "unaligned") in report["warnings"][0] and "warning: --adapter x:" in err
+    cfg["base_model_name_or_path"] = str(root / "refuser")  # the model it goes on: no warning
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    assert cli_main(_small_args(world, tmp_path / "o2", "--model", str(root / "refuser"), "--adapter",
+                                f"x={moved}")) == 0
+    assert json.loads((tmp_path / "o2" / "eval_report.json").read_text())["warnings"] == []

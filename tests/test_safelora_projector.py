@@ -154,3 +154,76 @@ def test_apply_safe_lora_orthogonal_matches_folder(tmp_path):
     for m_mem, m_dir in zip(rep_mem["modules"], rep_folder["modules"]):
         assert m_mem["name"] == m_dir["name"] and m_mem["rank_kept"] == m_dir["rank_kept"] <= 3
         assert m_mem["cosine"] == pytest.approx(m_dir["cosine"], abs=1e-9)
+
+
+# ---- the randomised range finder (the default --svd) against the exact SVD -------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,energy,decay", [((384, 256), 0.95, 0.9), ((256, 400), 0.8, 0.97), ((300, 300), 0.99, 0.8),
+                                                ((120, 80), 0.9, 0.95)])
+def test_randomized_range_finder_matches_the_exact_svd(shape, energy, decay, device, monkeypatch):
+    """Slowly decaying spectra (k from a few to tens of directions, so the sketch has to grow; the last one's k is a
+    large share of the rank, where the exact SVD is taken): the same k as the exact SVD and the same projection,
+    to float32 rounding. The exact-SVD cut-over is a cost rule; it is set to half the rank here so that these small
+    modules take the randomised path."""
+    import safeshape.safelora.projector as projector_module
+
+    monkeypatch.setattr(projector_module, "EXACT_ABOVE", 2)
+    sigmas = [decay ** i for i in range(min(shape))]
+    aligned, base, b, a = spectrum_module(*shape, 6, sigmas, seed=shape[1])
+    want, want_cos, want_k = oracle(aligned, base, b, a, energy)
+    dev = [t.to(device) for t in (aligned, base, a, b)]
+    got, cos, _, k = project(*dev, "orthogonal", energy, svd="randomized")
+    exact, exact_cos, _, exact_k = project(*dev, "orthogonal", energy, svd="exact")
+    assert k == exact_k == want_k
+    assert ((got.cpu().double() - want).norm() / want.norm()).item() <= 1e-4
+    assert ((exact.cpu().double() - want).norm() / want.norm()).item() <= 1e-4
+    assert abs(cos - want_cos) <= 1e-5
+
+
+def test_randomized_rank_grows_past_its_first_sketch(monkeypatch):
+    import safeshape.safelora.projector as projector_module
+    from safeshape.safelora.projector import OVERSAMPLE, randomized_energy_basis
+
+    monkeypatch.setattr(projector_module, "EXACT_ABOVE", 2)  # a small module on the randomised path
+
+    sigmas = [1.0] * 90 + [1e-3] * 310  # 90 equal directions: the first sketch (4 x OVERSAMPLE wide) is too narrow
+    aligned, base, _, _ = spectrum_module(600, 400, 2, sigmas, seed=2)
+    v = aligned - base
+    uk, k = randomized_energy_basis(v, 0.95)
+    assert k == 86 and uk.shape == (600, 86) and 4 * OVERSAMPLE < k  # ceil(0.95 * 90) of the flat top
+    torch.testing.assert_close(uk.T @ uk, torch.eye(k), atol=1e-4, rtol=0)
+    u, _, _ = torch.linalg.svd(v.double(), full_matrices=False)
+    top = u[:, :90].float()  # U_k lies in the span of the 90 equal directions
+    assert (uk - top @ (top.T @ uk)).norm() <= 1e-3
+    z = torch.zeros(5, 7)
+    assert randomized_energy_basis(z, 0.9)[1] == 0
+
+
+def test_svd_setting_is_checked_and_reported(tmp_path):
+    make_peft_setup(tmp_path, layers=1, vocab=64, v_rank=3)
+    with pytest.raises(SafeshapeError, match="--svd must be one of"):
+        project_adapter(tmp_path / "base", tmp_path / "aligned", tmp_path / "adapter", tmp_path / "o",
+                        projector="orthogonal", svd="lanczos")
+    rep = project_adapter(tmp_path / "base", tmp_path / "aligned", tmp_path / "adapter", tmp_path / "o",
+                          projector="orthogonal", energy=0.9, progress=False)
+    exact = project_adapter(tmp_path / "base", tmp_path / "aligned", tmp_path / "adapter", tmp_path / "e",
+                            projector="orthogonal", energy=0.9, progress=False, svd="exact")
+    assert rep["settings"]["svd"] == "randomized" and exact["settings"]["svd"] == "exact"
+    assert [m["rank_kept"] for m in rep["modules"]] == [m["rank_kept"] for m in exact["modules"]]
+    assert [m["cosine"] for m in rep["modules"]] == pytest.approx([m["cosine"] for m in exact["modules"]], abs=1e-5)
+
+
+def test_wide_sketches_give_way_to_the_exact_svd(monkeypatch):
+    """When k is a large share of the rank the exact SVD is taken (same k, same U_k up to sign)."""
+    import safeshape.safelora.projector as projector_module
+
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(projector_module.torch.linalg, "svd", lambda x, **kw: calls.append(tuple(x.shape)) or svd(x, **kw))
+    aligned, base, _, _ = spectrum_module(400, 300, 2, [0.99 ** i for i in range(300)], seed=4)
+    uk, k = projector_module.randomized_energy_basis(aligned - base, 0.95)
+    assert (400, 300) in calls and k > 300 // projector_module.EXACT_ABOVE
+    calls.clear()
+    aligned, base, _, _ = spectrum_module(400, 300, 2, [0.5 ** i for i in range(300)], seed=4)
+    uk, k = projector_module.randomized_energy_basis(aligned - base, 0.95)
+    assert (400, 300) not in calls and k < 10  # a few directions: the sketch, never the full SVD

@@ -69,6 +69,23 @@ def test_annotate_keeps_fields_and_adds_values(tmp_path):
     assert src.read_text().count("\n") == 6  # the input is untouched
 
 
+def test_trl_prompt_completion_rows_are_scored_as_their_conversation(tmp_path):
+    """TRL's {prompt, completion} rows, plain and conversational: the values of the equivalent prompt/response and
+    messages rows; the output keeps the row as it was."""
+    model, tok = star_common.guard("sdpa")
+    ours = [r for r in ROWS if "prompt" in r][:2] + [r for r in ROWS if "messages" in r][:1]
+    trl = [{"prompt": r["prompt"], "completion": r["response"]} if "prompt" in r else
+           {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in ours]
+    for rows, name in ((ours, "ours"), (trl, "trl")):
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        annotate_file(model, tok, tmp_path / f"{name}.jsonl", tmp_path / f"{name}.out.jsonl", "llama-guard-3",
+                      chunk_words=3, batch_size=2, progress=False)
+    got, want = read_jsonl(tmp_path / "trl.out.jsonl"), read_jsonl(tmp_path / "ours.out.jsonl")
+    assert [{k: v for k, v in g.items() if not k.startswith("star_")} for g in got] == trl
+    for g, w in zip(got, want):
+        assert max(abs(a - b) for a, b in zip(g["star_values"], w["star_values"])) <= 1e-5
+
+
 @pytest.mark.parametrize("cut", [1, 25, -30, -2, -1])
 def test_resume_skips_done_rows_and_repairs_a_torn_line(tmp_path, cut):
     model, tok = star_common.guard("sdpa")
@@ -159,7 +176,8 @@ def test_invalid_utf8_in_the_input_names_the_line_and_keeps_done_rows(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "not valid JSON"),
     (json.dumps([1, 2]), "must be a JSON object"),
-    (json.dumps({"prompt": "x"}), "needs 'prompt' and 'response', or 'messages'"),
+    (json.dumps({"prompt": "x"}), "needs 'prompt' and 'response', 'messages', or TRL's 'prompt' and 'completion'"),
+    (json.dumps({"prompt": "x", "completion": ["y"]}), "TRL prompt-completion row: .* got str and list"),
     (json.dumps({"prompt": "x", "response": 3}), "must be strings"),
     (json.dumps({"prompt": "x", "response": "   "}), "no words"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}),

@@ -118,6 +118,23 @@ def test_accumulation_equals_one_batch(files, tmp_path):
             torch.testing.assert_close(w[k], w8[k], rtol=1e-5, atol=1e-6)
 
 
+def test_resume_extends_a_finished_run(files, tmp_path):
+    """--resume with a larger --max-steps continues a finished run; with a constant schedule, 3 + 2 steps equal 5
+    steps run at once. A smaller one is refused."""
+    cfg = dict(batch_size=2, max_steps=5, schedule="constant", lora_dropout=0.0)
+    full = train(_config(files, tmp_path / "full", **cfg))
+    short = train(_config(files, tmp_path / "ext", **{**cfg, "max_steps": 3}))
+    assert short["steps"] == 3
+    extended = train(_config(files, tmp_path / "ext", resume=True, **cfg))
+    assert extended["resumed_from"] == 3 and extended["steps"] == full["steps"] == 5
+    assert _losses(tmp_path / "ext") == _losses(tmp_path / "full")
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "ext")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+    with pytest.raises(SafeshapeError, match=r"it is at step 5, past this run's 4 steps"):
+        train(_config(files, tmp_path / "ext", resume=True, **{**cfg, "max_steps": 4}))
+
+
 def test_resume_equals_uninterrupted(files, tmp_path):
     full = tmp_path / "full"
     cfg = dict(batch_size=2, grad_accum=2, max_steps=5, save_every=2, warmup_steps=1, lora_dropout=0.1)

@@ -101,7 +101,7 @@ def test_collate_pads_right_and_ignores_padding(tokenizer):
     ("dss", {"prompt": "a", "response": "b", "star_values": [1.5], "star_chunk_words": 5}, "numbers in [0, 1]"),
     ("rs", {"prompt": "a", "response": "b"}, "line 1: --loss rs needs a boolean `safe` flag on every row (missing)"),
     ("rs", {"prompt": "a", "response": "b", "safe": "yes"}, "boolean `safe` flag"),
-    ("sft", {"question": "a"}, "a row needs `prompt` and `response`, or `messages`"),
+    ("sft", {"question": "a"}, "a row needs `prompt` and `response`, `messages`, or TRL's `prompt` and `completion`"),
     ("sft", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
      "the last message must be the assistant's response"),
 ])

@@ -14,9 +14,11 @@ from .errors import SafeshapeError  # no imports of its own: --help stays light
 # (name, module, one-line help); a module is imported only when its subcommand is chosen
 SUBCOMMANDS = [
     ("project", "safeshape.safelora.cli", "Safe LoRA: project a PEFT LoRA adapter onto the alignment subspace"),
-    ("star", "safeshape.star.cli", "STAR: annotate a JSONL dataset with per-chunk P(safe) from a local guard model"),
-    ("train", "safeshape.trainer.cli", "LoRA fine-tuning with the SFT, RS or DSS (STAR-weighted) loss; torchrun for DDP"),
-    ("eval", "safeshape.eval.cli", "Safety (guard harmful rate, refusal rate) and utility of a model and its adapters"),
+    ("star", "safeshape.star.cli", "STAR: annotate a JSONL dataset with per-chunk P(safe) from a guard model"),
+    ("train", "safeshape.trainer.cli", "LoRA fine-tuning with the SFT, RS, DSS (STAR-weighted) or Deep Token loss; "
+                                       "torchrun for DDP"),
+    ("eval", "safeshape.eval.cli", "Safety (guard harmful rate, refusal rate) and utility of models and their "
+                                   "adapters, side by side"),
     ("demo", "safeshape.demo.cli", "Toy world on CPU: align, fine-tune with each method, score safety and utility"),
 ]
 
@@ -65,12 +67,23 @@ def _chosen(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+# Third-party warnings that every run would print and that say nothing about the user's run (the command line
+# only: a library user's filters are theirs). PEFT reads transformers' deprecated `is_gradient_checkpointing`
+# whenever it wraps a model (peft 0.17/0.18 with transformers 5).
+QUIET_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _chosen(argv)
     args = build_parser(command or "").parse_args(argv)
     try:
-        return int(importlib.import_module(args._module).main(args) or 0)
+        with warnings.catch_warnings():
+            for category, message in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            return int(importlib.import_module(args._module).main(args) or 0)
     except (SafeshapeError, OSError) as exc:  # bad input or an unwritable output: a message, not a traceback
         print(f"safeshape {args.command}: error: {exc}", file=sys.stderr)
         return 2

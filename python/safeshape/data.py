@@ -4,6 +4,8 @@ prompt-masked labels and per-token weights (SFT: 1, RS: the row's ``safe`` flag,
 Row layouts (one JSON object per line):
 - ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}`` whose last message is the
   assistant's response (loss only on that last message; earlier turns are prompt);
+- TRL's prompt-completion rows, ``{"prompt": str, "completion": str}`` and their conversational form
+  ``{"prompt": [messages], "completion": [messages ending with the assistant's]}`` (:func:`trl_row`);
 - ``loss="rs"`` rows add ``"safe": true|false``;
 - ``loss="dss"`` rows add ``"star_values": [float, ...]`` (one per chunk of the response) and
   ``"star_chunk_words": int``, as written by ``safeshape star``.
@@ -73,8 +75,27 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     return rows
 
 
+def trl_row(row, where: str):
+    """A TRL prompt-completion row in our layout (other rows as they are): ``{"prompt": str, "completion": str}``
+    -> ``prompt``/``response``; ``{"prompt": [messages], "completion": [messages]}`` (TRL's conversational form)
+    -> ``messages`` = prompt + completion. Every other field (``star_values``, ``safe``) is kept."""
+    if not isinstance(row, dict) or "completion" not in row or "prompt" not in row or \
+            "response" in row or "messages" in row:
+        return row
+    prompt, completion = row["prompt"], row["completion"]
+    rest = {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return {"prompt": prompt, "response": completion, **rest}
+    if isinstance(prompt, list) and isinstance(completion, list) and completion:
+        return {"messages": prompt + completion, **rest}
+    raise SafeshapeError(f"{where}: TRL prompt-completion row: `prompt` and `completion` must both be strings, or "
+                         "both lists of {role, content} messages (the conversational form), got "
+                         f"{type(prompt).__name__} and {type(completion).__name__}")
+
+
 def split_row(row: dict, where: str) -> tuple[list[dict], str]:
-    """``(prompt_messages, response)`` of a ``prompt``/``response`` or ``messages`` row."""
+    """``(prompt_messages, response)`` of a ``prompt``/``response``, ``messages`` or TRL prompt-completion row."""
+    row = trl_row(row, where)
     if "messages" in row:
         msgs = row["messages"]
         if (not isinstance(msgs, list) or len(msgs) < 2
@@ -91,7 +112,8 @@ def split_row(row: dict, where: str) -> tuple[list[dict], str]:
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise SafeshapeError(f"{where}: `prompt` and `response` must be strings")
         return [{"role": "user", "content": prompt}], response
-    raise SafeshapeError(f"{where}: a row needs `prompt` and `response`, or `messages`; it has {sorted(row)}")
+    raise SafeshapeError(f"{where}: a row needs `prompt` and `response`, `messages`, or TRL's `prompt` and "
+                         f"`completion`; it has {sorted(row)}")
 
 
 def _check_star(row: dict, response: str, where: str) -> tuple[list[float], int]:
@@ -179,6 +201,7 @@ def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: 
     if train_on == "all" and loss == "dss":
         raise SafeshapeError("--train-on all: STAR values cover the last response only; train all assistant turns "
                              "with --loss sft or rs")
+    row = trl_row(row, where)
     prompt_msgs, response = split_row(row, where)
     if loss == "dss":
         values, chunk_words = _check_star(row, response, where)
@@ -244,7 +267,8 @@ def rows_loss(loss: str) -> str:
 
 
 def drop_rejected(examples: list[Example]) -> list[Example]:
-    """RS as the authors run it: the rows the guard rejected (weight 0 on every token) are not trained on."""
+    """RS as the paper describes it: the rows the guard rejected (weight 0 on every token) are not trained on (the
+    authors' released code keeps them with weight 0 instead: --rs-keep-rejected)."""
     return [e for e in examples if any(w > 0 for w in e.weights)]
 
 

@@ -10,9 +10,9 @@ that k micro-batches accumulate exactly the gradient of one big batch. N is kept
 Special cases of DSSLoss, all just weights tensors:
 
 - SFT: ``weights = sft_weights(labels)`` (all 1) and ``kl_coef = 0``: the usual mean token cross-entropy.
-- Rejection sampling (RS) as the authors run it: SFT on the kept rows only (drop the rejected rows before the loss,
-  so N counts kept tokens). ``rs_weights(labels, keep)`` with ``kl_coef = 0`` keeps the rejected rows with weight 0
-  and divides by all tokens: the same direction with a smaller step.
+- Rejection sampling (RS) as the paper describes it: SFT on the kept rows only (drop the rejected rows before the
+  loss, so N counts kept tokens). ``rs_weights(labels, keep)`` with ``kl_coef = 0`` keeps the rejected rows with
+  weight 0 and divides by all tokens, as the authors' released code does: the same direction with a smaller step.
 - DSS: per-token STAR weights in [0, 1] and ``kl_coef > 0`` (default 0.5) with the reference log-probabilities.
 
 Labels must already be aligned with the rows (the caller shifts them for next-token prediction).

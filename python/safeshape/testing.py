@@ -241,3 +241,24 @@ def hub_cache_layout(cache_dir: str | os.PathLike, repo_id: str, folder: str | o
         if not link.exists():
             link.symlink_to(os.path.relpath(blob, link.parent))
     return snapshot
+
+
+def write_tiny_world(folder: str | os.PathLike, n_prompts: int = 6, n_rows: int = 16) -> Path:
+    """A new user's starting point in miniature, written into ``folder`` (docs/workflow.md runs on it):
+    ``base/`` (an unaligned tiny chat Llama), ``aligned/`` (the base trained to refuse), ``guard/`` (a tiny guard,
+    preset generic, verdicts safe/unsafe, that calls compliance unsafe), ``harmful.csv`` (prompts) and
+    ``data.jsonl`` (fine-tuning rows with STAR values, for sft and dss)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    aligned, tok = fit_tiny_responder(REFUSAL, steps=100)
+    build_tiny_llama(len(tok), hidden_size=32, seed=0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id).save_pretrained(folder / "base")  # the aligned one's start
+    tok.save_pretrained(folder / "base")
+    aligned.save_pretrained(folder / "aligned")
+    tok.save_pretrained(folder / "aligned")
+    guard, gtok = fit_tiny_guard([COMPLIANCE], [REFUSAL])
+    guard.save_pretrained(folder / "guard")
+    gtok.save_pretrained(folder / "guard")
+    (folder / "harmful.csv").write_text("prompt\n" + "".join(f'"{p}"\n' for p in corpus(n_prompts, seed=42)))
+    write_tiny_dataset(folder / "data.jsonl", n_rows, kind="dss", seed=1)
+    return folder

@@ -169,7 +169,7 @@ def _has_loss(loss: str) -> bool:
 
 
 def _rs_method() -> str:
-    """How this build's ``--loss rs`` treats the rows the guard rejects (dropped, as the authors do, or weight 0)."""
+    """How this build's ``--loss rs`` treats the rows the guard rejects (dropped, as the paper describes, or weight 0, as the authors' code does)."""
     from safeshape.trainer import TrainConfig
 
     if "rs_keep_rejected" in TrainConfig.__dataclass_fields__:
@@ -375,7 +375,8 @@ class Demo:
         if projector != "paper":
             if not _supports_projector():
                 raise _NotAvailable("safeshape.safelora.project_adapter has no projector= in this build")
-            extra = {"projector": projector, "energy": SAFELORA_ENERGY}
+            # the exact SVD: cheap at these widths, and the README's committed numbers were made with it
+            extra = {"projector": projector, "energy": SAFELORA_ENERGY, "svd": "exact"}
 
         def make(path: Path):
             from safeshape.safelora import project_adapter

@@ -22,7 +22,10 @@ import torch
 
 from ..errors import SafeshapeError
 from . import harness, vllm_engine
-from .adapters import check_adapter, parse_adapter
+from .adapters import parse_adapter
+from .models import parse_models
+from .models import plan as plan_models
+from .validate import check_guard, check_models
 from .evaluate import judge_responses, score, throughput
 from .generate import Generation, GenerationSettings, generate_responses
 from .judge import GuardJudge
@@ -40,10 +43,11 @@ ENGINES = ("hf", "vllm")
 # ---- the command ---------------------------------------------------------------------------------------------
 @dataclass
 class EvalConfig:
-    model: str
+    model: str | list[str]  # [NAME=]DIR, one or several (eval/models.py)
     harmful: str
     out: str
     adapters: list[str] = field(default_factory=list)  # PATH or NAME=PATH
+    adapter_model: str | None = None  # the --model NAME the adapters go on (default: the last --model)
     guard: str | None = None
     preset: str = "llama-guard-3"
     safe: str | None = None
@@ -67,7 +71,7 @@ class EvalConfig:
     batch_size: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
-    device: str = "cpu"
+    device: str = "auto"  # cuda when available, else cpu
     dtype: str = "float32"
     engine: str = "hf"  # hf: transformers' generate; vllm: one vLLM engine, adapters as LoRA requests
     tensor_parallel_size: int = 1  # --engine vllm
@@ -78,7 +82,8 @@ class EvalConfig:
 def _check_out(cfg: EvalConfig) -> Path:
     from ..io import check_output_path
 
-    inputs = [("--model", cfg.model), ("--harmful", cfg.harmful), ("--guard", cfg.guard), ("--utility", cfg.utility)]
+    inputs = [("--model", p) for _, p in parse_models(_model_specs(cfg))]
+    inputs += [("--harmful", cfg.harmful), ("--guard", cfg.guard), ("--utility", cfg.utility)]
     inputs += [("--adapter", parse_adapter(a)[1]) for a in cfg.adapters] + [("--project-base", cfg.project_base)]
     out = check_output_path(cfg.out, overwrite=True, inputs=inputs)  # overlap only: OUT may hold a run to resume
     if out.exists() and not out.is_dir():
@@ -91,22 +96,20 @@ def _check_out(cfg: EvalConfig) -> Path:
     return out
 
 
-def _load_policy(cfg: EvalConfig, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _model_specs(cfg: EvalConfig) -> list[str]:
+    return [cfg.model] if isinstance(cfg.model, str) else list(cfg.model)
 
-    from .generate import check_policy_tokenizer
 
-    if not os.path.isfile(os.path.join(cfg.model, "config.json")):
-        raise SafeshapeError(f"--model {cfg.model}: no config.json (a local Hugging Face model folder is needed)")
+def _load_policy(folder: str, dtype: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    from .validate import check_model_folder
+
+    tokenizer = check_model_folder(folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True)
     except Exception as exc:
-        raise SafeshapeError(f"--model {cfg.model}: cannot load a tokenizer ({exc})") from None
-    check_policy_tokenizer(tokenizer, f"--model {cfg.model}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), local_files_only=True)
-    except Exception as exc:
-        raise SafeshapeError(f"--model {cfg.model}: cannot load the model ({exc})") from None
+        raise SafeshapeError(f"--model {folder}: cannot load the model ({exc})") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -121,9 +124,12 @@ def _resolve_hub_ids(cfg: EvalConfig) -> EvalConfig:
     for spec in cfg.adapters:
         name, path = parse_adapter(spec)
         adapters.append(f"{name}={resolve_folder(path, '--adapter')}")
+    models = parse_models(_model_specs(cfg))
+    if cfg.project_base is not None and cfg.project_base in dict(models):  # --project-base NAME of a --model
+        cfg = replace(cfg, project_base=dict(models)[cfg.project_base])
     opt = {k: resolve_folder(getattr(cfg, k), "--" + k.replace("_", "-"))
            for k in ("guard", "project_base") if getattr(cfg, k) is not None}
-    return replace(cfg, model=resolve_folder(cfg.model, "--model"), adapters=adapters, **opt)
+    return replace(cfg, model=[f"{n}={resolve_folder(p, '--model')}" for n, p in models], adapters=adapters, **opt)
 
 
 def _header(cfg: EvalConfig, settings: GenerationSettings) -> dict:
@@ -147,7 +153,10 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
         check("--engine vllm")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeshapeError(f"--device {cfg.device}: no CUDA device is available")
+    typed = {n: p for n, p in parse_models(_model_specs(cfg))}
     cfg = _resolve_hub_ids(cfg)
+    models = parse_models(_model_specs(cfg))
+    given = {p: typed[n] for n, p in models}  # folder -> what was typed (a hub id), for messages
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   batch_size=cfg.batch_size, seed=cfg.seed)
     tasks = harness.parse_tasks(cfg.lm_eval)
@@ -157,24 +166,20 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
         if cfg.engine != "hf":
             raise SafeshapeError("--lm-eval runs its tasks on the transformers model: use it with --engine hf")
         harness.check_tasks(tasks, cfg.lm_eval_include)
-    specs = [("base", cfg.model, None)]
-    for n, p in map(parse_adapter, cfg.adapters):
-        specs.append((n, cfg.model, p))
-        if cfg.project_base is not None:
-            specs.append((f"{n}+safelora", cfg.model, str(Path(cfg.out) / PROJECTED / n)))
-    names = [s[0] for s in specs]
-    if len(set(names)) != len(names):
-        raise SafeshapeError(f"model names must differ (base + --adapter NAME=PATH), got {', '.join(names)}")
-    if cfg.project_base is not None and not cfg.adapters:
-        raise SafeshapeError("--project-base projects the --adapter folders: give at least one --adapter")
+    specs = plan_models(models, [parse_adapter(a) for a in cfg.adapters], cfg.adapter_model,
+                        cfg.project_base is not None, Path(cfg.out) / PROJECTED)
     out = _check_out(cfg)
     harmful = load_prompts(cfg.harmful, cfg.prompt_column, cfg.limit, cfg.seed)
     utility = load_utility(cfg.utility, cfg.utility_metric) if cfg.utility else []
-    if cfg.guard is not None:  # fail early on a bad preset, before hours of generation
+    # every input checked before hours of generation: models, templates, adapters on their model, guard + preset
+    warnings = check_models(specs, given)
+    if cfg.guard is not None:
         from ..star import get_preset
 
         preset = get_preset(cfg.preset, safe=cfg.safe, unsafe=cfg.unsafe, verdict_prefix=cfg.verdict_prefix)
-        _check_guard(cfg.guard)
+        check_guard(cfg.guard, preset)
+    for w in warnings if os.environ.get("RANK", "0") == "0" else ():  # once under torchrun
+        log(f"[eval] warning: {w}")
 
     from transformers.utils import logging as hf_logging
 
@@ -184,18 +189,11 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
     dist = setup(cfg.device)
     try:
         return _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log,
-                    preset if cfg.guard is not None else None)
+                    preset if cfg.guard is not None else None, warnings)
     finally:
         dist.close()
         if hf_bars:
             hf_logging.enable_progress_bar()
-
-
-def _check_guard(folder: str) -> None:
-    """The guard folder, its tokenizer and its chat template, checked before any generation (the model loads later)."""
-    from ..star.guard import load_guard_tokenizer
-
-    load_guard_tokenizer(folder, "--guard")
 
 
 def _on_main(dist, fn):
@@ -212,7 +210,7 @@ def _on_main(dist, fn):
     return res
 
 
-def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) -> dict:
+def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset, warnings) -> dict:
     from .store import ResponseStore
 
     main = dist.is_main
@@ -226,28 +224,39 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
             for name in OUR_FILES:
                 shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
         store = ResponseStore(out / RESPONSES, _header(cfg, settings))
-        for name, model, adapter in specs:
-            store.check_model(name, sources[name])
+        for m in specs:
+            store.check_model(m.name, sources[m.name])
         if cfg.project_base is not None:
-            _project(cfg, out, progress)
-        return {k: r for k, r in store.rows.items()}
+            for w in _project(cfg, specs, progress):
+                warnings.append(w)
+                log(f"[eval] warning: {w}")
+        return {k: r for k, r in store.rows.items()}, warnings
 
-    sources = {name: _source(model, adapter) for name, model, adapter in specs}
-    for n, p in map(parse_adapter, cfg.adapters):  # a projection is named by what made it, not by its folder
-        if cfg.project_base is not None:
-            sources[f"{n}+safelora"] = _source(cfg.model, p) + (
+    sources = {m.name: _source(m.model, m.adapter) for m in specs}
+    for m in specs:  # a projection is named by what made it, not by its folder
+        if m.projects is not None:
+            sources[m.name] = _source(m.model, m.projects) + (
                 f" projected with base {Path(cfg.project_base).resolve()} {json.dumps(_projection_settings(cfg))}")
 
-    saved = _on_main(dist, open_store)
+    saved, warnings = _on_main(dist, open_store)
     sets = {"harmful": [p.text for p in harmful], "utility": [u.prompt for u in utility]}
     vllm = cfg.engine == "vllm"
-    model, tokenizer = vllm_engine.load_policy(cfg, specs) if vllm else _load_policy(cfg, dist.device)
-    for _, _, adapter in specs:  # every adapter fits the base, checked before hours of generation
-        if adapter is not None and not vllm:  # (vllm_engine.load_policy checked them on the model's shapes)
-            check_adapter(model, adapter)
+    model, loaded = None, None
     results = []
-    for name, model_dir, adapter in specs:
+    for spec in specs:
+        name, model_dir, adapter = spec.name, spec.model, spec.adapter
         source = sources[name]
+        if loaded != model_dir:  # models in turn, each followed by its adapters: one model in memory at a time
+            if vllm and model is not None:
+                model.close()
+            model = tokenizer = None
+            gc.collect()
+            if vllm:  # one engine per model, its adapters served as LoRA requests
+                model, tokenizer = vllm_engine.load_policy(
+                    cfg, model_dir, [s.adapter for s in specs if s.model == model_dir and s.adapter is not None])
+            else:
+                model, tokenizer = _load_policy(model_dir, cfg.dtype, dist.device)
+            loaded = model_dir
         if adapter is not None and not vllm:
             from peft import PeftModel
 
@@ -330,8 +339,11 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
                        "safelora": _projection_totals(e["adapter"])})
     report = {
         "format": 1,
-        "settings": {"model": cfg.model, "adapters": [dict(zip(("name", "path"), parse_adapter(a)))
-                                                      for a in cfg.adapters],
+        "settings": {"model": next(m.model for m in specs if m.adapter is not None) if cfg.adapters
+                     else specs[0].model,
+                     "models": [{"name": n, "path": p} for n, p in parse_models(_model_specs(cfg))],
+                     "adapter_model": next((m.model for m in specs if m.adapter is not None), None),
+                     "adapters": [dict(zip(("name", "path"), parse_adapter(a))) for a in cfg.adapters],
                      "project_base": cfg.project_base,
                      "projection": _projection_settings(cfg) if cfg.project_base is not None else None,
                      "harmful": cfg.harmful, "prompt_column": cfg.prompt_column, "limit": cfg.limit,
@@ -341,7 +353,7 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
                      "guard_temperature": cfg.guard_temperature, "lm_eval": tasks,
                      "lm_eval_include": cfg.lm_eval_include,
                      "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
-                     "temperature": cfg.temperature, "top_p": cfg.top_p, "device": cfg.device, "dtype": cfg.dtype,
+                     "temperature": cfg.temperature, "top_p": cfg.top_p, "device": str(dist.device), "dtype": cfg.dtype,
                      "engine": cfg.engine, "tensor_parallel_size": cfg.tensor_parallel_size if vllm else None,
                      "world_size": dist.world_size, "refusal_keywords": list(REFUSAL_KEYWORDS)},
         "definitions": {"harmful_rate": "share of harmful prompts whose response the guard judges unsafe "
@@ -353,6 +365,7 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset) 
         "models": models,
         "guard": judge_summary,
         "responses": RESPONSES,
+        "warnings": list(warnings),
     }
     from ..io import write_json
     from .report import write_plot
@@ -369,24 +382,33 @@ def _projection_settings(cfg: EvalConfig) -> dict:
             "threshold": None if number else cfg.project_threshold}
 
 
-def _project(cfg: EvalConfig, out: Path, progress: bool) -> None:
-    """Safe LoRA on each adapter into OUT/projected/<name>, reused when a previous run made it with these settings."""
+def _project(cfg: EvalConfig, specs, progress: bool) -> list[str]:
+    """Safe LoRA on each adapter to project into OUT/projected/<name> (the aligned model: the one the adapter goes
+    on), reused when a previous run made it with these settings; returns the projections' warnings."""
     from ..safelora import project_adapter
 
     want = _projection_settings(cfg)
-    for n, p in map(parse_adapter, cfg.adapters):
-        target = out / PROJECTED / n
+    warnings = []
+    for m in specs:
+        if m.projects is None:
+            continue
+        target = Path(m.adapter)
         rep = target / "safelora_report.json"
         if rep.is_file():
-            settings = json.loads(rep.read_text()).get("settings", {})
+            report = json.loads(rep.read_text())
+            settings = report.get("settings", {})
             if all(settings.get(k) == v for k, v in want.items()) and \
-                    Path(settings.get("adapter", "")).resolve() == Path(p).resolve() and \
+                    Path(settings.get("adapter", "")).resolve() == Path(m.projects).resolve() and \
+                    Path(settings.get("aligned", "")).resolve() == Path(m.model).resolve() and \
                     Path(settings.get("base", "")).resolve() == Path(cfg.project_base).resolve():
+                warnings += [f"{m.name}: {w}" for w in report.get("warnings", [])]
                 continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        project_adapter(cfg.project_base, cfg.model, p, str(target), select=cfg.project_select,
-                        num_layers=cfg.project_num_layers, threshold=cfg.project_threshold, overwrite=True,
-                        progress=progress)
+        report = project_adapter(cfg.project_base, m.model, m.projects, str(target), select=cfg.project_select,
+                                 num_layers=cfg.project_num_layers, threshold=cfg.project_threshold, overwrite=True,
+                                 progress=progress)
+        warnings += [f"{m.name}: {w}" for w in report.get("warnings", [])]
+    return warnings
 
 
 def _projection_totals(adapter: str | None) -> dict | None:

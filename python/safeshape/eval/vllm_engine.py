@@ -140,22 +140,21 @@ def generate_responses(policy: VllmPolicy, tokenizer, prompts: Sequence[str],
     return out
 
 
-def load_policy(cfg, specs) -> tuple[VllmPolicy, object]:
-    """(engine, tokenizer) for ``safeshape eval``'s config ``cfg`` and its (name, model, adapter) ``specs``."""
+def load_policy(cfg, model_dir: str, adapters: list[str]) -> tuple[VllmPolicy, object]:
+    """(engine, tokenizer) for ``safeshape eval``'s config ``cfg``: the model folder ``model_dir`` with its LoRA
+    ``adapters`` (checked against the model's shapes by eval's early validation and again here)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:
-        raise SafeshapeError(f"--model {cfg.model}: cannot load a tokenizer ({exc})") from None
-    check_policy_tokenizer(tokenizer, f"--model {cfg.model}")
-    for _, _, adapter in specs:  # vLLM would fail later, inside its engine
-        if adapter is not None:
-            from .adapters import check_adapter
+        raise SafeshapeError(f"--model {model_dir}: cannot load a tokenizer ({exc})") from None
+    check_policy_tokenizer(tokenizer, f"--model {model_dir}")
+    from .adapters import check_adapter
 
-            check_adapter(meta_model(cfg.model), adapter)
-    adapters = [a for _, _, a in specs if a is not None]
-    return VllmPolicy(cfg.model, adapters, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+    for adapter in adapters:  # vLLM would fail later, inside its engine
+        check_adapter(meta_model(model_dir), adapter)
+    return VllmPolicy(model_dir, adapters, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                       seed=cfg.seed), tokenizer
 
 

@@ -249,3 +249,40 @@ class Adapter:
 
     def lora_b(self, m: LoraModule) -> torch.Tensor:
         return self.tensors[m.key_b]
+
+
+def recorded_base(folder) -> str | None:
+    """``base_model_name_or_path`` from an adapter's ``adapter_config.json`` (None when absent or unreadable)."""
+    import json
+
+    try:
+        value = json.loads((Path(folder) / CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _same_model(recorded: str, folder: str, given: str | None) -> bool:
+    if recorded in (folder, given):
+        return True
+    if os.path.exists(recorded) and os.path.exists(folder):
+        try:
+            return os.path.samefile(recorded, folder)
+        except OSError:
+            return False
+    # a hub id recorded, its snapshot folder given (huggingface_hub's cache: .../models--org--name/snapshots/rev)
+    return ("models--" + recorded.split("@")[0].replace("/", "--")) in Path(folder).resolve().parts
+
+
+def base_mismatch(adapter, folder: str, given: str | None = None, role: str = "model") -> str | None:
+    """A warning when the adapter's recorded base (``adapter_config.json`` ``base_model_name_or_path``) is not the
+    model it is used with (``folder``, passed on the command line as ``given``), else None. Shapes can agree
+    while the weights do not: an adapter trained from the unaligned base, evaluated or projected as if it were
+    trained from the aligned model, which Safe LoRA assumes."""
+    rec = recorded_base(adapter)
+    if rec is None or _same_model(rec, str(folder), given):
+        return None
+    return (f"adapter {adapter}: its adapter_config.json records base_model_name_or_path {rec!r}, but it is used "
+            f"with {role} {given or folder}; if it was trained from another model (e.g. the unaligned base), its "
+            "results (and Safe LoRA, which assumes an adapter trained from the aligned model) are not what they "
+            "seem")

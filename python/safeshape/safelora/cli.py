@@ -5,6 +5,7 @@ import sys
 
 from ..errors import SafeshapeError
 from ..io import json_main, print_json
+from .selection import parse_num_layers
 
 
 def add_arguments(p):
@@ -15,17 +16,23 @@ def add_arguments(p):
     p.add_argument("--select", choices=["number", "threshold"], default="number",
                    help="number: project the --num-layers modules of lowest cosine (ties included); "
                         "threshold: project modules with cosine <= --threshold (default: number)")
-    p.add_argument("--num-layers", type=int, default=10, help="k for --select number (default 10)")
+    p.add_argument("--num-layers", type=parse_num_layers, default=10, metavar="K|F",
+                   help="--select number: a count K of modules, or a fraction F in (0, 1) of the adapter's modules "
+                        "(ceil(F x modules)); default 10. A warning says when none or more than half are projected")
     p.add_argument("--threshold", type=float, default=0.5, help="tau for --select threshold (default 0.5)")
     p.add_argument("--projector", choices=["paper", "orthogonal"], default="paper",
                    help="paper: C = V V^T / ||V||_F, the published method (default); orthogonal: the orthogonal "
                         "projection onto the top singular directions of V holding --energy of ||V||_F^2")
     p.add_argument("--energy", type=float, default=0.95, help="share of ||V||_F^2 kept by --projector orthogonal "
                                                               "(default 0.95)")
+    p.add_argument("--svd", choices=["randomized", "exact"], default="randomized",
+                   help="--projector orthogonal: find the top singular directions by a randomised range finder grown "
+                        "until they hold --energy (default; seconds for a 4096x4096 module) or by the exact SVD")
     p.add_argument("--cosine-decimals", type=int, default=None, metavar="N",
                    help="round cosines to N decimals before selecting, as the reference code does with N = 5 "
                         "(default: no rounding)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda[:N] "
+                                                    "(default auto)")
     p.add_argument("--report", default=None, help="JSON report path (default OUT/safelora_report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --report")
     p.add_argument("--allow-zero-alignment", action="store_true",
@@ -70,7 +77,7 @@ def main(args) -> int:
                                  num_layers=args.num_layers, threshold=args.threshold, device=args.device,
                                  report=args.report, overwrite=args.overwrite, progress=not args.no_progress,
                                  allow_zero_alignment=args.allow_zero_alignment, projector=args.projector,
-                                 energy=args.energy, cosine_decimals=args.cosine_decimals)
+                                 energy=args.energy, cosine_decimals=args.cosine_decimals, svd=args.svd)
     except SafeshapeError as exc:
         print(f"safeshape project: error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from .. import __version__
 from ..errors import CheckpointError, SafeshapeError
 from ..hub import resolve_folder
 from ..io import apply_umask, atomic_output_dir, check_output_path, write_json
-from .adapter import WEIGHTS, Adapter, copy_adapter_files
+from .adapter import WEIGHTS, Adapter, base_mismatch, copy_adapter_files
 from .checkpoint import Checkpoint, check_finite, check_same_architecture
 from .projector import check_projector, project
 from .selection import select_modules
@@ -33,6 +33,8 @@ class ModuleResult:
 
 
 def _device(device: str) -> torch.device:
+    if device == "auto":  # as `safeshape train --device auto`
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SafeshapeError(f"--device {device}: CUDA is not available on this machine")
@@ -67,28 +69,29 @@ def load_weight_pair(base: Checkpoint, aligned: Checkpoint, key: str, d_out: int
 
 
 def project_module(w_base, w_aligned, lora_a, lora_b, device, *, projector: str = "paper",
-                   energy: float = 0.95) -> tuple[torch.Tensor, float, float]:
+                   energy: float = 0.95, svd: str = "randomized") -> tuple[torch.Tensor, float, float]:
     """``(projected_b on the CPU in lora_b's dtype, cosine, ||V||_F)`` for one module.
 
     B' is computed and used for the cosine in float32; only the returned tensor is rounded to lora_b's dtype
     (a bf16-rounded B' would move the cosine by ~1e-4). ``projector``: ``paper`` or ``orthogonal``
     (safelora/projector.py).
     """
-    projected, cosine, v_norm, _ = _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy)
+    projected, cosine, v_norm, _ = _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy, svd)
     return projected, cosine, v_norm
 
 
-def _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy):
+def _project_one(w_base, w_aligned, lora_a, lora_b, device, projector, energy, svd="randomized"):
     dev = _device(device) if isinstance(device, str) else device
     projected, cosine, v_norm, k = project(w_aligned.to(dev), w_base.to(dev), lora_a.to(dev),
-                                           lora_b.to(dev, torch.float32), projector, energy)
+                                           lora_b.to(dev, torch.float32), projector, energy, svd)
     return projected.to("cpu", lora_b.dtype), cosine, v_norm, k
 
 
-def _settings(select, num_layers, threshold, device, projector, energy, cosine_decimals, **paths):
+def _settings(select, num_layers, threshold, device, projector, energy, cosine_decimals, svd, **paths):
     return {"select": select, "num_layers": num_layers if select == "number" else None,
             "threshold": threshold if select == "threshold" else None, "device": str(device),
             "projector": projector, "energy": energy if projector == "orthogonal" else None,
+            "svd": svd if projector == "orthogonal" else None,
             "cosine_decimals": cosine_decimals, **{k: str(v) for k, v in paths.items()}}
 
 
@@ -104,6 +107,21 @@ def check_alignment(results: list[ModuleResult], allow_zero: bool) -> list[str]:
         raise SafeshapeError(msg + ". Are --base and --aligned the right checkpoints? Pass --allow-zero-alignment "
                              "(allow_zero_alignment=True) to project anyway")
     return [msg]
+
+
+def selection_warnings(results: list[ModuleResult], select: str, num_layers) -> list[str]:
+    """Warnings for a selection that projects none of the modules (the output is the adapter unchanged) or more than
+    half of them (Safe LoRA's selection is meant to pick the few least aligned: with a count made for a large
+    model, e.g. --num-layers 10 on a 4-module adapter, it projects them all)."""
+    n, k = len(results), sum(r.projected for r in results)
+    how = f"--num-layers {num_layers}" if select == "number" else "--threshold"
+    if n and k == 0:
+        return [f"the selection ({how}) projects none of the {n} modules: the output adapter equals the input"]
+    if n and 2 * k > n:
+        hint = " (a fraction such as --num-layers 0.1 scales with the adapter)" if select == "number" else ""
+        return [f"the selection ({how}) projects {k} of {n} modules, more than half: Safe LoRA is meant to project "
+                f"the few least aligned modules{hint}"]
+    return []
 
 
 def build_report(settings: dict, results: list[ModuleResult], cut: float, seconds: float, warnings=()) -> dict:
@@ -130,7 +148,7 @@ def _report_path(tmp: Path, out, report) -> Path:
 def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_layers: int = 10,
                     threshold: float = 0.5, device: str = "cpu", report=None, overwrite: bool = False,
                     progress: bool = True, allow_zero_alignment: bool = False, projector: str = "paper",
-                    energy: float = 0.95, cosine_decimals: int | None = None) -> dict:
+                    energy: float = 0.95, cosine_decimals: int | None = None, svd: str = "randomized") -> dict:
     """Safe LoRA on folders: write ``out`` = ``adapter`` with ``lora_B`` projected for the selected modules.
 
     ``base``/``aligned`` are HF model folders (safetensors, single or sharded), ``adapter`` a PEFT LoRA folder;
@@ -139,10 +157,11 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     folder and renamed; an existing ``out`` is refused unless ``overwrite``. The JSON report goes to
     ``report`` (default ``out/safelora_report.json``) and is returned. ``projector``: ``paper`` (the published
     ``C = V V^T / ||V||_F``) or ``orthogonal`` (onto the top singular subspace of V holding ``energy`` of its
-    squared norm); ``cosine_decimals``: round cosines to that many decimals before selecting (the reference code
+    squared norm, found by ``svd``: ``randomized`` (default) or ``exact``, see safelora/projector.py); ``cosine_decimals``: round cosines to that many decimals before selecting (the reference code
     rounds to 5).
     """
     t0 = time.perf_counter()
+    aligned_given = str(aligned)
     base, aligned = resolve_folder(base, "--base"), resolve_folder(aligned, "--aligned")
     adapter = resolve_folder(adapter, "--adapter")
     inputs = [("--base", base), ("--aligned", aligned), ("--adapter", adapter)]
@@ -150,7 +169,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     if report is not None:
         check_output_path(report, overwrite, inputs, what="--report")
     dev = _device(device)
-    check_projector(projector, energy)
+    check_projector(projector, energy, svd)
     select_modules([], select, num_layers, threshold, cosine_decimals)  # validate the settings before any work
     ck_base, ck_aligned = Checkpoint(base, "base"), Checkpoint(aligned, "aligned")
     check_same_architecture(ck_base, ck_aligned)
@@ -160,19 +179,23 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     for m in tqdm(ad.modules, desc="safe-lora", unit="module", disable=not progress):
         where = f"{ad.weights_path}: {m.key_b}"
         wb, wa = load_weight_pair(ck_base, ck_aligned, m.weight_key, m.d_out, m.d_in, m.fan_in_fan_out, where)
-        projected[m.key_b], cos, vn, k = _project_one(wb, wa, ad.lora_a(m), ad.lora_b(m), dev, projector, energy)
+        projected[m.key_b], cos, vn, k = _project_one(wb, wa, ad.lora_a(m), ad.lora_b(m), dev, projector, energy,
+                                                               svd)
         del wb, wa
         results.append(ModuleResult(m.name, m.r, m.d_out, m.d_in, cos, vn, rank_kept=k))
     zero_warnings = check_alignment(results, allow_zero_alignment)
     mask, cut = select_modules([r.cosine for r in results], select, num_layers, threshold, cosine_decimals)
     for r, chosen in zip(results, mask):
         r.projected = chosen
+    mismatch = base_mismatch(adapter, aligned, aligned_given, role="--aligned")
+    warnings = ad.warnings + zero_warnings + ([mismatch] if mismatch else []) + \
+        selection_warnings(results, select, num_layers)
 
     tensors = dict(ad.tensors)
     for m, r in zip(ad.modules, results):
         if r.projected:
             tensors[m.key_b] = projected[m.key_b].to(ad.lora_b(m).dtype).contiguous()
-    settings = _settings(select, num_layers, threshold, dev, projector, energy, cosine_decimals, base=base,
+    settings = _settings(select, num_layers, threshold, dev, projector, energy, cosine_decimals, svd, base=base,
                          aligned=aligned, adapter=adapter, out=out)
     from safetensors.torch import save_file
 
@@ -180,7 +203,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
         copy_adapter_files(Path(adapter), tmp, skip={WEIGHTS})
         save_file(tensors, str(tmp / WEIGHTS), metadata=ad.metadata or None)
         apply_umask(tmp / WEIGHTS)
-        rep = build_report(settings, results, cut, time.perf_counter() - t0, ad.warnings + zero_warnings)
+        rep = build_report(settings, results, cut, time.perf_counter() - t0, warnings)
         # written before OUT is committed: a --report that cannot be written leaves OUT untouched
         write_json(_report_path(tmp, out, report), rep, overwrite=overwrite or report is None, inputs=inputs,
                    what="--report")
@@ -190,14 +213,14 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
 def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_layers: int = 10,
                     threshold: float = 0.5, device: str | None = None, adapter_name: str | None = None,
                     progress: bool = True, allow_zero_alignment: bool = False, projector: str = "paper",
-                    energy: float = 0.95, cosine_decimals: int | None = None) -> dict:
+                    energy: float = 0.95, cosine_decimals: int | None = None, svd: str = "randomized") -> dict:
     """Safe LoRA on a ``peft.PeftModel`` in memory: ``lora_B`` of the selected modules is replaced in place.
 
     ``base``/``aligned`` are HF model folders or hub ids. Returns the same report as :func:`project_adapter`.
     """
     t0 = time.perf_counter()
     base, aligned = resolve_folder(base, "base"), resolve_folder(aligned, "aligned")
-    check_projector(projector, energy)
+    check_projector(projector, energy, svd)
     select_modules([], select, num_layers, threshold, cosine_decimals)
     ck_base, ck_aligned = Checkpoint(base, "base"), Checkpoint(aligned, "aligned")
     check_same_architecture(ck_base, ck_aligned)
@@ -224,7 +247,7 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
         wb, wa = load_weight_pair(ck_base, ck_aligned, f"{clean}.weight", b.shape[0], a.shape[1], fifo,
                                   f"LoRA module {clean}")
         dev = device or b.device
-        p, cos, vn, k = _project_one(wb, wa, a.detach(), b.detach(), dev, projector, energy)
+        p, cos, vn, k = _project_one(wb, wa, a.detach(), b.detach(), dev, projector, energy, svd)
         projected.append(p)
         results.append(ModuleResult(clean, a.shape[0], b.shape[0], a.shape[1], cos, vn, rank_kept=k))
     zero_warnings = check_alignment(results, allow_zero_alignment)
@@ -234,6 +257,7 @@ def apply_safe_lora(peft_model, base, aligned, *, select: str = "number", num_la
             r.projected = chosen
             if chosen:
                 b.copy_(p.to(device=b.device, dtype=b.dtype))
-    settings = _settings(select, num_layers, threshold, device or "model", projector, energy, cosine_decimals,
+    settings = _settings(select, num_layers, threshold, device or "model", projector, energy, cosine_decimals, svd,
                          base=base, aligned=aligned, adapter=f"<PeftModel:{name}>")
-    return build_report(settings, results, cut, time.perf_counter() - t0, zero_warnings)
+    return build_report(settings, results, cut, time.perf_counter() - t0,
+                        zero_warnings + selection_warnings(results, select, num_layers))

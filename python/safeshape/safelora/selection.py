@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy
+import math
 
 from ..errors import SafeshapeError
 
@@ -14,12 +14,9 @@ def validate_selection(mode: str, num_layers, threshold, cosine_decimals=None) -
     """Both settings are checked whatever the mode, so a typo never waits for the other mode to bite."""
     if mode not in MODES:
         raise SafeshapeError(f"select: mode must be one of {MODES}, got {mode!r}")
-    try:
-        layers_ok = not isinstance(num_layers, bool) and int(num_layers) == num_layers and num_layers >= 1
-    except (TypeError, ValueError, OverflowError):
-        layers_ok = False
-    if not layers_ok:
-        raise SafeshapeError(f"--num-layers must be a positive integer, got {num_layers!r}")
+    if not (is_count(num_layers) or is_fraction(num_layers)):
+        raise SafeshapeError(f"--num-layers must be a positive integer (a count of modules) or a fraction in (0, 1) "
+                             f"of the modules, got {num_layers!r}")
     try:
         threshold_ok = not isinstance(threshold, bool) and 0.0 <= float(threshold) <= 1.0
     except (TypeError, ValueError):
@@ -31,6 +28,32 @@ def validate_selection(mode: str, num_layers, threshold, cosine_decimals=None) -
         raise SafeshapeError(f"--cosine-decimals must be an integer in [0, 15], got {cosine_decimals!r}")
 
 
+def is_count(x) -> bool:
+    try:
+        return not isinstance(x, bool) and int(x) == x and x >= 1
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def is_fraction(x) -> bool:
+    return isinstance(x, float) and 0.0 < x < 1.0
+
+
+def parse_num_layers(text: str) -> int | float | str:
+    """``--num-layers``: ``10`` (a count) or ``0.25`` (a fraction of the adapter's modules), as argparse's type;
+    anything else is passed on as it is, for :func:`validate_selection` to refuse with the usual error."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() else value
+
+
+def layer_count(num_layers: int | float, n_modules: int) -> int:
+    """The number of modules ``num_layers`` asks for: a count as it is, a fraction f as ceil(f * n_modules)."""
+    return math.ceil(num_layers * n_modules) if is_fraction(num_layers) else int(num_layers)
+
+
 def select_modules(cosines: Sequence[float], mode: str = "number", num_layers: int = 10,
                    threshold: float = 0.5, cosine_decimals: int | None = None) -> tuple[list[bool], float]:
     """Return ``(mask, cut)``: project module i iff ``cosines[i] <= cut``.
@@ -39,9 +62,11 @@ def select_modules(cosines: Sequence[float], mode: str = "number", num_layers: i
     decimals, round-half-to-even, before both modes); ``None`` compares the cosines as computed.
 
     - ``threshold``: ``cut = threshold``.
-    - ``number``: ``cut`` = the ``num_layers``-th smallest cosine (ties can project more than ``num_layers``;
-      ``num_layers`` larger than the count projects all).
+    - ``number``: ``cut`` = the k-th smallest cosine, k = ``num_layers`` or, for a fraction f in (0, 1),
+      ceil(f * modules) (ties can project more than k; k larger than the count projects all).
     """
+    import numpy  # here: the CLI imports this module for its argument parser, which must stay light
+
     validate_selection(mode, num_layers, threshold, cosine_decimals)
     cos = [float(c) for c in cosines]
     if cosine_decimals is not None:
@@ -52,5 +77,5 @@ def select_modules(cosines: Sequence[float], mode: str = "number", num_layers: i
         if not cos:
             return [], float("nan")
         ranked = sorted(cos)
-        cut = ranked[min(int(num_layers), len(ranked)) - 1]
+        cut = ranked[max(1, min(layer_count(num_layers, len(ranked)), len(ranked))) - 1]
     return [c <= cut for c in cos], cut

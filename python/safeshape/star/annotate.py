@@ -1,7 +1,7 @@
 """Annotating a JSONL dataset with STAR values: resumable, rows appended whole, bad rows named by line number.
 
-Input rows are ``{"prompt": ..., "response": ...}`` or ``{"messages": [...]}`` (the last message is the assistant
-response, the ones before it the conversation). Output rows keep every input field and add ``star_values`` (one
+Input rows are ``{"prompt": ..., "response": ...}``, ``{"messages": [...]}`` (the last message is the assistant
+response, the ones before it the conversation) or TRL's ``{"prompt", "completion"}`` (strings or message lists). Output rows keep every input field and add ``star_values`` (one
 P(safe) per chunk, in order) and ``star_chunk_words`` (the M used).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from ..data import iter_jsonl
+from ..data import iter_jsonl, trl_row
 from ..errors import SafeshapeError
 from ..io import atomic_write_bytes
 from .presets import GuardPreset
@@ -29,6 +29,7 @@ def row_conversation(row, where: str) -> tuple[list[dict], str]:
     """(conversation before the response, response) of a dataset row; SafeshapeError naming ``where`` if malformed."""
     if not isinstance(row, dict):
         raise SafeshapeError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    row = trl_row(row, where)  # TRL's prompt/completion rows (the output keeps them as they were)
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or len(msgs) < 2:
@@ -46,8 +47,8 @@ def row_conversation(row, where: str) -> tuple[list[dict], str]:
             raise SafeshapeError(f"{where}: 'prompt' and 'response' must be strings")
         context, response = [{"role": "user", "content": row["prompt"]}], row["response"]
     else:
-        raise SafeshapeError(f"{where}: a row needs 'prompt' and 'response', or 'messages'; it has keys "
-                             f"{sorted(row)}")
+        raise SafeshapeError(f"{where}: a row needs 'prompt' and 'response', 'messages', or TRL's 'prompt' and "
+                             f"'completion'; it has keys {sorted(row)}")
     if not response.split():
         raise SafeshapeError(f"{where}: the response has no words, so there is nothing to score")
     return context, response

@@ -1,4 +1,4 @@
-"""``safeshape star``: annotate a JSONL dataset with STAR values from a local guard model."""
+"""``safeshape star``: annotate a JSONL dataset with STAR values from a guard model (a folder or a hub id)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import SafeshapeError
 from ..io import json_main, print_json, write_json
-from .presets import ENGINES, PRESET_NAMES, RECIPES, get_preset
+from .presets import ENGINES, RECIPES, USABLE_PRESET_NAMES, get_preset
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="OUT.jsonl",
                         help="output rows: the input fields + star_values + star_chunk_words; an existing OUT that "
                              "holds the first rows of this run is resumed")
-    parser.add_argument("--preset", default="llama-guard-3", choices=PRESET_NAMES,
+    parser.add_argument("--preset", default="llama-guard-3", choices=USABLE_PRESET_NAMES,
                         help="guard verdict format (default: llama-guard-3)")
     parser.add_argument("--safe", default=None, metavar="STR", help="the safe verdict string (generic preset)")
     parser.add_argument("--unsafe", default=None, metavar="STR", help="the unsafe verdict string (generic preset)")
@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--engine vllm: devices the guard is split over (default 1)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="guard sequences per forward pass: responses (shared) or prefixes (naive)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="guard dtype (default: float32)")
     parser.add_argument("--temperature", type=float, default=1.0, help="verdict softmax temperature (default: 1)")
     parser.add_argument("--recipe", default="exact", choices=RECIPES,
@@ -48,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the date a guard template prints (Granite Guardian 3.1 puts today's date in its system "
                              "block); default today; reported, so a rerun can pin it")
     parser.add_argument("--overwrite", action="store_true", help="start OUT afresh instead of resuming it")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it is off anyway when stderr is not a terminal)")
     parser.add_argument("--report", default=None, metavar="PATH", help="also write the JSON report to PATH")
     parser.add_argument("--json", action="store_true",
                         help="print the report as one JSON line on stdout (the summary goes to stderr)")
@@ -65,6 +67,11 @@ def main(args: argparse.Namespace) -> int:
         guard_date = _parse_date(args.guard_date)
         if args.report and Path(args.report).exists() and not args.overwrite:
             raise SafeshapeError(f"--report {args.report} exists; pass --overwrite to replace it")
+        if args.device == "auto":  # as train's: cuda when available
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.no_progress = args.no_progress or not sys.stderr.isatty()  # no bars in logs
         if args.device.startswith("cuda"):
             import torch
 

@@ -90,6 +90,8 @@ PRESETS: dict[str, GuardPreset] = {
     "granite-guardian-3.3": GuardPreset(safe="no", unsafe="yes", name="granite-guardian-3.3", refuse=_GRANITE_33),
 }
 PRESET_NAMES = (*PRESETS, "generic")
+# what the command line offers: the presets that can score (granite-guardian-3.3 exists to explain its refusal)
+USABLE_PRESET_NAMES = tuple(n for n in PRESET_NAMES if n == "generic" or not PRESETS[n].refuse)
 
 #: scoring engines (:mod:`safeshape.star.engines`): one pass per response, or one pass per prefix; or a guard
 #: served by vLLM (:mod:`safeshape.star.vllm_engine`, optional)

@@ -35,8 +35,8 @@ _HELP = {
     "kl_coef": "lambda of the DSS KL term",
     "deep_token_betas": "deep-token: comma-separated beta of response positions 1, 2, ...; the last holds for every "
                         "later position",
-    "rs_keep_rejected": "rs: keep rejected rows with weight 0 and count their tokens in N (the old behaviour) "
-                        "instead of dropping them as the authors do",
+    "rs_keep_rejected": "rs: keep rejected rows with weight 0 and count their tokens in N, as the authors' released "
+                        "code does, instead of dropping them as the paper describes (the default)",
     "lora_r": "LoRA rank r",
     "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
     "lora_dropout": "dropout on the LoRA input",
@@ -66,7 +66,7 @@ _HELP = {
     "overwrite": "replace an existing --out",
     "max_steps": "optimizer steps to run, instead of --epochs (sets the schedule length)",
     "device": "auto (cuda when available, else cpu), cpu, cuda or cuda:N (several processes: cuda:LOCAL_RANK)",
-    "progress": "progress bar (--no-progress to hide)",
+    "progress": "progress bar on a terminal (--no-progress to hide; off anyway when stderr is not a terminal)",
     "fused": "fused lm-head loss (--no-fused forms the logits, for comparison)",
     "schedule": "linear (decay to 0 after warmup) or constant",
     "eval_data": "held-out rows in the --data layout: their loss (the training objective, no dropout) is logged as "
@@ -159,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
                    if f.default is MISSING and f.name not in settings]
         if missing:
             raise SafeshapeError(f"{', '.join(missing)} required (on the command line or in --config)")
+        settings["progress"] = settings.get("progress", True) and sys.stderr.isatty()  # no bars in logs
         config = TrainConfig(**settings)
         summary = train(config)
     except SafeshapeError as exc:

@@ -144,4 +144,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 RESUMABLE_CHANGES = {"out", "save_every", "resume", "overwrite", "progress", "device", "gradient_checkpointing",
                      "eval_data", "eval_split", "eval_every", "report_to",
                      # the same computation, sharded or compiled (checkpoints hold full, unsharded states)
-                     "fsdp", "compile"}
+                     "fsdp", "compile",
+                     # the run's length: --resume with a larger --max-steps/--epochs extends it (the steps done are
+                     # the same; the LR schedule is the new length's from the checkpoint's step on)
+                     "max_steps", "epochs"}

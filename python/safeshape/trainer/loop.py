@@ -386,6 +386,9 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
     if ckpt is not None:
         ckpt_io.check_resumable(ckpt, config, data_sha, dist.world_size)
         start = ckpt_io.load_checkpoint(ckpt, run.peft_model, run.optimizer, run.scheduler, dist.rank)
+        if start > run.total_steps:
+            raise SafeshapeError(f"--resume from {ckpt}: it is at step {start}, past this run's {run.total_steps} "
+                                 "steps; --max-steps/--epochs may extend a run, not shorten it")
     run.wrap_ddp()
     metrics_path = os.path.join(out, METRICS)
     if dist.is_main:
