@@ -2,10 +2,29 @@ import pytest
 import torch
 
 import safeshape.ops  # noqa: F401  registers the ops
+from tests import cuda_emu
 
 HAS_CUDA = torch.cuda.is_available() and safeshape.build_info()["cuda"]
+_EMU_MISSING = cuda_emu.available()
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build"))]
+# cuda_emu: the CUDA kernels and their glue under CPU emulation (docs/cuda-emulation.md), on CPU tensors
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")),
+           pytest.param("cpu", id="cuda_emu",
+                        marks=[pytest.mark.cuda_emu, pytest.mark.skipif(bool(_EMU_MISSING), reason=str(_EMU_MISSING))])]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda_emu: runs the safeshape ops' CUDA kernels under CPU emulation")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """A cuda_emu case runs with the safeshape ops routed to the emulated CUDA glue and kernels."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    with cuda_emu.routed():
+        yield
 
 
 @pytest.fixture(params=DEVICES)

@@ -8,6 +8,7 @@
 // one std::thread each (CUEMU_THREADS, used by the sanitizer builds so that ThreadSanitizer sees races between
 // barriers). __shared__ variables are function statics, shared by the block's threads; between blocks they are
 // filled with 0xFF bytes (NaN floats, -1 integers) so that a read before the write of this block shows.
+// (build.py registers them: each `__shared__ T a[n], b;` is followed by CUEMU_SHARED_REG(a) CUEMU_SHARED_REG(b).)
 // Faults a GPU would report (or leave undefined) end the launch with an error that the next cudaGetLastError()
 // returns: a __syncthreads that can never complete, a shuffle whose mask does not name its calling lane or names a
 // lane that is absent or exited, lanes of one shuffle with different masks, a bad launch configuration.
@@ -43,12 +44,12 @@
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
-#if defined(CUEMU_SHARED_SECTION)
-// one ELF section holds every __shared__ variable, so the runtime can poison all of them between blocks
-#define __shared__ __attribute__((section("cuemu_shared"))) static
-#else
+// build.py follows each __shared__ declaration with CUEMU_SHARED_REG(name) for each of its names, so the runtime
+// knows every shared variable (gcc ignores a section attribute on the statics of templates)
 #define __shared__ static
-#endif
+#define CUEMU_SHARED_REG(name) \
+  static const bool cuemu_shared_reg_##name = ::cuemu::register_shared(&name, sizeof(name)); \
+  (void)cuemu_shared_reg_##name;
 
 // ---- runtime types and error codes (the values are CUDA's) ----
 enum cudaError_t : int {
@@ -258,10 +259,46 @@ inline void thread_exit() {
 }
 
 // ---- fibers (the default) ----
+// A switch saves the callee-saved registers on the old stack and loads them from the new one: no system call
+// (swapcontext also saves the signal mask, with a system call per switch). Other architectures use ucontext.
 constexpr size_t kFiberStack = 256 * 1024;
 
+#if defined(__x86_64__)
+#define CUEMU_ASM_SWITCH 1
+extern "C" void cuemu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .weak cuemu_switch
+    .hidden cuemu_switch
+    .type cuemu_switch, @function
+cuemu_switch:
+    .cfi_startproc
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .cfi_endproc
+    .size cuemu_switch, .-cuemu_switch
+)");
+#endif
+
 struct Fiber {
+#if defined(CUEMU_ASM_SWITCH)
+  void* sp = nullptr;
+#else
   ucontext_t uc;
+#endif
   char* stack = nullptr;
   Thread th;
   bool done = false, waiting = false;
@@ -270,7 +307,11 @@ struct Fiber {
 };
 
 struct FiberRun {
+#if defined(CUEMU_ASM_SWITCH)
+  void* sched_sp = nullptr;
+#else
   ucontext_t sched;
+#endif
   std::vector<Fiber> fibers;
   const std::function<void()>* body = nullptr;
   Fiber* current = nullptr;
@@ -280,7 +321,23 @@ inline FiberRun& fiber_run() {
   return r;
 }
 
-inline void fiber_entry() {
+inline void to_scheduler(Fiber& f) {
+#if defined(CUEMU_ASM_SWITCH)
+  cuemu_switch(&f.sp, fiber_run().sched_sp);
+#else
+  swapcontext(&f.uc, &fiber_run().sched);
+#endif
+}
+
+inline void to_fiber(Fiber& f) {
+#if defined(CUEMU_ASM_SWITCH)
+  cuemu_switch(&fiber_run().sched_sp, f.sp);
+#else
+  swapcontext(&fiber_run().sched, &f.uc);
+#endif
+}
+
+[[noreturn]] inline void fiber_entry() {
   FiberRun& r = fiber_run();
   Fiber& f = *r.current;
   try {
@@ -289,7 +346,26 @@ inline void fiber_entry() {
   }
   thread_exit();
   f.done = true;
-  // returning switches to uc_link (the scheduler)
+  to_scheduler(f);  // never resumed
+  abort();
+}
+
+inline void start_fiber(Fiber& f) {
+#if defined(CUEMU_ASM_SWITCH)
+  // the stack as cuemu_switch leaves it: six saved registers, then the address it returns to (fiber_entry), then
+  // a null return address for fiber_entry; at its entry rsp is 8 mod 16, as after a call
+  auto* top = reinterpret_cast<void**>(f.stack + kFiberStack);
+  top[-1] = nullptr;
+  top[-2] = reinterpret_cast<void*>(&fiber_entry);
+  for (int k = 3; k <= 8; ++k) top[-k] = nullptr;
+  f.sp = top - 8;
+#else
+  getcontext(&f.uc);
+  f.uc.uc_stack.ss_sp = f.stack;
+  f.uc.uc_stack.ss_size = kFiberStack;
+  f.uc.uc_link = nullptr;
+  makecontext(&f.uc, reinterpret_cast<void (*)()>(&fiber_entry), 0);
+#endif
 }
 
 inline void park(Block& b, std::unique_lock<std::mutex>& lk, const uint64_t* gen, uint64_t val) {
@@ -299,7 +375,7 @@ inline void park(Block& b, std::unique_lock<std::mutex>& lk, const uint64_t* gen
     f.waiting = true;
     f.wait_gen = gen;
     f.wait_val = val;
-    swapcontext(&f.uc, &r.sched);
+    to_scheduler(f);
     f.waiting = false;
     if (b.failed) throw Abort{};
     return;
@@ -325,11 +401,7 @@ inline void run_block_fibers(Block& b, const Thread& proto, const std::function<
     f.th.linear = i;
     f.th.tid = {i % proto.bdim.x, (i / proto.bdim.x) % proto.bdim.y, i / (proto.bdim.x * proto.bdim.y)};
     f.done = f.waiting = false;
-    getcontext(&f.uc);
-    f.uc.uc_stack.ss_sp = f.stack;
-    f.uc.uc_stack.ss_size = kFiberStack;
-    f.uc.uc_link = &r.sched;
-    makecontext(&f.uc, fiber_entry, 0);
+    start_fiber(f);
   }
   int done = 0;
   while (done < n && !b.failed) {
@@ -344,7 +416,7 @@ inline void run_block_fibers(Block& b, const Thread& proto, const std::function<
       if (f.waiting && *f.wait_gen == f.wait_val) continue;
       r.current = &f;
       tl_thread = &f.th;
-      swapcontext(&r.sched, &f.uc);
+      to_fiber(f);
       ran = true;
       if (f.done) ++done;
     }
@@ -387,18 +459,27 @@ inline bool use_threads() {
 #endif
 }
 
-#if defined(CUEMU_SHARED_SECTION)
-extern "C" char __start_cuemu_shared[] __attribute__((weak, visibility("hidden")));
-extern "C" char __stop_cuemu_shared[] __attribute__((weak, visibility("hidden")));
-#endif
+struct SharedVars {
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> vars;
+};
+inline SharedVars& shared_vars() {
+  static SharedVars v;
+  return v;
+}
 
 // Fills every __shared__ variable with 0xFF (a GPU's shared memory holds whatever the previous block left).
 inline void poison_shared() {
-#if defined(CUEMU_SHARED_SECTION)
-  char* const begin = __start_cuemu_shared;
-  char* const end = __stop_cuemu_shared;
-  if (begin && end > begin) memset(begin, 0xFF, static_cast<size_t>(end - begin));
-#endif
+  std::lock_guard<std::mutex> g(shared_vars().mu);
+  for (auto& [p, n] : shared_vars().vars) memset(p, 0xFF, n);
+}
+
+// Called once per __shared__ variable (a static's initialiser), the first time its kernel runs.
+inline bool register_shared(void* p, size_t n) {
+  std::lock_guard<std::mutex> g(shared_vars().mu);
+  shared_vars().vars.emplace_back(p, n);
+  memset(p, 0xFF, n);
+  return true;
 }
 
 inline int check_config(dim3 g, dim3 bl, size_t shmem) {
