@@ -46,7 +46,7 @@ def library(mode: str | None = None, cuda_dir: str | None = None) -> Path:
     """Path of the emulated kernels + glue, built if needed and loaded into torch.ops.safeshape_cuda_emu."""
     import safeshape.ops  # noqa: F401  (the safeshape schemas the glue's checks and tests use)
 
-    path = _build_module().build(mode, cuda_dir)
+    path = _build_module().build(mode, cuda_dir or os.environ.get("SAFESHAPE_EMU_CUDA_DIR"))
     torch.ops.load_library(str(path))
     return path
 

@@ -104,7 +104,9 @@ struct Thread {
   int linear;  // threadIdx in row-major order: the warp is linear / 32
   Block* blk;
 };
-inline thread_local Thread* tl_thread = nullptr;
+// initial-exec: the library is loaded by dlopen, and the default model would call __tls_get_addr on every
+// threadIdx read
+inline thread_local Thread* tl_thread __attribute__((tls_model("initial-exec"))) = nullptr;
 inline Thread& self() { return *tl_thread; }
 
 struct Warp {
@@ -209,8 +211,15 @@ inline uint64_t warp_exchange(unsigned mask, uint64_t v, int src, const char* op
     fail_locked(b, std::string(op) + " at " + where() + " (lane " + std::to_string(lane) + "): " + why);
     throw Abort{};
   };
-  char hex[16];
-  snprintf(hex, sizeof hex, "0x%08x", mask);
+  auto hexs = [](unsigned m) {
+    char h[16];
+    snprintf(h, sizeof h, "0x%08x", m);
+    return std::string(h);
+  };
+  const std::string hex = (((mask >> lane) & 1u) && !(mask & ~w.present) && ((mask >> src) & 1u) &&
+                           (w.arrived == 0 || w.mask == mask))
+                              ? std::string()
+                              : hexs(mask);  // formatted only for a fault
   if (!((mask >> lane) & 1u)) bad(std::string("the mask ") + hex + " does not name the calling lane");
   if ((mask & ~w.present) != 0u)
     bad(std::string("the mask ") + hex + " names lanes that do not exist or have exited");
@@ -218,9 +227,7 @@ inline uint64_t warp_exchange(unsigned mask, uint64_t v, int src, const char* op
   if (w.arrived == 0) {
     w.mask = mask;
   } else if (w.mask != mask) {
-    char other[16];
-    snprintf(other, sizeof other, "0x%08x", w.mask);
-    bad(std::string("lanes of one warp shuffle with different masks, ") + hex + " and " + other);
+    bad(std::string("lanes of one warp shuffle with different masks, ") + hex + " and " + hexs(w.mask));
   }
   const uint64_t g = w.gen;
   const int p = static_cast<int>(g & 1);
@@ -354,7 +361,9 @@ inline void start_fiber(Fiber& f) {
 #if defined(CUEMU_ASM_SWITCH)
   // the stack as cuemu_switch leaves it: six saved registers, then the address it returns to (fiber_entry), then
   // a null return address for fiber_entry; at its entry rsp is 8 mod 16, as after a call
-  auto* top = reinterpret_cast<void**>(f.stack + kFiberStack);
+  // stacks are kFiberStack apart: without a different offset per fiber every stack top maps to the same cache set
+  const size_t colour = (static_cast<size_t>(f.th.linear) * 4160) % (64 * 1024);
+  auto* top = reinterpret_cast<void**>(f.stack + kFiberStack - colour);
   top[-1] = nullptr;
   top[-2] = reinterpret_cast<void*>(&fiber_entry);
   for (int k = 3; k <= 8; ++k) top[-k] = nullptr;
