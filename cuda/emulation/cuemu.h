@@ -413,11 +413,13 @@ inline void run_block_fibers(Block& b, const Thread& proto, const std::function<
     start_fiber(f);
   }
   int done = 0;
-  while (done < n && !b.failed) {
+  // rounds alternate direction: thread 0 runs ahead of the others in one round and thread n-1 in the next, so
+  // both a read of a lower thread's slot and of a higher one's, without a barrier in between, see stale data
+  for (bool forward = true; done < n && !b.failed; forward = !forward) {
     bool ran = false;
     done = 0;
-    for (int i = 0; i < n && !b.failed; ++i) {
-      Fiber& f = r.fibers[i];
+    for (int k = 0; k < n && !b.failed; ++k) {
+      Fiber& f = r.fibers[forward ? k : n - 1 - k];
       if (f.done) {
         ++done;
         continue;
