@@ -255,11 +255,15 @@ def build(mode: str | None = None, cuda_dir: Path | str | None = None, out: Path
 
 
 def sanitizer_preload(mode: str) -> str | None:
-    """The runtime library a process must LD_PRELOAD to load a ``mode`` build (None for plain)."""
+    """The libraries a process must LD_PRELOAD to load a ``mode`` build (None for plain)."""
     name = SANITIZER_LIB.get(mode)
     if name is None:
         return None
-    return subprocess.run([_compiler(), f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    # libstdc++ too: else the sanitizer's __cxa_throw interceptor finds no real __cxa_throw (python links none)
+    # and the first C++ exception (a TORCH_CHECK) aborts the process
+    libs = [name, "libstdc++.so.6"]
+    return " ".join(subprocess.run([_compiler(), f"-print-file-name={n}"], capture_output=True,
+                                   text=True).stdout.strip() for n in libs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -413,9 +413,11 @@ inline void run_block_fibers(Block& b, const Thread& proto, const std::function<
     start_fiber(f);
   }
   int done = 0;
-  // rounds alternate direction: thread 0 runs ahead of the others in one round and thread n-1 in the next, so
-  // both a read of a lower thread's slot and of a higher one's, without a barrier in between, see stale data
-  for (bool forward = true; done < n && !b.failed; forward = !forward) {
+  // even blocks run their threads in order, odd blocks in reverse order: thread 0 runs ahead of the others in one
+  // block and the last thread in the next, so a read of a slot that a lower thread, or a higher one, writes
+  // without a barrier in between sees stale data in one of them
+  const bool forward = ((proto.bid.x + proto.bid.y + proto.bid.z) & 1u) == 0;
+  while (done < n && !b.failed) {
     bool ran = false;
     done = 0;
     for (int k = 0; k < n && !b.failed; ++k) {
