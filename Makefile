@@ -30,13 +30,13 @@ demo: setup  # the toy world: base/aligned/guard models built in code, then ever
 EMU_TESTS ?= tests/test_cuda_emulated.py tests/test_star_ops.py tests/test_ops_token_loss.py tests/test_ops_projection.py tests/test_loss.py
 cuda-emu-all: setup  # every cuda_emu case, the slow ones too
 	SAFESHAPE_EMU_ALL=1 $(VENV)/bin/python -m pytest -q -k "cuda_emu or test_cuda_emulated" $(EMU_TESTS)
-cuda-emu-asan: setup  # AddressSanitizer + UBSan build, one std::thread per CUDA thread
+cuda-emu-asan: setup  # AddressSanitizer + UBSan build, one std::thread per CUDA thread (~10 min)
 	SAFESHAPE_EMU_SANITIZE=address ASAN_OPTIONS=detect_leaks=0 \
-	    LD_PRELOAD=$$($(VENV)/bin/python cuda/emulation/build.py --mode address --print-preload) \
-	    $(VENV)/bin/python -m pytest -q -k "cuda_emu or test_cuda_emulated" $(EMU_TESTS)
+	    LD_PRELOAD="$$($(VENV)/bin/python cuda/emulation/build.py --mode address --print-preload)" \
+	    $(VENV)/bin/python -m pytest -q tests/test_cuda_emulated.py
 cuda-emu-tsan: setup  # ThreadSanitizer build, one std::thread per CUDA thread
 	SAFESHAPE_EMU_SANITIZE=thread TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" \
-	    LD_PRELOAD=$$($(VENV)/bin/python cuda/emulation/build.py --mode thread --print-preload) \
+	    LD_PRELOAD="$$($(VENV)/bin/python cuda/emulation/build.py --mode thread --print-preload)" \
 	    $(VENV)/bin/python -m pytest -q tests/test_cuda_emulated.py
 cuda-emu-mutants: setup  # each mutation of cuda/ must make the emulated tests fail
 	$(VENV)/bin/python cuda/emulation/mutate.py --json build/cuda-emu-mutants.json
