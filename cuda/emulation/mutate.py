@@ -70,7 +70,7 @@ def run_one(name: str, python: str, out: Path) -> dict:
                    SAFESHAPE_EMU_BUILD=str(out))
         if mode != "plain":
             env["LD_PRELOAD"] = build.sanitizer_preload(mode)
-            env["ASAN_OPTIONS"] = "detect_leaks=0"
+            env["ASAN_OPTIONS"] = f"detect_leaks=0:log_path={root}/sanitizer"  # pytest's capture would drop it
         first = EMU_TESTS if mode == "plain" else tests  # the sanitizer builds are slow: their own tests only
         r = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *first], cwd=REPO,
                            env=env, capture_output=True, text=True)
@@ -80,7 +80,8 @@ def run_one(name: str, python: str, out: Path) -> dict:
         tail = (r.stdout + r.stderr).strip().splitlines()
         summary = next((ln for ln in reversed(tail) if " passed" in ln or " failed" in ln or "error" in ln.lower()),
                        tail[-1] if tail else "")
-        asan = next((ln for ln in tail if "AddressSanitizer" in ln or "runtime error" in ln), "")
+        logs = [ln for f in sorted(root.glob("sanitizer*")) for ln in f.read_text(errors="replace").splitlines()]
+        asan = next((ln for ln in logs + tail if "ERROR: AddressSanitizer" in ln or "runtime error" in ln), "")
         return {"mutation": name, "file": path, "mode": mode, "caught": r.returncode != 0, "exit": r.returncode,
                 "summary": summary.strip(), "sanitizer": asan.strip(), "seconds": round(time.time() - t0, 1)}
 
