@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 
-.PHONY: setup test test-vllm demo wheels clean
+.PHONY: setup test test-vllm demo wheels clean cuda-emu-all cuda-emu-asan cuda-emu-tsan cuda-emu-mutants
 
 # What the installed package is built from: setup reinstalls only when one of these is newer than its stamp, and
 # then scikit-build-core reuses its persistent build folder (pyproject: build-dir = build/{wheel_tag}), so ninja
@@ -63,6 +63,21 @@ test-vllm: $(VLLM_VENV)/.deps
 
 demo: setup  # the toy world: base/aligned/guard models built in code, then every method compared; ONE seed for time
 	$(VENV)/bin/safeshape demo --workdir build/demo  # (docs/demo.md's table: several seeds, see that page)
+
+# The CUDA kernels under CPU emulation (docs/cuda-emulation.md); `make test` runs the default set of them.
+EMU_TESTS ?= tests/test_cuda_emulated.py tests/test_star_ops.py tests/test_ops_token_loss.py tests/test_ops_projection.py tests/test_loss.py
+cuda-emu-all: setup  # every cuda_emu case, the slow ones too
+	SAFESHAPE_EMU_ALL=1 $(VENV)/bin/python -m pytest -q -k "cuda_emu or test_cuda_emulated" $(EMU_TESTS)
+cuda-emu-asan: setup  # AddressSanitizer + UBSan build, one std::thread per CUDA thread (~10 min)
+	SAFESHAPE_EMU_SANITIZE=address ASAN_OPTIONS=detect_leaks=0 \
+	    LD_PRELOAD="$$($(VENV)/bin/python cuda/emulation/build.py --mode address --print-preload)" \
+	    $(VENV)/bin/python -m pytest -q tests/test_cuda_emulated.py
+cuda-emu-tsan: setup  # ThreadSanitizer build, one std::thread per CUDA thread
+	SAFESHAPE_EMU_SANITIZE=thread TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" \
+	    LD_PRELOAD="$$($(VENV)/bin/python cuda/emulation/build.py --mode thread --print-preload)" \
+	    $(VENV)/bin/python -m pytest -q tests/test_cuda_emulated.py
+cuda-emu-mutants: setup  # each mutation of cuda/ must make the emulated tests fail
+	$(VENV)/bin/python cuda/emulation/mutate.py --json build/cuda-emu-mutants.json
 
 wheels:  # CPU and CUDA wheels, repaired to manylinux and smoke-tested in fresh venvs (scripts/build_wheels.sh)
 	scripts/build_wheels.sh

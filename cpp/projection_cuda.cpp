@@ -30,6 +30,8 @@ std::tuple<at::Tensor, at::Tensor> project_lora_b_cuda(const at::Tensor& aligned
 
 at::Tensor lora_cosine_cuda(const at::Tensor& lora_b, const at::Tensor& projected_b, const at::Tensor& lora_a) {
   check_cosine_args(lora_b, projected_b, lora_a, "lora_cosine");
+  TORCH_CHECK(lora_b.size(1) <= cuda::kMaxCosineRank, "lora_cosine: rank ", lora_b.size(1),
+              " is above the CUDA kernel's limit of ", cuda::kMaxCosineRank, " (one block per entry of r x r)");
   const c10::cuda::CUDAGuard guard(lora_b.device());
   const at::Tensor B = lora_b.to(at::kDouble).contiguous();
   const at::Tensor P = projected_b.to(at::kDouble).contiguous();

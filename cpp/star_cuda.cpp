@@ -10,6 +10,10 @@ namespace {
 
 at::Tensor star_token_weights_cuda(const at::Tensor& values, const at::Tensor& chunk_ends, int64_t seq_len) {
   check_star_token_weights_args(values, chunk_ends, seq_len);
+  // the kernel copies 2, 4 or 8 bytes; float8 passes is_floating_point (same message as the CPU kernel's)
+  const int64_t elem = values.element_size();
+  TORCH_CHECK(elem == 2 || elem == 4 || elem == 8, "star_token_weights: values has an unsupported dtype ",
+              values.scalar_type());
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor vals = values.contiguous();
   const at::Tensor ends = chunk_ends.to(at::kLong).contiguous();

@@ -17,6 +17,9 @@ int launch_project_lora_b(DType dtype, const void* aligned, const void* base, co
                           float* v_norm, int64_t d_out, int64_t d_in, int64_t r, void* workspace,
                           size_t workspace_bytes, void* stream);
 // cosine[0] = tr(P^T B G) / sqrt(tr(P^T P G) tr(B^T B G)), G = A A^T; B, P [d_out, r], A [r, d_in], all float64.
+// One block per entry of an r x r Gram matrix: r up to kMaxCosineRank (else cudaErrorInvalidValue).
+constexpr int64_t kMaxCosineBlocks = 0x7fffffff;  // CUDA's largest gridDim.x
+constexpr int64_t kMaxCosineRank = 46340;         // the largest r with r * r <= kMaxCosineBlocks
 size_t lora_cosine_workspace_bytes(int64_t r);
 int launch_lora_cosine(const double* lora_b, const double* projected_b, const double* lora_a, double* cosine,
                        int64_t d_out, int64_t d_in, int64_t r, void* workspace, size_t workspace_bytes, void* stream);

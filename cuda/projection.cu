@@ -2,7 +2,7 @@
 //   pass 1: partial[s, j, :] = sum_{i in split s} V[i, j] B[i, :] (float64)  and per-block sums of V^2
 //   reduce: M[j, :] = sum_s partial[s, j, :],  norm = sqrt(sum of the block sums)   (fp64 for the norm)
 //   pass 2: B'[i, :] = sum_j V[i, j] M[j, :] / norm, several rows per block (pass2_rows).
-// V^T B is accumulated in float64 (as on the CPU); ||V||^2 per thread in float32, across blocks in float64.
+// V^T B and ||V||^2 are accumulated in float64 (as on the CPU): per thread, per block and across blocks.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,7 +20,7 @@ constexpr int kRowsPerTile = 32;  // rows of B staged in shared memory per step 
 // grid (ceil(d_in / kThreads), nsplit, ceil(r / R)); each thread owns column j and R rank columns.
 template <typename T, int R>
 __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ lora_b,
-                             double* __restrict__ partial, float* __restrict__ block_ss, int64_t d_out, int64_t d_in,
+                             double* __restrict__ partial, double* __restrict__ block_ss, int64_t d_out, int64_t d_in,
                              int64_t r, int64_t rows_per_split) {
   __shared__ float bs[kRowsPerTile][R];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -30,7 +30,7 @@ __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, c
   double acc[R];  // float64: products of float32 values are exact, and V^T B may cancel (hard modules)
 #pragma unroll
   for (int k = 0; k < R; ++k) acc[k] = 0.0;
-  float ss = 0.f;
+  double ss = 0.0;  // float64: a float32 sum of 64 rows per thread lost up to 2e-6 of ||V||^2 (issue 22)
   for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowsPerTile) {
     const int rows = static_cast<int>(min(static_cast<int64_t>(kRowsPerTile), i_end - i0));
     __syncthreads();
@@ -45,8 +45,7 @@ __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, c
         // the difference in float64 too: exact for float32/bfloat16/float16 inputs (a float32 difference is
         // rounded, which moved the hard module's cosine by up to 8.6e-7 in an fp64 emulation)
         const double v = static_cast<double>(to_float(a[idx])) - static_cast<double>(to_float(b[idx]));
-        const float vf = static_cast<float>(v);
-        ss += vf * vf;
+        ss += v * v;
 #pragma unroll
         for (int k = 0; k < R; ++k) acc[k] += v * bs[ii][k];
       }
@@ -60,7 +59,7 @@ __global__ void pass1_kernel(const T* __restrict__ a, const T* __restrict__ b, c
   }
   // only the first rank chunk counts V^2, so each element is counted once
   if (blockIdx.z == 0) {  // uniform across the block, as block_sum needs
-    const float t = block_sum(ss);
+    const double t = block_sum(ss);
     if (threadIdx.x == 0) block_ss[blockIdx.y * gridDim.x + blockIdx.x] = t;
   }
 }
@@ -74,7 +73,7 @@ __global__ void reduce_kernel(const double* __restrict__ partial, float* __restr
   M[e] = static_cast<float>(s);
 }
 
-__global__ void norm_kernel(const float* __restrict__ block_ss, int64_t n, double* __restrict__ norm64,
+__global__ void norm_kernel(const double* __restrict__ block_ss, int64_t n, double* __restrict__ norm64,
                             float* __restrict__ v_norm) {
   double s = 0.0;
   for (int64_t e = threadIdx.x; e < n; e += kThreads) s += block_ss[e];
@@ -150,9 +149,12 @@ struct Plan {
 };
 
 // Pass 1 splits the rows so that the grid fills the GPU: at least 8 blocks per SM (and 1024 in all), at least
-// kMinRowsPerSplit rows per split. workspace_bytes and the launch both call this, on the same device.
+// kMinRowsPerSplit rows per split, and at most kMaxPartialBytes of float64 partial sums (8 d_in r bytes a split:
+// 147 MB at d_in 28672, r 64 without the cap), but always one split. workspace_bytes and the launch both call this,
+// on the same device.
 constexpr int64_t kMinRowsPerSplit = 4;
-Plan make_plan(int64_t d_out, int64_t d_in) {
+constexpr int64_t kMaxPartialBytes = int64_t{64} << 20;
+Plan make_plan(int64_t d_out, int64_t d_in, int64_t r) {
   Plan p;
   p.col_blocks = std::max<int64_t>(1, (d_in + kThreads - 1) / kThreads);
   int device = 0, sms = 0;
@@ -163,7 +165,9 @@ Plan make_plan(int64_t d_out, int64_t d_in) {
   }
   const int64_t target = std::max<int64_t>(1024, 8 * static_cast<int64_t>(sms));
   const int64_t want = std::max<int64_t>(1, (target + p.col_blocks - 1) / p.col_blocks);
-  p.nsplit = std::min<int64_t>(want, std::max<int64_t>(1, d_out / kMinRowsPerSplit));
+  const int64_t split_bytes = std::max<int64_t>(1, static_cast<int64_t>(sizeof(double)) * d_in * r);
+  p.nsplit = std::min<int64_t>({want, std::max<int64_t>(1, d_out / kMinRowsPerSplit),
+                                std::max<int64_t>(1, kMaxPartialBytes / split_bytes)});
   p.rows_per_split = std::max<int64_t>(1, (d_out + p.nsplit - 1) / p.nsplit);  // d_out = 0: one empty split
   p.nsplit = std::max<int64_t>(1, (d_out + p.rows_per_split - 1) / p.rows_per_split);
   return p;
@@ -174,13 +178,13 @@ size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 template <typename T, int R>
 void launch_passes(const T* a, const T* b, const float* lora_b, float* projected, float* v_norm, int64_t d_out,
                    int64_t d_in, int64_t r, char* ws, cudaStream_t stream) {
-  const Plan p = make_plan(d_out, d_in);
+  const Plan p = make_plan(d_out, d_in, r);
   double* partial = reinterpret_cast<double*>(ws);
   ws += align256(sizeof(double) * p.nsplit * d_in * r);
   float* M = reinterpret_cast<float*>(ws);
   ws += align256(sizeof(float) * d_in * r);
-  float* block_ss = reinterpret_cast<float*>(ws);
-  ws += align256(sizeof(float) * p.nsplit * p.col_blocks);
+  double* block_ss = reinterpret_cast<double*>(ws);
+  ws += align256(sizeof(double) * p.nsplit * p.col_blocks);
   double* norm64 = reinterpret_cast<double*>(ws);
 
   const int64_t rchunks = (r + R - 1) / R;
@@ -244,9 +248,9 @@ __global__ void cosine_kernel(const double* __restrict__ grams, int64_t r, doubl
 }  // namespace
 
 size_t project_lora_b_workspace_bytes(int64_t d_out, int64_t d_in, int64_t r) {
-  const Plan p = make_plan(d_out, d_in);
+  const Plan p = make_plan(d_out, d_in, r);
   return align256(sizeof(double) * p.nsplit * d_in * r) + align256(sizeof(float) * d_in * r) +
-         align256(sizeof(float) * p.nsplit * p.col_blocks) + align256(sizeof(double));
+         align256(sizeof(double) * p.nsplit * p.col_blocks) + align256(sizeof(double));
 }
 
 int launch_project_lora_b(DType dtype, const void* aligned, const void* base, const float* lora_b, float* projected,
@@ -279,6 +283,7 @@ int launch_lora_cosine(const double* lora_b, const double* projected_b, const do
   auto s = static_cast<cudaStream_t>(stream);
   double* grams = static_cast<double*>(workspace);  // G, P^T B, P^T P, B^T B
   const int64_t rr = r * r;
+  if (r < 0 || rr > kMaxCosineBlocks) return cudaErrorInvalidValue;  // one block per (k, l): gridDim.x < 2^31
   const unsigned blocks = static_cast<unsigned>(rr);
   if (rr == 0) {  // r = 0: dW = 0, cosine 0 (an empty grid is not a valid launch)
     cosine_kernel<<<1, kThreads, 0, s>>>(grams, r, cosine);

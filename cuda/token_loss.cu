@@ -116,11 +116,16 @@ struct Lse {
       s += exp_(x - m);
     }
   }
+  // s is NaN once a NaN was added; with m still -inf (a thread that saw only NaN and -inf) that NaN must survive
+  // the merge, so the -inf sides add their s (0 or NaN) instead of being dropped
   __device__ void merge(A om, A os) {
-    if (om == -INFINITY) return;
+    if (om == -INFINITY) {
+      s += os;
+      return;
+    }
     if (m == -INFINITY) {
       m = om;
-      s = os;
+      s += os;
       return;
     }
     const A nm = m > om ? m : om;
@@ -130,7 +135,8 @@ struct Lse {
 };
 
 // Block-wide merge of the threads' Lse; every thread gets m + log(s) in float64 (m is a logit, log(s) is small:
-// their float64 sum keeps the digits a float32 lse of |z| ~ 1e4 would lose).
+// their float64 sum keeps the digits a float32 lse of |z| ~ 1e4 would lose). A row whose maximum is not finite (all
+// -inf, or a +inf) gives NaN, as on the CPU (max + log(sum exp(z - max)) with exp(-inf - -inf) = exp(inf - inf) = NaN).
 template <typename A>
 __device__ double block_lse(Lse<A> st) {
   __shared__ A sm[kThreads / 32], ss[kThreads / 32];
@@ -146,7 +152,7 @@ __device__ double block_lse(Lse<A> st) {
     Lse<A> t;
     t.init();
     for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) t.merge(sm[w], ss[w]);
-    result = static_cast<double>(t.m) + static_cast<double>(log_(t.s));
+    result = isfinite(t.m) ? static_cast<double>(t.m) + static_cast<double>(log_(t.s)) : static_cast<double>(NAN);
   }
   __syncthreads();
   return result;
@@ -234,11 +240,12 @@ __global__ void full_kl_kernel(TokenRows a) {
   const double lse_d = block_lse(sz);
   const double rlse_d = block_lse(sr);
   const Split<A> lse(lse_d), rlse(rlse_d);
-  // KL = sum_j p_j ((z_j - lse) - (r_j - rlse)); p_j = 0 adds 0 (a -inf logit would give 0 x -inf = NaN)
+  // KL = sum_j p_j ((z_j - lse) - (r_j - rlse)); p_j = 0 adds 0 (a -inf logit would give 0 x -inf = NaN), a NaN
+  // p_j (a NaN row) adds NaN
   auto kl_term = [&](A zj, A rj) {
     const A lz = lse.log_prob(zj);
     const A p = exp_(lz);
-    return p > A(0) ? p * (lz - rlse.log_prob(rj)) : A(0);
+    return p == A(0) ? A(0) : p * (lz - rlse.log_prob(rj));
   };
   A part = A(0);
   const RowSplit<T> sp(z, V);
