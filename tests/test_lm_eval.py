@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import safeshape
 from safeshape import testing as T
 from safeshape.cli import main as cli_main
 
@@ -56,7 +57,7 @@ def world(tmp_path_factory):
 
 def _env():
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"),
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(safeshape.__file__)),  # the one imported here
                                          env.get("PYTHONPATH", "")])
     return env
 

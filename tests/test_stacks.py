@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import safeshape
 from safeshape import hf, testing
 from safeshape.errors import SafeshapeError
 from safeshape.parallel import head as head_mod
@@ -64,8 +65,9 @@ def two_processes(tiny):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", os.path.join(ROOT, "tests", "stacks_worker.py"), str(path),
            str(root / "rows.json"), str(out), *names]
+    # the children import the safeshape this process imported (the installed one in CI, python/ in a dev build)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.join(ROOT, "python"), ROOT, os.environ.get("PYTHONPATH", "")]))
+        [os.path.dirname(os.path.dirname(safeshape.__file__)), ROOT, os.environ.get("PYTHONPATH", "")]))
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     except subprocess.TimeoutExpired:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import safeshape
 from safeshape.star import tiny
 from tests import star_common
 from tests.test_star_annotate import ROWS, assert_same_rows, read_jsonl, run_cli, write_jsonl
@@ -35,8 +36,7 @@ def test_two_processes_equal_one(tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "safeshape", "star", *common, "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"),
-         os.environ.get("PYTHONPATH", "")]))
+        [os.path.dirname(os.path.dirname(safeshape.__file__)), os.environ.get("PYTHONPATH", "")]))  # the one imported here
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     except subprocess.TimeoutExpired:
