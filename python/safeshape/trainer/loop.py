@@ -31,7 +31,7 @@ from ..data import IGNORE_INDEX, Example, collate, drop_rejected, load_examples,
 from ..datafiles import fingerprint
 from ..errors import SafeshapeError
 from ..hub import portable_name, resolve_folder
-from ..io import (atomic_write_text, check_replaceable, is_our_output, refuse_links_below, write_json,
+from ..io import (MANIFEST, atomic_write_text, check_replaceable, is_our_output, refuse_links_below, write_json,
                   write_manifest)
 from ..loss import response_positions, uses_reference
 from . import checkpoint as ckpt_io
@@ -56,7 +56,7 @@ def check_out(config: TrainConfig) -> str:
     out = str(check_output_path(config.out, config.overwrite, inputs, keep=not config.overwrite))
     if os.path.exists(out) and not os.path.isdir(out):
         raise SafeshapeError(f"--out {config.out}: exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not (config.resume or config.overwrite):
+    if os.path.isdir(out) and set(os.listdir(out)) - {MANIFEST} and not (config.resume or config.overwrite):
         raise SafeshapeError(f"--out {config.out}: exists and is not empty; pass --resume to continue that run or "
                              "--overwrite to replace it")
     return out
