@@ -373,3 +373,20 @@ def test_save_to_disk_with_an_unexpected_column_is_a_clear_error(tmp_path):
     with pytest.raises(SafeshapeError, match=f"{folder}: cannot read .*save_to_disk folder") as info:
         read_rows(folder)
     assert info.value.__cause__ is not None  # the datasets error is kept as the cause
+
+
+# ---- a template that prints the date is never left unpinned silently --------------------------------------------
+
+def test_date_pinning_check_is_not_skipped_when_the_template_fails():
+    import copy
+
+    from safeshape.star import get_preset
+    from safeshape.star.template import GuardTemplate
+    from tests import star_common
+
+    tok = copy.deepcopy(star_common.tokenizer())
+    tok.chat_template = ("{{ strftime_now('%Y-%m-%d') }} 'safe' or 'unsafe' {% for m in messages %}{{ m.content }}"
+                         "{% endfor %}{{ raise_exception('this template fails on every input') }}")
+    with pytest.raises(SafeshapeError, match="prints today's date, and rendering it .* failed: .*every input") as info:
+        GuardTemplate(tok, get_preset("llama-guard-3"))
+    assert info.value.__cause__ is not None

@@ -92,12 +92,13 @@ def _why(exc: OSError) -> str:
 
 
 def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
-                      what: str = "--out", keep: bool = False) -> Path:
+                      what: str = "--out", keep: bool = False, ours: bool = False) -> Path:
     """Validate an output path against the inputs ``[(argument name, path), ...]``; returns it resolved.
 
     A link at ``out`` is refused (:func:`refuse_link`); an existing folder is replaced (``overwrite``) only when it
     is ours (:func:`check_replaceable`). ``keep=True``: an existing output is the caller's to judge (a run to
-    resume), only links, overlaps and writability are checked here. Also checks that the output can be created
+    resume), only links, overlaps and writability are checked here; ``ours=True``: the caller knows ``out`` is its
+    own (a checkpoint inside a run folder of ours), so no manifest is asked for. Also checks that the output can be created
     (its nearest existing parent is a writable folder), so a run fails before any work rather than after it, and
     finishes what killed runs left for this output."""
     refuse_link(out, what)
@@ -110,7 +111,8 @@ def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: Iterable[
     if out_r.exists() and not keep:
         if not overwrite:
             raise SafeshapeError(f"{what} {out} already exists: pass --overwrite (overwrite=True) to replace it")
-        check_replaceable(out_r, what)
+        if not ours:
+            check_replaceable(out_r, what)
     parent = out_r.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -231,19 +233,21 @@ def apply_umask(*paths: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=(), what: str = "--out",
-                      command: str | None = None):
+                      command: str | None = None, ours: bool = False):
     """Yield a temporary folder next to ``out``; on success it replaces ``out`` in one rename (or exchange).
     The folder gets the manifest (:data:`MANIFEST`, naming ``command``, default ``what``) that lets a later
-    ``--overwrite`` replace it.
+    ``--overwrite`` replace it; ``ours=True`` (a folder inside an output of ours, e.g. a checkpoint): no manifest
+    is written or asked for.
 
     An OSError while writing (full disk, permissions) becomes a SafeshapeError naming ``out``; the temporary
     folder is removed and ``out`` is left as it was."""
-    out_r = check_output_path(out, overwrite, inputs, what=what)
+    out_r = check_output_path(out, overwrite, inputs, what=what, ours=ours)
     try:
         out_r.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_r.name}.tmp-{os.getpid()}-", dir=out_r.parent))
         apply_umask(tmp)
-        write_manifest(tmp, command or what)
+        if not ours:
+            write_manifest(tmp, command or what)
     except OSError as exc:
         raise SafeshapeError(f"{what} {out}: cannot create it: {_why(exc)}") from None
     try:
