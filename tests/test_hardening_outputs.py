@@ -125,17 +125,19 @@ def test_train_overwrite_never_deletes_a_folder_it_did_not_write(tmp_path, model
 
 
 def test_train_refuses_links_inside_its_run_folder(tmp_path, model_dir, capsys):
-    """A run folder (ours) being resumed with a planted metrics.jsonl link: refused, the target untouched."""
+    """A run folder (ours) being resumed with a planted link where train appends or writes (metrics, summary, the
+    reporters' log folders): refused, the target untouched."""
     data = testing.write_tiny_dataset(tmp_path / "d.jsonl", 4, "sft", seed=1)
-    out = tmp_path / "run"
-    out.mkdir()
-    io.write_manifest(out, "train")
     notes = plant_notes(tmp_path)
-    (out / "metrics.jsonl").symlink_to(notes)
-    rc = cli_main(["train", "--model", str(model_dir), "--data", str(data), "--loss", "sft", "--max-steps", "1",
-                   "--no-progress", "--out", str(out), "--resume"])
-    assert rc == 2 and "symbolic link" in capsys.readouterr().err
-    assert notes.read_bytes() == NOTES
+    for name in ("metrics.jsonl", "train_summary.json", "runs"):
+        out = tmp_path / f"run-{name}"
+        out.mkdir()
+        io.write_manifest(out, "train")
+        (out / name).symlink_to(notes)
+        rc = cli_main(["train", "--model", str(model_dir), "--data", str(data), "--loss", "sft", "--max-steps", "1",
+                       "--no-progress", "--out", str(out), "--resume", "--report-to", "tensorboard"])
+        assert rc == 2 and "symbolic link" in capsys.readouterr().err, name
+        assert notes.read_bytes() == NOTES
 
 
 def test_project_overwrite_through_a_linked_out_is_refused(tmp_path, capsys):

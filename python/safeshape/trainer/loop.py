@@ -290,7 +290,8 @@ def _prepare_out(out: str, config: TrainConfig, dist: Dist) -> str | None:
         ckpt_io.remove_stale_temporaries(out)  # puts back a checkpoint a killed run had moved aside
         if not is_our_output(out) and (not os.listdir(out) or ckpt_io.latest_checkpoint(out)):
             write_manifest(out, "train")  # a new run folder (or an older version's run): --overwrite may replace it
-        refuse_links_below(out, [METRICS, SUMMARY])  # appended to / replaced in place: never through a link
+        # appended to / written in place (the reporters' log folders too): never through a link
+        refuse_links_below(out, [METRICS, SUMMARY, "runs", "wandb"])
     dist.barrier()
     return ckpt_io.latest_checkpoint(out) if config.resume else None
 
