@@ -146,7 +146,7 @@ def test_train_survives_kill_9(tmp_path):
 
 
 def test_star_survives_kill_9(tmp_path):
-    """`safeshape star` killed with SIGKILL once OUT holds 1, 5, 20, 60, 100 and 140 of its 150 rows (events, not
+    """`safeshape star` killed with SIGKILL once OUT holds 1, 4, 12, 25, 40 and 55 of its 60 rows (events, not
     times: loading the guard may take any time on a loaded machine), then rerun: OUT ends up with every row exactly
     once, equal to an uninterrupted run (a torn last row is cut and rescored, no row twice)."""
     from safeshape.star import tiny
@@ -155,13 +155,13 @@ def test_star_survives_kill_9(tmp_path):
 
     tiny.save_tiny_guard(tmp_path / "guard")
     src = tmp_path / "in.jsonl"
-    write_jsonl(src, [{"id": i, "prompt": f"Question {i}?", "response": tiny.random_text(30, i)} for i in range(150)])
+    write_jsonl(src, [{"id": i, "prompt": f"Question {i}?", "response": tiny.random_text(30, i)} for i in range(60)])
     base = ["star", "--guard", str(tmp_path / "guard"), "--data", str(src), "--chunk-words", "3", "--batch-size", "1",
             "--no-progress"]
     ref = run_steps(tmp_path, [{"argv": base + ["--out", str(tmp_path / "ref.jsonl")]}], "ref")
     assert ref[0]["status"] == "exit:0"
     want = read_jsonl(tmp_path / "ref.jsonl")
-    rows = [1, 5, 20, 60, 100, 140]
+    rows = [1, 4, 12, 25, 40, 55]
     outs = [tmp_path / f"run{i}.jsonl" for i in range(len(rows))]
     kills = run_steps(tmp_path, [{"argv": base + ["--out", str(o)], "kill": f"rows:{n}:{o}"} for o, n in zip(outs, rows)],
                       "kills")
