@@ -40,8 +40,8 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	    | { grep -E --line-buffered '^ *\[[0-9]+/[0-9]+\]' || true; } || { tail -n 40 build/setup.log; exit 1; }
 	touch $@
 
-test: setup
-	$(VENV)/bin/python -m pytest -q
+test: setup  # the tokenizer package is installed above: its conformance tests must run, not skip
+	SAFESHAPE_REQUIRE_TOKENIZER=1 $(VENV)/bin/python -m pytest -q
 
 # --engine vllm against the hf engines (tests/test_vllm.py) in an environment of its own: vLLM's CPU build pins its
 # own torch (2.13.0+cpu) and transformers, so safeshape is built again against that torch (build/vllm). The CPU build

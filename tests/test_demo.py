@@ -142,44 +142,33 @@ def test_fast_demo_end_to_end(fast_demo):
     # the world works as designed: the base model complies, the aligned model refuses
     assert runs["base"]["safety"] <= 0.2 and runs["base"]["details"]["harmful_complied"] >= 0.5
     assert runs["aligned"]["safety"] >= 0.8
+    # every method runs in this build: a "not run" (e.g. an ImportError turned into one) fails here
+    assert {name: r["status"] for name, r in runs.items()} == {name: "ok" for name in runs}
     for r in runs.values():
-        if r["status"] == "ok":
-            assert 0.0 <= r["safety"] <= 1.0 and 0.0 <= r["utility"] <= 1.0
-        else:
-            assert r["safety"] is None and r["status"].startswith("not run")
-    if _has("safeshape.trainer"):
-        assert runs["sft"]["status"] == "ok"
-        # the premise of the demo: fine-tuning teaches the task and vanilla SFT visibly loses refusals
-        assert runs["sft"]["utility"] >= runs["aligned"]["utility"] + 0.1
-        assert runs["sft"]["safety"] <= runs["aligned"]["safety"] - 0.3
-    if _has("safeshape.trainer") and _has("safeshape.star"):
-        assert runs["rs"]["status"] == "ok" and runs["dss"]["status"] == "ok"
-    from safeshape.demo.pipeline import _has_loss
-
-    assert (runs["deep-token"]["status"] == "ok") == _has_loss("deep-token")
+        assert 0.0 <= r["safety"] <= 1.0 and 0.0 <= r["utility"] <= 1.0
+    # the premise of the demo: fine-tuning teaches the task and vanilla SFT visibly loses refusals
+    assert runs["sft"]["utility"] >= runs["aligned"]["utility"] + 0.1
+    assert runs["sft"]["safety"] <= runs["aligned"]["safety"] - 0.3
     spectrum = cell["alignment_spectrum"]
     assert len(spectrum) == 2 * report["profile"]["layers"]
     for m in spectrum:  # sigma_1^2 / ||V|| <= ||V||, and the aligned model really differs from the base
         assert 0 < m["c_max_eigenvalue"] <= m["v_norm"] * (1 + 1e-9) and 1 <= m["rank_95"] <= m["shape"][0]
-    if runs["sft"]["status"] == "ok":
-        v_norms = {m["name"]: m["v_norm"] for m in spectrum}
-        for m in runs["sft+safelora-number"]["details"]["safelora"]["modules"]:
-            assert m["v_norm"] == pytest.approx(v_norms[m["name"]], rel=1e-5)  # safeshape.safelora agrees
-        for mode in ("number", "threshold"):
-            r = runs[f"sft+safelora-{mode}"]
-            assert r["status"] == "ok"
-            n_proj, n_mod = map(int, r["modules_projected"].split("/"))
-            assert n_mod == 2 * report["profile"]["layers"]  # q_proj and v_proj of every layer
-            if mode == "number":
-                assert n_proj >= 1  # k = round(10/64 * 4) = 1; ties can add more
-            cos = [m["cosine"] for m in r["details"]["safelora"]["modules"]]
-            assert n_proj == sum(c <= 0.5 for c in cos) or mode == "number"
-    if _has("safeshape.safelora.projector"):  # the orthogonal projector: k directions of V per module
-        for mode in ("number", "threshold"):
-            r = runs[f"sft+safelora-orthogonal-{mode}"]
-            assert r["status"] == "ok" and r["details"]["safelora"]["settings"]["projector"] == "orthogonal"
-            for m in r["details"]["safelora"]["modules"]:
-                assert 1 <= m["rank_kept"] <= {s["name"]: s["rank_95"] for s in spectrum}[m["name"]] + 1
+    v_norms = {m["name"]: m["v_norm"] for m in spectrum}
+    for m in runs["sft+safelora-number"]["details"]["safelora"]["modules"]:
+        assert m["v_norm"] == pytest.approx(v_norms[m["name"]], rel=1e-5)  # safeshape.safelora agrees
+    for mode in ("number", "threshold"):
+        r = runs[f"sft+safelora-{mode}"]
+        n_proj, n_mod = map(int, r["modules_projected"].split("/"))
+        assert n_mod == 2 * report["profile"]["layers"]  # q_proj and v_proj of every layer
+        if mode == "number":
+            assert n_proj >= 1  # k = round(10/64 * 4) = 1; ties can add more
+        cos = [m["cosine"] for m in r["details"]["safelora"]["modules"]]
+        assert n_proj == sum(c <= 0.5 for c in cos) or mode == "number"
+    for mode in ("number", "threshold"):  # the orthogonal projector: k directions of V per module
+        r = runs[f"sft+safelora-orthogonal-{mode}"]
+        assert r["details"]["safelora"]["settings"]["projector"] == "orthogonal"
+        for m in r["details"]["safelora"]["modules"]:
+            assert 1 <= m["rank_kept"] <= {s["name"]: s["rank_95"] for s in spectrum}[m["name"]] + 1
     # the aggregate of one seed is that seed's numbers
     summary = {r["name"]: r for r in report["summary"][0]["runs"]}
     for name, r in runs.items():
@@ -188,12 +177,10 @@ def test_fast_demo_end_to_end(fast_demo):
 
 
 def test_rerun_uses_the_cache_and_other_settings_are_refused(fast_demo):
-    workdir, report, seconds = fast_demo
-    t = time.perf_counter()
+    workdir, report, _ = fast_demo
     again = Demo(workdir, fast=True, seeds=(0,), progress=False, log=lambda m: None)
     report2 = again.run()
-    assert again.timings == {}  # nothing was recomputed
-    assert time.perf_counter() - t < max(10.0, seconds / 3)
+    assert again.timings == {}  # nothing was recomputed (an event, not a wall-clock bound: no flakiness under load)
     assert report2["cells"] == report["cells"]
     with pytest.raises(SafeshapeError, match="demo_settings.json"):
         Demo(workdir, fast=False, progress=False, log=lambda m: None)

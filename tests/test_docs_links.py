@@ -6,9 +6,6 @@ from tests.test_docs_math import slug
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-# pages written on other branches of issue 25 that the README and docs/README.md already list; at merge time, once a
-# page exists, remove it here (test_pending_pages_are_still_missing says which)
-PENDING = {f"docs/{name}.md" for name in ("safety-of-files",)}
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -44,7 +41,7 @@ def rel(path: Path, root: Path = ROOT) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def broken_links(files: list[Path], root: Path = ROOT, pending: set[str] = PENDING) -> list[str]:
+def broken_links(files: list[Path], root: Path = ROOT, pending: set[str] = frozenset()) -> list[str]:
     broken = []
     for page in files:
         for target, path, anchor in links(page):
@@ -76,11 +73,7 @@ def test_the_checker_finds_a_missing_file_and_a_missing_heading(tmp_path):
 def test_the_index_and_the_readme_list_every_page():
     index = {rel(p) for _, p, _ in links(DOCS / "README.md") if p is not None}
     readme = {rel(p) for _, p, _ in links(ROOT / "README.md") if p is not None}
-    every = {rel(p) for p in DOCS.glob("*.md") if p.name != "README.md"} | PENDING
+    every = {rel(p) for p in DOCS.glob("*.md") if p.name != "README.md"}
     assert not every - index, f"pages docs/README.md does not list: {sorted(every - index)}"
     assert not every - readme, f"pages README.md does not link: {sorted(every - readme)}"
 
-
-def test_pending_pages_are_still_missing():
-    arrived = sorted(p for p in PENDING if (ROOT / p).exists())
-    assert not arrived, f"these pages exist now: remove them from PENDING in tests/test_docs_links.py: {arrived}"

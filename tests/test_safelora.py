@@ -284,4 +284,10 @@ def test_apply_safe_lora_on_peft_model(tmp_path):
     # and the projected folder loads back into PEFT
     reloaded = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "aligned"),
                                               tmp_path / "out")
-    assert reloaded is not None
+    back = reloaded.state_dict()
+    lora_keys = [k for k in back if ".lora_A." in k or ".lora_B." in k]
+    assert len(lora_keys) == len(saved) > 0
+    for k, v in saved.items():  # every projected (and unprojected) LoRA tensor is what PEFT loads back
+        mem_key = k.replace(".lora_B.weight", ".lora_B.default.weight").replace(".lora_A.weight",
+                                                                                ".lora_A.default.weight")
+        torch.testing.assert_close(back[mem_key], v, rtol=0, atol=0)

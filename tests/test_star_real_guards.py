@@ -1,7 +1,9 @@
 """STAR against the real guard chat templates (Llama Guard 3 1B/8B, Granite Guardian 3.0/3.1) and the real Llama 3.2
 tokenizer: every prefix's guard ids equal Hugging Face's (apply_chat_template, then the tokenizer, then the verdict
 prefix), and both engines' P(safe) equal a plain forward over those ids, on a random guard with the real 128k
-vocabulary. Skipped where the fixtures (shared/fixtures/guards) or the tokenizer package are absent. (docs/math.md#star-exact-guard-input,
+vocabulary. Our own template (tests/fixtures/guards, its tail starts with a blank line as Llama Guard 3's does)
+runs wherever the tokenizer package is; the real ones are skipped where shared/fixtures/guards is absent. A missing
+tokenizer package skips, except under SAFESHAPE_REQUIRE_TOKENIZER=1 (make test, CI), where it fails. (docs/math.md#star-exact-guard-input,
 docs/math.md#star-shared-engine)"""
 import datetime
 import math
@@ -25,6 +27,7 @@ RESPONSES = [
 PROMPT = "How do I get into my neighbour's wifi network?"
 # (fixture name, preset name, template kwargs the test passes to Hugging Face, content as parts)
 TEMPLATES = [
+    ("own-blank-tail", "llama-guard-3", {}, False),  # ours (tests/fixtures/guards): runs without the shared fixtures
     ("llama-guard-3-8b", "llama-guard-3", {}, False),
     ("llama-guard-3-1b", "llama-guard-3", {}, True),
     ("granite-guardian-3.0-2b", "granite-guardian-3", {"guardian_config": {"risk_name": "harm"}}, False),

@@ -139,7 +139,10 @@ def test_annotate_with_the_authors_recipe_marks_rows_and_resumes(tmp_path):
     rows = [{"prompt": PROMPT, "response": RESPONSE}, {"prompt": "Hi", "response": tiny.random_text(12, 3)}]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = annotate_file(model, tok, src, out, "llama-guard-3", chunk_words=4, recipe="authors", progress=False)
-    assert report["recipe"] == "authors" and report["verdicts_both_masked"] >= 0
+    # the count is the scorer's own, over the same rows (the biased guard masks both verdicts on some prefixes)
+    direct = StarScorer(model, tok, chunk_words=4, recipe="authors")
+    direct.score([(PROMPT, RESPONSE), ("Hi", rows[1]["response"])])
+    assert report["recipe"] == "authors" and report["verdicts_both_masked"] == direct.stats["both_masked"] > 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["star_recipe"] for g in got] == ["authors", "authors"]
     want = StarScorer(model, tok, chunk_words=4, recipe="authors").score([(PROMPT, RESPONSE)])[0]

@@ -194,8 +194,15 @@ def test_existing_out_is_refused_unless_overwrite(files, tmp_path):
     with pytest.raises(SafeshapeError, match=r"--out .*exists and is not empty"):
         train(_config(files, out, max_steps=1))
     assert (out / "keep.txt").exists()
-    train(_config(files, out, max_steps=1, overwrite=True))
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
+    # --overwrite replaces only a run folder of ours (safeshape.io's manifest): never someone's files
+    with pytest.raises(SafeshapeError, match=r"--overwrite replaces only an output folder safeshape wrote"):
+        train(_config(files, out, max_steps=1, overwrite=True))
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    train(_config(files, out, max_steps=1, overwrite=True))  # an empty folder
+    (out / "extra.txt").write_text("written into our run folder")
+    train(_config(files, out, max_steps=1, overwrite=True))  # our own run folder is replaced
+    assert not (out / "extra.txt").exists() and (out / "adapter_model.safetensors").exists()
     with pytest.raises(SafeshapeError, match="overlaps the input --model"):
         train(_config(files, files["model"], max_steps=1, overwrite=True))
     holder = tmp_path / "holder"

@@ -109,7 +109,7 @@ def _from_table(p: str, kind: str) -> list[tuple[int, dict]]:
         try:
             table = reader(p, keep_in_memory=True, cache_dir=cache)
         except Exception as exc:  # pyarrow and pandas raise many types for a malformed file
-            raise SafeshapeError(f"{p}: cannot read it as {kind[1:]}: {type(exc).__name__}: {exc}") from None
+            raise SafeshapeError(f"{p}: cannot read it as {kind[1:]}: {type(exc).__name__}: {exc}") from exc
         return _clean(p, table.to_list())
 
 
@@ -117,9 +117,12 @@ def _from_disk(p: str, split: str | None) -> list[tuple[int, dict]]:
     datasets = _datasets(p)
     try:
         loaded = datasets.load_from_disk(p, keep_in_memory=True)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise SafeshapeError(f"{p}: a folder, but not one written by datasets' save_to_disk; the data formats are "
-                             f"{FORMATS}") from None
+                             f"{FORMATS}") from exc
+    except Exception as exc:  # a damaged folder: arrow, JSON and schema errors of many types
+        raise SafeshapeError(f"{p}: cannot read this datasets.save_to_disk folder: {type(exc).__name__}: "
+                             f"{exc}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         names = sorted(loaded)
         if split is None and len(names) == 1:
@@ -130,7 +133,12 @@ def _from_disk(p: str, split: str | None) -> list[tuple[int, dict]]:
         loaded = loaded[split]
     elif split is not None:
         raise SafeshapeError(f"{p}: --split {split}: this folder holds one Dataset, not a DatasetDict with splits")
-    return _clean(f"{p}", loaded.to_list())
+    try:
+        rows = loaded.to_list()
+    except Exception as exc:  # the arrow files disagree with the folder's schema (e.g. a column it does not name)
+        raise SafeshapeError(f"{p}: cannot read the rows of this datasets.save_to_disk folder "
+                             f"{'(split ' + split + ') ' if split else ''}: {type(exc).__name__}: {exc}") from exc
+    return _clean(f"{p}", rows)
 
 
 def fingerprint(path: str | os.PathLike) -> str:

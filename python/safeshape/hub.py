@@ -1,18 +1,31 @@
 """Hugging Face Hub ids wherever a model or adapter folder is accepted.
 
 A path to an existing folder is used as it is. Anything else that is a valid hub repo id (``org/name``, with an
-optional ``@revision``: a branch, tag or commit) is resolved to its snapshot folder through ``huggingface_hub``'s
+optional ``@revision``: a commit hash, a branch or tag name without path components, or ``refs/pr/N``) is resolved to its snapshot folder through ``huggingface_hub``'s
 cache, the same cache transformers and PEFT use. With ``HF_HUB_OFFLINE=1`` only the cache is read; otherwise a
 missing snapshot is downloaded (model files only: safetensors, JSON, tokenizer files, chat templates).
 """
 from __future__ import annotations
 
 import os
+import re
 
 from .errors import SafeshapeError
 
 #: the files a model or adapter folder needs; skips .bin/.pth duplicates (e.g. Llama's original/*.pth)
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+#: a revision is a commit hash, a hub pull-request ref (``refs/pr/N``) or a branch/tag name without path components
+#: (huggingface_hub reads ``refs/<revision>`` and ``snapshots/<commit>`` in the cache: a ``..`` would leave it)
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_REF = re.compile(r"^(?:refs/pr/[0-9]+|[A-Za-z0-9_][A-Za-z0-9._+-]*)$")
+
+
+def check_revision(revision: str, what: str, name: str) -> None:
+    if not _REF.match(revision) or ".." in revision or revision.endswith((".", ".lock")):
+        raise SafeshapeError(f"{what} {name}: revision {revision!r} is neither a commit hash nor a branch or tag name "
+                             "(letters, digits, . _ + -, no path components; or refs/pr/N)")
 
 
 def split_hub_id(name: str) -> tuple[str, str | None] | None:
@@ -25,6 +38,20 @@ def split_hub_id(name: str) -> tuple[str, str | None] | None:
     except HFValidationError:
         return None
     return repo_id, revision or None
+
+
+def _check_snapshot(folder: str, repo_id: str, what: str, name: str) -> str:
+    """The folder huggingface_hub returned must be ``<cache>/models--org--name/snapshots/<commit>``: a ref file
+    whose content is not a commit hash (planted, or damaged) would otherwise lead outside the cache."""
+    snapshot = os.path.normpath(os.path.abspath(folder))
+    parent = os.path.dirname(snapshot)
+    if os.path.basename(parent) != "snapshots" or not _COMMIT.match(os.path.basename(snapshot)) or \
+            os.path.islink(snapshot) or os.path.basename(os.path.dirname(parent)) != \
+            "models--" + repo_id.replace("/", "--"):
+        raise SafeshapeError(f"{what} {name}: the Hugging Face cache resolves it to {folder}, which is not a snapshot "
+                             f"folder of {repo_id} (snapshots/<commit hash>): a damaged or planted ref file; "
+                             "download it again")
+    return folder
 
 
 def hub_offline() -> bool:
@@ -50,13 +77,15 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str, allow_patterns: l
     if parsed is None:
         raise SafeshapeError(f"{what} {name}: no such folder, and not a Hugging Face hub id (org/name[@revision])")
     repo_id, revision = parsed
+    if revision is not None:
+        check_revision(revision, what, name)
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     offline = hub_offline()
     try:
-        return snapshot_download(repo_id, revision=revision, local_files_only=offline,
-                                 allow_patterns=allow_patterns or MODEL_FILES)
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=offline,
+                                   allow_patterns=allow_patterns or MODEL_FILES)
     except LocalEntryNotFoundError:
         if offline:
             raise SafeshapeError(f"{what} {name}: no such folder, and hub id {repo_id} (revision "
@@ -67,7 +96,8 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str, allow_patterns: l
                              f"{repo_id} (nor is it in the cache {constants.HF_HUB_CACHE})") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise SafeshapeError(f"{what} {name}: no such folder, and the hub id could not be resolved: "
-                             f"{type(exc).__name__}: {exc}") from None
+                             f"{type(exc).__name__}: {exc}") from exc
+    return _check_snapshot(folder, repo_id, what, name)
 
 
 def portable_name(name_or_path: str | os.PathLike) -> str:

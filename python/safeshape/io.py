@@ -1,6 +1,11 @@
 """Outputs that never lose anything: written to a temporary sibling and renamed into place; an existing output is
 refused unless the caller asks to overwrite; an output may never be (or contain, or sit inside) an input.
 
+Links: an output is never written through a symbolic link the run did not create (a link planted at OUT, at a file
+inside an output folder, or dangling): it is refused before any work, named with its target. Replacing: an existing
+output *folder* is replaced (``--overwrite``) only when safeshape wrote it, recognised by the manifest
+``.safeshape-output.json`` every output folder gets (or when it is empty); anything else is refused, never deleted.
+
 Crash safety: temporaries are named ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` next to the output.
 Replacing an existing folder is one atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``) where the OS has it;
 elsewhere the old folder is parked in ``.<name>.old-<pid>-*/x`` for the moment between two renames, and the next
@@ -72,6 +77,56 @@ def print_json(obj, **dumps_kwargs) -> None:
     print(json.dumps(obj, **dumps_kwargs), file=_REPORT_STREAM or sys.stdout, flush=True)
 
 
+#: left in every output folder safeshape writes: --overwrite replaces only folders that hold it
+MANIFEST = ".safeshape-output.json"
+
+
+def refuse_link(path: str | os.PathLike, what: str = "--out") -> None:
+    """Raise SafeshapeError when ``path`` is a symbolic link (dangling or not): writing there would write (or
+    delete) wherever the link points, something the user never named as an output."""
+    if os.path.islink(path):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise SafeshapeError(f"{what} {path}: is a symbolic link (to {target}); safeshape never writes through a link "
+                             "it did not create: remove the link or choose another path")
+
+
+def refuse_links_below(root: str | os.PathLike, names: Iterable[str], what: str = "--out") -> None:
+    """``refuse_link`` for each of ``names`` inside the folder ``root`` (the files an output folder holds)."""
+    for name in names:
+        refuse_link(Path(root) / name, what)
+
+
+def is_our_output(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is an output folder safeshape wrote (it holds the manifest, a regular file)."""
+    m = Path(folder) / MANIFEST
+    return m.is_file() and not m.is_symlink()
+
+
+def check_replaceable(folder: str | os.PathLike, what: str = "--out") -> None:
+    """Refuse to replace an existing non-empty folder that safeshape did not write (no manifest): ``--overwrite``
+    replaces only our own outputs, so a mistyped --out never deletes someone's files."""
+    folder = Path(folder)
+    if folder.is_dir() and not folder.is_symlink() and any(folder.iterdir()) and not is_our_output(folder):
+        raise SafeshapeError(f"{what} {folder}: --overwrite replaces only an output folder safeshape wrote (it holds "
+                             f"{MANIFEST}); this one does not and is left as it is: remove it yourself or choose "
+                             "another path")
+
+
+def write_manifest(folder: str | os.PathLike, command: str) -> None:
+    """Mark ``folder`` (being written by this run) as a safeshape output of ``command``."""
+    from . import __version__
+
+    path = Path(folder) / MANIFEST
+    refuse_link(path, command)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"safeshape_output": 1, "command": command, "version": __version__}, f)
+        f.write("\n")
+    apply_umask(path)
+
+
 def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
@@ -81,19 +136,27 @@ def _why(exc: OSError) -> str:
 
 
 def check_output_path(out: str | os.PathLike, overwrite: bool, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
-                      what: str = "--out") -> Path:
+                      what: str = "--out", keep: bool = False, ours: bool = False) -> Path:
     """Validate an output path against the inputs ``[(argument name, path), ...]``; returns it resolved.
 
-    Also checks that the output can be created (its nearest existing parent is a writable folder), so a run
-    fails before any work rather than after it, and finishes what killed runs left for this output."""
+    A link at ``out`` is refused (:func:`refuse_link`); an existing folder is replaced (``overwrite``) only when it
+    is ours (:func:`check_replaceable`). ``keep=True``: an existing output is the caller's to judge (a run to
+    resume), only links, overlaps and writability are checked here; ``ours=True``: the caller knows ``out`` is its
+    own (a checkpoint inside a run folder of ours), so no manifest is asked for. Also checks that the output can be created
+    (its nearest existing parent is a writable folder), so a run fails before any work rather than after it, and
+    finishes what killed runs left for this output."""
+    refuse_link(out, what)
     out_r = Path(out).resolve()
     for name, inp in inputs:
         if inp is not None and _overlaps(out_r, Path(inp).resolve()):
             raise SafeshapeError(f"{what} {out} overlaps the input {name} {inp}: inputs are never written over")
     with contextlib.suppress(OSError):
         recover_interrupted(out_r.parent, out_r.name)  # a killed run may have moved the old output aside
-    if out_r.exists() and not overwrite:
-        raise SafeshapeError(f"{what} {out} already exists: pass --overwrite (overwrite=True) to replace it")
+    if out_r.exists() and not keep:
+        if not overwrite:
+            raise SafeshapeError(f"{what} {out} already exists: pass --overwrite (overwrite=True) to replace it")
+        if not ours:
+            check_replaceable(out_r, what)
     parent = out_r.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -213,16 +276,22 @@ def apply_umask(*paths: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=(), what: str = "--out"):
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=(), what: str = "--out",
+                      command: str | None = None, ours: bool = False):
     """Yield a temporary folder next to ``out``; on success it replaces ``out`` in one rename (or exchange).
+    The folder gets the manifest (:data:`MANIFEST`, naming ``command``, default ``what``) that lets a later
+    ``--overwrite`` replace it; ``ours=True`` (a folder inside an output of ours, e.g. a checkpoint): no manifest
+    is written or asked for.
 
     An OSError while writing (full disk, permissions) becomes a SafeshapeError naming ``out``; the temporary
     folder is removed and ``out`` is left as it was."""
-    out_r = check_output_path(out, overwrite, inputs, what=what)
+    out_r = check_output_path(out, overwrite, inputs, what=what, ours=ours)
     try:
         out_r.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_r.name}.tmp-{os.getpid()}-", dir=out_r.parent))
         apply_umask(tmp)
+        if not ours:
+            write_manifest(tmp, command or what)
     except OSError as exc:
         raise SafeshapeError(f"{what} {out}: cannot create it: {_why(exc)}") from None
     try:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import SafeshapeError
-from ..io import atomic_output_dir, atomic_output_file, atomic_write_text, write_json
+from ..io import atomic_output_dir, atomic_output_file, atomic_write_text, refuse_link, write_json
 from .world import REFUSAL, World, is_compliance, is_refusal
 
 # The methods' defaults from the papers (never tuned to this world).
@@ -203,6 +203,7 @@ class Demo:
         self._worlds: dict[int, World] = {}
         settings = {"profile": asdict(self.profile), "format": FORMAT}
         settings_path = self.dir / "demo_settings.json"
+        refuse_link(self.dir, "--workdir")  # its stages are written (and --overwrite deletes) inside it
         if self.dir.exists() and not self.dir.is_dir():
             raise SafeshapeError(f"--workdir {self.dir}: exists and is not a folder")
         if self.dir.is_dir() and any(self.dir.iterdir()) and not settings_path.exists():
@@ -583,12 +584,8 @@ class Demo:
         def attempt(run: Run, fn) -> Run:
             try:
                 run.adapter = str(fn())
-            except _NotAvailable as exc:
+            except _NotAvailable as exc:  # (an ImportError is a bug, never "not run": it propagates)
                 run.status = f"not run: {exc}"
-            except ImportError as exc:
-                if not (exc.name or "").startswith("safeshape"):
-                    raise
-                run.status = f"not run: {exc}"  # a piece of safeshape that this build does not have yet
             runs.append(run)
             return run
 

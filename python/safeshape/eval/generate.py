@@ -43,11 +43,15 @@ class GenerationSettings:
             raise SafeshapeError(f"--top-p must be in (0, 1], got {self.top_p!r}")
 
 
-def render_prompt(tokenizer, prompt: str) -> list[int]:
+def render_prompt(tokenizer, prompt: str, source: str = "the policy") -> list[int]:
     """Token ids of ``[user: prompt]`` through the policy's chat template with the generation prompt (the template
     writes any BOS itself, so no special tokens are added)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as exc:  # jinja2 errors, the sandbox's SecurityError included, name nothing of ours
+        raise SafeshapeError(f"{source}: the chat template failed on the prompt {prompt[:60]!r}: "
+                             f"{type(exc).__name__}: {exc}") from exc
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -57,6 +61,7 @@ def check_policy_tokenizer(tokenizer, source: str) -> None:
                              "or chat_template.jinja); responses are generated with the policy's own template")
     if tokenizer.eos_token_id is None:
         raise SafeshapeError(f"{source}: the tokenizer has no eos_token: generation could not stop")
+    render_prompt(tokenizer, "Hello", source)  # a template that cannot render fails now, before any model loads
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -117,10 +122,11 @@ def sharded_map(n_batches: int, work: Callable[[int], list], dist=None,
         if j < n_batches:
             try:
                 item = (j, work(j), None)
-            except SafeshapeError as exc:
+            except Exception as exc:  # noqa: BLE001 -- any type: the other processes must not wait in the gather
                 if world == 1:
                     raise
-                item = (j, None, f"process {rank}: {exc}")
+                why = str(exc) if isinstance(exc, SafeshapeError) else f"{type(exc).__name__}: {exc}"
+                item = (j, None, f"process {rank}: {why}")
         gathered = dist.gather_objects(item) if world > 1 else [item]
         errors = [e for _, _, e in gathered if e]
         if errors:

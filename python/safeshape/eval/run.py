@@ -85,10 +85,13 @@ def _check_out(cfg: EvalConfig) -> Path:
     inputs = [("--model", p) for _, p in parse_models(_model_specs(cfg))]
     inputs += [("--harmful", cfg.harmful), ("--guard", cfg.guard), ("--utility", cfg.utility)]
     inputs += [("--adapter", parse_adapter(a)[1]) for a in cfg.adapters] + [("--project-base", cfg.project_base)]
-    out = check_output_path(cfg.out, overwrite=True, inputs=inputs)  # overlap only: OUT may hold a run to resume
+    out = check_output_path(cfg.out, cfg.overwrite, inputs=inputs, keep=True)  # OUT may hold a run to resume
     if out.exists() and not out.is_dir():
         raise SafeshapeError(f"--out {cfg.out}: exists and is not a folder")
     if out.is_dir():
+        from ..io import refuse_links_below
+
+        refuse_links_below(out, OUR_FILES, "--out")  # a planted link would be written (or deleted) through
         other = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES and not p.name.startswith("."))
         if other:
             raise SafeshapeError(f"--out {cfg.out}: a folder with files that are not safeshape eval outputs "
@@ -107,9 +110,11 @@ def _load_policy(folder: str, dtype: str, device: torch.device):
 
     tokenizer = check_model_folder(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True)
+        # safetensors only: a pytorch_model.bin is a pickle, and no file we are handed is unpickled
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True,
+                                                     use_safetensors=True)
     except Exception as exc:
-        raise SafeshapeError(f"--model {folder}: cannot load the model ({exc})") from None
+        raise SafeshapeError(f"--model {folder}: cannot load the model ({exc})") from exc
     return model.to(device).eval(), tokenizer
 
 
@@ -197,17 +202,19 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def _on_main(dist, fn):
-    """Run ``fn`` on process 0 and share its result (or its error) with every process."""
-    res, err = None, None
+    """Run ``fn`` on process 0 and share its result (or its error, of any type) with every process: all raise
+    together rather than the others waiting forever in the next collective."""
+    res, exc = None, None
     if dist.is_main:
         try:
             res = fn()
-        except SafeshapeError as exc:
-            err = str(exc)
-    res, err = dist.gather_objects((res, err))[0]
-    if err:
-        raise SafeshapeError(err)
-    return res
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every process
+            exc = e
+    if not dist.all_ok(exc is None):
+        if exc is not None:
+            raise exc
+        raise SafeshapeError("process 0 failed (its error is printed there)")
+    return dist.gather_objects(res)[0]
 
 
 def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset, warnings) -> dict:
@@ -219,7 +226,11 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset, 
 
     def open_store():
         nonlocal store
+        from ..io import is_our_output, write_manifest
+
         out.mkdir(parents=True, exist_ok=True)
+        if not is_our_output(out):
+            write_manifest(out, "eval")
         if cfg.overwrite:
             for name in OUR_FILES:
                 shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)

@@ -4,7 +4,7 @@ Line 1 is a header with the settings that decide a response (generation settings
 response ``{model, source, set, index, prompt, response, new_tokens, finished}``. On a rerun the whole file is
 validated first: a file whose lines are not ours is refused (never truncated); a torn last line left by a crash
 is cut off; other settings, another model under a known name, or a prompt that changed at its index are refused
-with the line named (``--overwrite`` starts afresh)."""
+with the line named, and so is a second row for the same (model, set, index) (``--overwrite`` starts afresh)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import SafeshapeError
+from ..io import refuse_link
 
 FORMAT = 1
 ROW_KEYS = ("model", "source", "set", "index", "prompt", "response", "new_tokens", "finished")
@@ -24,6 +25,7 @@ class ResponseStore:
         self.header = {"safeshape_eval_responses": FORMAT, **header}
         self.rows: dict[tuple[str, str, int], dict] = {}
         self.sources: dict[str, str] = {}
+        refuse_link(self.path, "--out")  # appended to in place: never through a link
         if self.path.exists() and not overwrite and self.path.stat().st_size > 0:
             self._load()
         else:
@@ -46,6 +48,7 @@ class ResponseStore:
             raise SafeshapeError(f"{self.path}:1: these responses were made with other settings ({', '.join(diff)}: "
                                  f"{ {k: first.get(k) for k in diff} } now { {k: self.header.get(k) for k in diff} }); "
                                  "use another --out, or --overwrite to start again")
+        seen: dict[tuple[str, str, int], int] = {}
         for n, line in enumerate(complete[1:], 2):
             if not line.strip():
                 continue
@@ -60,7 +63,17 @@ class ResponseStore:
             if known != row["source"]:
                 raise SafeshapeError(f"{self.path}:{n}: model {row['model']!r} is {row['source']!r} here but "
                                      f"{known!r} earlier in the file")
-            self.rows[(row["model"], row["set"], row["index"])] = row
+            if not (isinstance(row["model"], str) and isinstance(row["set"], str) and isinstance(row["index"], int)
+                    and not isinstance(row["index"], bool) and isinstance(row["response"], str)):
+                raise SafeshapeError(f"{self.path}:{n}: 'model', 'set' and 'response' must be strings and 'index' an "
+                                     "integer; the file is left as it is")
+            key = (row["model"], row["set"], row["index"])
+            if key in seen:  # an edited copy must not silently replace the response it repeats
+                raise SafeshapeError(f"{self.path}:{n}: a second row for model {key[0]!r}, {key[1]} prompt {key[2]} "
+                                     f"(the first is line {seen[key]}); a run never writes one twice, so the file "
+                                     "was edited: it is left as it is; use another --out, or --overwrite")
+            seen[key] = n
+            self.rows[key] = row
         if torn:
             keep = data.rfind(b"\n") + 1
             warnings.warn(f"{self.path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "

@@ -22,7 +22,7 @@ def check_model_folder(folder: str, flag: str = "--model"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
-        raise SafeshapeError(f"{flag} {folder}: cannot load a tokenizer ({exc})") from None
+        raise SafeshapeError(f"{flag} {folder}: cannot load a tokenizer ({exc})") from exc
     check_policy_tokenizer(tokenizer, f"{flag} {folder}")
     return tokenizer
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import CheckpointError, SafeshapeError
 from ..hub import resolve_folder
-from ..io import apply_umask, atomic_output_dir, check_output_path, write_json
+from ..io import MANIFEST, apply_umask, atomic_output_dir, check_output_path, write_json
 from .adapter import WEIGHTS, Adapter, base_mismatch, copy_adapter_files
 from .checkpoint import Checkpoint, check_finite, check_same_architecture
 from .projector import check_projector, project
@@ -200,7 +200,7 @@ def project_adapter(base, aligned, adapter, out, *, select: str = "number", num_
     from safetensors.torch import save_file
 
     with atomic_output_dir(out, overwrite, inputs) as tmp:
-        copy_adapter_files(Path(adapter), tmp, skip={WEIGHTS})
+        copy_adapter_files(Path(adapter), tmp, skip={WEIGHTS, MANIFEST})  # OUT has its own manifest
         save_file(tensors, str(tmp / WEIGHTS), metadata=ad.metadata or None)
         apply_umask(tmp / WEIGHTS)
         rep = build_report(settings, results, cut, time.perf_counter() - t0, warnings)

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from ..data import iter_jsonl, trl_row
 from ..errors import SafeshapeError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, refuse_link
 from .presets import GuardPreset
 from .scoring import StarScorer
 from .segment import chunk_char_spans
@@ -188,6 +188,7 @@ def annotate_file(guard, tokenizer, in_path, out_path, preset: str | GuardPreset
     seconds and more statistics.
     """
     in_path, out_path = Path(in_path), Path(out_path)
+    refuse_link(out_path, "output")  # appended to in place: a link (dangling too) would be written through
     if not in_path.is_file():
         raise SafeshapeError(f"input {in_path}: no such file")
     if out_path.resolve() == in_path.resolve() or (out_path.exists() and os.path.samefile(out_path, in_path)):

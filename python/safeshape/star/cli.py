@@ -5,10 +5,11 @@ import argparse
 import datetime
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from ..errors import SafeshapeError
-from ..io import json_main, print_json, write_json
+from ..io import json_main, print_json, refuse_link, write_json
 from .presets import ENGINES, RECIPES, USABLE_PRESET_NAMES, get_preset
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -65,6 +66,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"note: --safe/--unsafe override the {args.preset} preset's verdict strings", file=sys.stderr)
         preset = get_preset(args.preset, safe=args.safe, unsafe=args.unsafe, verdict_prefix=args.verdict_prefix)
         guard_date = _parse_date(args.guard_date)
+        refuse_link(args.out, "--out")  # a link (dangling too) would be written through, wherever it points
+        if args.report:
+            refuse_link(args.report, "--report")
         if args.report and Path(args.report).exists() and not args.overwrite:
             raise SafeshapeError(f"--report {args.report} exists; pass --overwrite to replace it")
         if args.device == "auto":  # as train's: cuda when available
@@ -140,7 +144,10 @@ def _main_sharded(args, preset, guard_date) -> int:
                            not args.no_progress and d.is_main)
     except SafeshapeError as exc:
         error = str(exc)
-    results = d.gather_objects((error, report))
+    except Exception as exc:  # noqa: BLE001 -- any error of one rank is every rank's: none waits in a collective
+        error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    results = d.gather_objects((error, report))  # every rank reaches this collective, whatever happened on it
     code = 0
     if d.is_main:
         errors = [(r, e) for r, (e, _) in enumerate(results) if e]
@@ -158,8 +165,9 @@ def _main_sharded(args, preset, guard_date) -> int:
                 for p in parts:
                     p.unlink()
                 _print_report(args, merged)
-            except SafeshapeError as exc:
-                print(f"safeshape star: error: {exc}", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 -- reported, and the other ranks still get the exit code
+                print(f"safeshape star: error: {exc if isinstance(exc, SafeshapeError) else repr(exc)}",
+                      file=sys.stderr)
                 code = 2
         else:
             code = 2

@@ -28,8 +28,8 @@ def load_guard(path, device: str | torch.device = "cpu", dtype: torch.dtype = to
     # transformers 4.56 renamed torch_dtype to dtype
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kwarg = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+    try:  # safetensors only: a pytorch_model.bin is a pickle, and no file we are handed is unpickled
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                                      attn_implementation=attn_implementation, **dtype_kwarg)
     except Exception as exc:
         raise SafeshapeError(f"guard folder {folder}: could not load the model: {exc}") from exc
@@ -47,7 +47,7 @@ def load_guard_tokenizer(folder: str | os.PathLike, what: str = "guard folder"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
-        raise SafeshapeError(f"{what} {folder}: could not load the tokenizer: {exc}") from None
+        raise SafeshapeError(f"{what} {folder}: could not load the tokenizer: {exc}") from exc
     if not getattr(tokenizer, "chat_template", None):
         raise SafeshapeError(f"{what} {folder}: the tokenizer has no chat template (tokenizer_config.json "
                              "'chat_template' or chat_template.jinja); the guard is asked through its own template")

@@ -156,12 +156,17 @@ class GuardTemplate:
     def _check_date_pinning(self) -> None:
         """A template that prints today's date must see the pinned one, or scores are not reproducible."""
         ctx = [{"role": "user", "content": "hello"}]
-        fmt = self._content_format or "string"
-        try:
-            a = render(self.tokenizer, ctx, "x", self.preset, fmt, _dt.date(2001, 2, 3))
-            b = render(self.tokenizer, ctx, "x", self.preset, fmt, _dt.date(2002, 3, 4))
-        except Exception:  # the template rejects this content format: the split below reports it
-            return
+        errors = []
+        for fmt in [self._content_format] if self._content_format else ["string", "parts"]:
+            try:
+                a = render(self.tokenizer, ctx, "x", self.preset, fmt, _dt.date(2001, 2, 3))
+                b = render(self.tokenizer, ctx, "x", self.preset, fmt, _dt.date(2002, 3, 4))
+                break
+            except Exception as exc:  # the template rejects this content format: try the next one
+                errors.append(exc)
+        else:  # never skipped silently: an unpinned date would make scores depend on the day they were made
+            raise SafeshapeError("the guard's chat template prints today's date, and rendering it to check that the "
+                                 f"date can be pinned failed: {type(errors[-1]).__name__}: {errors[-1]}") from errors[-1]
         if a == b and "2001" not in a:
             return  # the date is not printed on this path
         if "2001" not in a or "2002" not in b:

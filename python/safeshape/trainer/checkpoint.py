@@ -125,7 +125,7 @@ def save_checkpoint(out: str, step: int, peft_model, optimizer, scheduler, rng_s
     objects = encode_state({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                             "rng": rng_states}, tensors)
     # overwrite: only when a finished run is resumed and saves its last step again
-    with atomic_output_dir(final, overwrite=True, what="checkpoint") as tmp:
+    with atomic_output_dir(final, overwrite=True, what="checkpoint", ours=True) as tmp:
         save_adapter_files(peft_model, str(tmp), adapter_state)
         save_file(tensors, str(tmp / STATE_TENSORS))
         apply_umask(tmp / STATE_TENSORS)

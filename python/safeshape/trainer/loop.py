@@ -31,7 +31,8 @@ from ..data import IGNORE_INDEX, Example, collate, drop_rejected, load_examples,
 from ..datafiles import fingerprint
 from ..errors import SafeshapeError
 from ..hub import portable_name, resolve_folder
-from ..io import atomic_write_text, write_json
+from ..io import (MANIFEST, atomic_write_text, check_replaceable, is_our_output, refuse_links_below, write_json,
+                  write_manifest)
 from ..loss import response_positions, uses_reference
 from . import checkpoint as ckpt_io
 from . import distributed
@@ -41,20 +42,21 @@ from .model import PolicyHidden, apply_lora, enable_checkpointing, head_weight, 
 from .report import open_reporter
 
 METRICS = "metrics.jsonl"
+SUMMARY = "train_summary.json"
 
 
 def check_out(config: TrainConfig) -> str:
     """Absolute ``out``; refuses to write over an input or an existing output that was not meant to be replaced."""
     from ..io import check_output_path
 
-    # overwrite=True here: only the overlap with the inputs is checked; an existing `out` is judged below
+    # an existing `out` is judged below; --overwrite replaces only a run folder of ours (safeshape.io manifest)
     inputs = [("--model", config.model), ("--data", config.data)]
     if config.eval_data:
         inputs.append(("--eval-data", config.eval_data))
-    out = str(check_output_path(config.out, True, inputs))
+    out = str(check_output_path(config.out, config.overwrite, inputs, keep=not config.overwrite))
     if os.path.exists(out) and not os.path.isdir(out):
         raise SafeshapeError(f"--out {config.out}: exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not (config.resume or config.overwrite):
+    if os.path.isdir(out) and set(os.listdir(out)) - {MANIFEST} and not (config.resume or config.overwrite):
         raise SafeshapeError(f"--out {config.out}: exists and is not empty; pass --resume to continue that run or "
                              "--overwrite to replace it")
     return out
@@ -297,6 +299,7 @@ class Run:
         if self.dist.enabled:
             stats = self.dist.sum(stats).cpu()
         grad_norm = self.clip_grads()
+        self.check_finite(step, float(stats[0]), float(grad_norm))  # before the step: the weights stay good
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -307,6 +310,26 @@ class Run:
                 "sft_loss": sft, "kl_loss": kl, "mean_weight": wsum / tokens if tokens else 0.0,
                 "tokens": int(tokens), "grad_norm": float(grad_norm), "lr": lr,
                 "tokens_per_s": seen / seconds if seconds > 0 else 0.0}
+
+    def check_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        """Stop with the step and the first non-finite tensor named when the loss or the gradients are NaN/inf (the
+        same on every process: both are reduced over processes). Checkpoints already written are kept; no final
+        adapter is written."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        def bad(t: Tensor) -> bool:  # this process's shard only under --fsdp: no collective in the search
+            return not torch.isfinite(t.to_local() if distributed.is_dtensor(t) else t).all()
+
+        names = {id(p): n for n, p in self.peft_model.named_parameters()}
+        first = next((f"the gradient of {names.get(id(p), '?')}" for p in self.params
+                      if p.grad is not None and bad(p.grad)), None)
+        first = next((f"the weight {n}" for n, p in self.peft_model.named_parameters()
+                      if bad(p.detach())), first)  # a bad weight is the cause of bad gradients
+        raise SafeshapeError(f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm} (not finite); "
+                             f"training stopped before this step's update (first non-finite tensor: "
+                             f"{first or 'none found, the loss itself'}). Checkpoints written before it are kept, "
+                             "no final adapter is written: check the model and data, lower --lr, or resume from the "
+                             "last checkpoint (--resume)")
 
     def evaluate(self) -> dict:
         """The training objective over the eval rows, no dropout, no grad, divided by all their valid tokens.
@@ -339,9 +362,14 @@ def _prepare_out(out: str, config: TrainConfig, dist: Dist) -> str | None:
     """Rank 0 creates/cleans ``out``; returns the checkpoint to resume from, if any."""
     if dist.is_main:
         if config.overwrite and os.path.isdir(out):
+            check_replaceable(out)  # (checked by check_out too) never delete a folder we did not write
             shutil.rmtree(out)
         os.makedirs(out, exist_ok=True)
         ckpt_io.remove_stale_temporaries(out)  # puts back a checkpoint a killed run had moved aside
+        if not is_our_output(out) and (not os.listdir(out) or ckpt_io.latest_checkpoint(out)):
+            write_manifest(out, "train")  # a new run folder (or an older version's run): --overwrite may replace it
+        # appended to / written in place (the reporters' log folders too): never through a link
+        refuse_links_below(out, [METRICS, SUMMARY, "runs", "wandb"])
     dist.barrier()
     return ckpt_io.latest_checkpoint(out) if config.resume else None
 
@@ -439,6 +467,6 @@ def _train(config: TrainConfig, dist: Dist) -> dict:
                "param_bytes": run.param_bytes(), "sharding": run.sharding,
                "config": asdict(config)}
     if is_main:
-        write_json(os.path.join(out, "train_summary.json"), summary, overwrite=True)
+        write_json(os.path.join(out, SUMMARY), summary, overwrite=True)
     dist.barrier()
     return summary

@@ -17,7 +17,7 @@ def load_tokenizer(model_dir: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:
-        raise SafeshapeError(f"--model {model_dir}: cannot load a tokenizer ({exc})") from None
+        raise SafeshapeError(f"--model {model_dir}: cannot load a tokenizer ({exc})") from exc
     check_chat_tokenizer(tokenizer, f"--model {model_dir}")
     return tokenizer
 
@@ -44,7 +44,7 @@ def load_model(model_dir: str, dtype: torch.dtype | str, device: torch.device, q
     except SafeshapeError:
         raise
     except Exception as exc:
-        raise SafeshapeError(f"--model {model_dir}: cannot load the model ({exc})") from None
+        raise SafeshapeError(f"--model {model_dir}: cannot load the model ({exc})") from exc
     check_fused_head(model, f"--model {model_dir}")
     return model if quantize else model.to(device)
 
