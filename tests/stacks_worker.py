@@ -14,11 +14,12 @@ import torch
 GLOBAL_ROWS = 4
 
 
-def lora_model(path, head_trainable=False):
+def lora_model(path, head_trainable=False, seed=0):
+    """The tiny Llama at ``path`` with LoRA on q/v, lora_B moved off zero (test_hf's model too)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     with torch.no_grad():  # LoRA B starts at 0 (policy == reference); move it so the KL term is live

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 from safeshape import hf, testing
 from safeshape.data import IGNORE_INDEX
 from safeshape.errors import SafeshapeError
+from tests.stacks_worker import lora_model
 
 
 @pytest.fixture(scope="module")
@@ -17,16 +18,7 @@ def tiny(tmp_path_factory):
 
 
 def _peft_model(path, seed=0):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():  # LoRA B starts at 0 (policy == reference); move it so the KL term is live
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
+    return lora_model(path, seed=seed)
 
 
 def _spec_loss(model, rows, collator, loss, kl_coef=0.5, betas=(0.5, 2.0, 2.0, 2.0, 2.0, 0.1)):
