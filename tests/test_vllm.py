@@ -2,8 +2,12 @@
 identical (base model and a LoRA adapter as a LoRA request), STAR P(safe) per prefix and the judge's P(unsafe)
 within 1e-5 for the exact and the authors' recipes, and `safeshape eval` / `safeshape star` end to end.
 
-Skipped without vLLM; `make test-vllm` builds an environment with vLLM's CPU build and runs this module. Each
-engine start costs ~40 s of CPU here, so the engines are module fixtures (six starts in all)."""
+`--data-parallel-size 2` (two engines, one core each) against one engine: `safeshape eval` killed with SIGKILL and
+resumed, `safeshape star`; the replicas' machinery (shards, order, a failing replica) on a stand-in engine.
+
+Skipped without vLLM (but the stand-in engine's tests); `make test-vllm` builds an environment with vLLM's CPU build
+and runs this module. Each engine start costs ~40 s of CPU here, so the engines are module fixtures (14 starts in
+all, 8 of them the data-parallel runs')."""
 from __future__ import annotations
 
 import json
