@@ -2,8 +2,12 @@
 identical (base model and a LoRA adapter as a LoRA request), STAR P(safe) per prefix and the judge's P(unsafe)
 within 1e-5 for the exact and the authors' recipes, and `safeshape eval` / `safeshape star` end to end.
 
-Skipped without vLLM; `make test-vllm` builds an environment with vLLM's CPU build and runs this module. Each
-engine start costs ~40 s of CPU here, so the engines are module fixtures (six starts in all)."""
+`--data-parallel-size 2` (two engines, one core each) against one engine: `safeshape eval` killed with SIGKILL and
+resumed, `safeshape star`; the replicas' machinery (shards, order, a failing replica) on a stand-in engine.
+
+Skipped without vLLM (but the stand-in engine's tests); `make test-vllm` builds an environment with vLLM's CPU build
+and runs this module. Each engine start costs ~40 s of CPU here, so the engines are module fixtures (14 starts in
+all, 8 of them the data-parallel runs')."""
 from __future__ import annotations
 
 import json
@@ -210,36 +214,217 @@ def _eval(world, out, engine):
             "--max-new-tokens", "12", "--batch-size", "4", "--no-progress", "--out", str(out), "--engine", engine]
 
 
+@pytest.fixture(scope="module")
+def eval_one(world, tmp_path_factory):
+    """`safeshape eval --engine vllm` with one engine (the reference of the data-parallel runs)."""
+    out = tmp_path_factory.mktemp("eval-one") / "vllm"
+    assert cli_main(_eval(world, out, "vllm")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def star_one(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("star-one") / "vllm.jsonl"
+    assert cli_main(_star(world, out, "vllm")) == 0
+    return out
+
+
+def _star(world, out, engine):
+    return ["star", "--guard", str(world["guard"]), "--data", str(world["root"] / "star.jsonl"), "--out", str(out),
+            "--engine", engine, "--no-progress", "--preset", PRESET]
+
+
+def _responses(folder):
+    return sorted(({k: r[k] for k in ("model", "set", "index", "response", "new_tokens", "finished")}
+                   for r in map(json.loads, (folder / "responses.jsonl").read_text().splitlines()[1:])), key=str)
+
+
+def _same_report(a, b, exact=("harmful_rate", "refusal_rate")):
+    for x, y in zip(a["models"], b["models"], strict=True):
+        assert x["safety"]["mean_p_unsafe"] == pytest.approx(y["safety"]["mean_p_unsafe"], abs=TOL)
+        for key in exact:
+            assert x["safety"][key] == y["safety"][key]
+
+
 @needs_vllm
-def test_eval_end_to_end_equals_hf(world, tmp_path, capsys):
-    assert cli_main(_eval(world, tmp_path / "vllm", "vllm")) == 0
+def test_eval_end_to_end_equals_hf(world, eval_one, tmp_path, capsys):
+    from safeshape.eval.report import table
+
     assert cli_main(_eval(world, tmp_path / "hf", "hf")) == 0
-    reports = {e: json.loads((tmp_path / e / "eval_report.json").read_text()) for e in ("vllm", "hf")}
+    reports = {"vllm": json.loads((eval_one / "eval_report.json").read_text()),
+               "hf": json.loads((tmp_path / "hf" / "eval_report.json").read_text())}
     assert reports["vllm"]["settings"]["engine"] == "vllm" and reports["hf"]["settings"]["engine"] == "hf"
-    assert "engine = vllm" in capsys.readouterr().out
-
-    def rows(e):
-        return [{k: r[k] for k in ("model", "set", "index", "response", "new_tokens", "finished")}
-                for r in map(json.loads, (tmp_path / e / "responses.jsonl").read_text().splitlines()[1:])]
-
-    assert sorted(rows("vllm"), key=str) == sorted(rows("hf"), key=str)
-    for a, b in zip(reports["vllm"]["models"], reports["hf"]["models"]):
-        assert a["safety"]["mean_p_unsafe"] == pytest.approx(b["safety"]["mean_p_unsafe"], abs=TOL)
-        assert a["safety"]["harmful_rate"] == b["safety"]["harmful_rate"]
-        assert a["safety"]["refusal_rate"] == b["safety"]["refusal_rate"]
+    assert "engine = vllm" in table(reports["vllm"])
+    assert _responses(eval_one) == _responses(tmp_path / "hf")
+    _same_report(reports["vllm"], reports["hf"])
     # the hf engine does not resume the vllm engine's responses
-    assert cli_main(_eval(world, tmp_path / "vllm", "hf")) == 2
+    capsys.readouterr()
+    assert cli_main(_eval(world, eval_one, "hf")) == 2
     assert "responses.jsonl" in capsys.readouterr().err
 
 
 @needs_vllm
-def test_star_end_to_end_equals_shared(world, tmp_path):
-    outs = {}
-    for engine in ("vllm", "shared"):
-        outs[engine] = tmp_path / f"{engine}.jsonl"
-        assert cli_main(["star", "--guard", str(world["guard"]), "--data", str(world["root"] / "star.jsonl"),
-                         "--out", str(outs[engine]), "--engine", engine, "--no-progress", "--preset", PRESET]) == 0
-    got, want = ([json.loads(line) for line in outs[e].read_text().splitlines()] for e in ("vllm", "shared"))
+def test_star_end_to_end_equals_shared(world, star_one, tmp_path):
+    assert cli_main(_star(world, tmp_path / "shared.jsonl", "shared")) == 0
+    got, want = ([json.loads(line) for line in p.read_text().splitlines()] for p in (star_one, tmp_path / "shared.jsonl"))
     assert len(got) == len(world["rows"])
     for a, b in zip(got, want):
         assert a["star_values"] == pytest.approx(b["star_values"], abs=TOL)
+
+
+# ---- data parallel with real engines: two replicas on one core each --------------------------------------------
+_KILL_ON_SECOND_CALL = """
+import json, multiprocessing, os, signal, sys
+from safeshape.eval import vllm_engine
+calls, generate = [0], vllm_engine.VllmPolicy.generate_ids
+def hooked(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == 2:  # the first call's responses are saved; the replicas are at work: kill -9 the run
+        with open(sys.argv[1], "w") as f:
+            json.dump([p.pid for p in multiprocessing.active_children()], f)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return generate(self, *a, **k)
+vllm_engine.VllmPolicy.generate_ids = hooked
+from safeshape.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@needs_vllm
+def test_eval_data_parallel_resumes_and_equals_one_engine(world, eval_one, tmp_path):
+    """`--data-parallel-size 2` killed with SIGKILL after its first call (its replicas end with it), then resumed:
+    the responses and the report are one engine's."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out, pids = tmp_path / "dp", tmp_path / "replicas.json"
+    args = _eval(world, out, "vllm") + ["--data-parallel-size", "2"]
+    run = subprocess.run([sys.executable, "-c", _KILL_ON_SECOND_CALL, str(pids), *args])
+    assert run.returncode == -9
+    replicas = [psutil.Process(p) for p in json.loads(pids.read_text()) if psutil.pid_exists(p)]
+    assert len(json.loads(pids.read_text())) == 2
+    _, alive = psutil.wait_procs(replicas, timeout=300)  # they get SIGKILL with their parent; 300 s: a hang guard only
+    assert not alive, "a replica outlived the killed run"
+    saved = (out / "responses.jsonl").read_text().splitlines()[1:]
+    assert 0 < len(saved) < 2 * len(world["prompts"])
+    assert cli_main(args) == 0
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["settings"]["data_parallel_size"] == 2
+    assert sum(m["generation"]["resumed"] for m in report["models"]) == len(saved)
+    assert _responses(out) == _responses(eval_one)
+    _same_report(report, json.loads((eval_one / "eval_report.json").read_text()))
+
+
+@needs_vllm
+def test_star_data_parallel_equals_one_engine(world, star_one, tmp_path):
+    out = tmp_path / "dp.jsonl"
+    assert cli_main(_star(world, out, "vllm") + ["--data-parallel-size", "2", "--batch-size", "4"]) == 0
+    got, want = ([json.loads(line) for line in p.read_text().splitlines()] for p in (out, star_one))
+    assert [r["prompt"] for r in got] == [r["prompt"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["star_values"] == pytest.approx(b["star_values"], abs=TOL)
+
+
+def _args(tmp_path, command):
+    if command == "eval":
+        return ["eval", "--model", str(tmp_path / "m"), "--harmful", str(tmp_path / "d.jsonl"), "--out",
+                str(tmp_path / "o")]
+    return ["star", "--guard", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")]
+
+
+@pytest.mark.parametrize("command", ["eval", "star"])
+def test_data_parallel_needs_the_vllm_engine(tmp_path, capsys, command):
+    engine = "hf" if command == "eval" else "shared"
+    assert cli_main(_args(tmp_path, command) + ["--engine", engine, "--data-parallel-size", "2"]) == 2
+    assert "--data-parallel-size is for --engine vllm" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", [pytest.param("eval", marks=needs_vllm), "star"])  # eval: vLLM checked first
+def test_torchrun_with_vllm_points_at_data_parallel(tmp_path, capsys, monkeypatch, command):
+    from safeshape.vllm_support import TORCHRUN
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_main(_args(tmp_path, command) + ["--engine", "vllm"]) == 2
+    assert TORCHRUN in capsys.readouterr().err and "--data-parallel-size N" in TORCHRUN
+    assert not (tmp_path / "o").exists()
+
+
+# ---- data parallel: the replicas' machinery on a stand-in engine (no vLLM; processes of a moment each) ------------
+def _replicas(n=2, **kwargs):
+    from safeshape.vllm_support import Replicas
+    from tests.vllm_replica_fake import FakeEngine
+
+    return Replicas(FakeEngine, kwargs, [{"FAKE_REPLICA": str(k), "CUDA_VISIBLE_DEVICES": str(k)} for k in range(n)],
+                    "--engine vllm")
+
+
+def test_replica_shards_come_back_in_order(monkeypatch):
+    from safeshape.vllm_support import split
+
+    assert split(7, 3) == [(0, 3), (3, 5), (5, 7)] and split(1, 3) == [(0, 1), (1, 1), (1, 1)]
+    monkeypatch.setenv("VLLM_DP_SIZE", "4")  # vLLM's own DP coordination: not passed on to independent replicas
+    pool = _replicas(3)
+    try:
+        items = list(range(10))
+        for count in (10, 2, 0):
+            shards = [(items[lo:hi], "t") if hi > lo else None for lo, hi in split(count, len(pool))]
+            answers = pool.call("echo", shards)
+            assert [x for a in answers if a is not None for x, _, _ in a] == items[:count]
+            assert [r for a in answers if a is not None for _, _, r in a] == \
+                [k for k, (lo, hi) in enumerate(split(count, 3)) for _ in range(lo, hi)]  # replica k: shard k
+        envs = pool.call("environment", [()] * 3)
+        assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "2"]
+        assert all(e["VLLM_DP_SIZE"] is None for e in envs)
+    finally:
+        pool.close()
+    assert all(p.exitcode == 0 for p in pool.procs)  # closed: each replica left on its own
+    assert os.environ["VLLM_DP_SIZE"] == "4" and "FAKE_REPLICA" not in os.environ  # the parent's environment kept
+
+
+@pytest.mark.parametrize("how, message", [
+    ("raise", r"replica 1 of 2 \(FAKE_REPLICA=1 CUDA_VISIBLE_DEVICES=1\) failed: RuntimeError: the engine broke on "
+              r"item 'b'"),
+    ("exit", r"replica 1 of 2 .* failed: the process exited with code 3"),
+    ("kill-hang", r"replica 1 of 2 .* failed: the process was killed by SIGKILL"),
+])
+def test_a_failing_replica_stops_the_run_with_its_error(how, message):
+    """Replica 1 raises, exits or is killed; replica 0 answers, or (kill-hang) never does: the parent raises replica
+    1's error either way (it waits on events, not time) and stops every replica."""
+    pool = _replicas(2)
+    with pytest.raises(SafeshapeError, match=r"--engine vllm: data-parallel " + message):
+        pool.call("fail", [(["a"], how), (["b"], how)])
+    assert all(not p.is_alive() for p in pool.procs)
+
+
+def test_a_replica_that_cannot_start_is_a_clear_error():
+    with pytest.raises(SafeshapeError, match=r"replica 1 of 2 .* failed: ValueError: replica 1 cannot start"):
+        _replicas(2, fail_start=1)
+
+
+def test_more_replicas_than_devices_is_a_clear_error(monkeypatch):
+    from safeshape import vllm_support
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vllm_support.os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 8, 9, 10, 11})
+    assert vllm_support.replica_environments(2, 2) == [{"VLLM_CPU_OMP_THREADS_BIND": "4,5|6,7"},
+                                                       {"VLLM_CPU_OMP_THREADS_BIND": "8,9|10,11"}]
+    assert vllm_support.replica_environments(3) == [{"VLLM_CPU_OMP_THREADS_BIND": c} for c in
+                                                    ("4,5,6", "7,8,9", "10,11")]
+    assert vllm_support.replica_environments(1, 64) == [{}]  # one engine: vLLM checks its tensor parallelism
+    with pytest.raises(SafeshapeError, match=r"--data-parallel-size 3 x --tensor-parallel-size 3 needs 9 CPU cores "
+                                             r"\(one per engine rank; no CUDA device is available\), but this "
+                                             r"process may run on 8"):
+        vllm_support.replica_environments(3, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,2,1,0")
+    assert vllm_support.replica_environments(2, 2) == [{"CUDA_VISIBLE_DEVICES": "3,2"}, {"CUDA_VISIBLE_DEVICES": "1,0"}]
+    with pytest.raises(SafeshapeError, match=r"--data-parallel-size 5 needs 5 CUDA devices \(one engine replica per "
+                                             r"1 device\(s\)\), but 4 are visible"):
+        vllm_support.replica_environments(5)
+    for bad in (0, -1, True):
+        with pytest.raises(SafeshapeError, match="--data-parallel-size must be a positive integer"):
+            vllm_support.replica_environments(bad)

@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="hf: transformers' generate (default); vllm: one vLLM engine for the model and its adapters (LoRA "
            "requests) and one for the guard (needs vLLM; docs/engines.md)")
     a("--tensor-parallel-size", type=int, default=1, metavar="N", help="--engine vllm: devices a model is split over")
+    a("--data-parallel-size", type=int, default=1, metavar="N",
+      help="--engine vllm: N engine replicas, each on its own devices (N x --tensor-parallel-size GPUs, or on a "
+           "CPU its own cores), the prompts split between them (default 1; docs/engines.md)")
     a("--overwrite", action="store_true", help="start OUT afresh instead of resuming it")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
     a("--json", action="store_true", help="print the report as JSON instead of the table")

@@ -3,7 +3,9 @@ requests), prompts rendered and tokenized as the hf engine does (:func:`.generat
 token ids, responses cut and decoded as :func:`.generate.generate_batch` does, so greedy float32 responses match.
 
 ``--batch-size`` prompts are submitted per call (vLLM batches them continuously inside) and saved after each call,
-so a run resumes as the hf engine's does.
+so a run resumes as the hf engine's does. ``--data-parallel-size N``: N engines, each in a process of its own on its
+own devices (:class:`safeshape.vllm_support.Replicas`); each call's prompts are split into N contiguous shards and
+the responses come back in the prompts' order, saved by this process as with one engine.
 """
 from __future__ import annotations
 
@@ -43,10 +45,10 @@ class VllmPolicy:
     """One engine for ``model`` and LoRA requests for ``adapters`` (folders), ids in the order given."""
 
     def __init__(self, model: str, adapters: Sequence[str], dtype: str = "float32", tensor_parallel_size: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, data_parallel_size: int = 1):
         from transformers import GenerationConfig
 
-        from ..vllm_support import make_llm
+        from ..vllm_support import Replicas, check, make_llm, replica_environments
 
         self.model = str(model)
         self.adapters = {str(Path(a).resolve()): i + 1 for i, a in enumerate(dict.fromkeys(adapters))}
@@ -58,8 +60,16 @@ class VllmPolicy:
         except Exception:  # no generation_config.json: the tokenizer's EOS only
             gen_cfg = None
         self.generation_config = gen_cfg
-        self.llm = make_llm(self.model, WHAT, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
-                            enable_lora=bool(ranks), max_lora_rank=max_rank, max_loras=max(1, len(ranks)))
+        envs = replica_environments(data_parallel_size, tensor_parallel_size)
+        self.llm = self.replicas = None
+        check(WHAT)  # here, before any replica starts
+        if len(envs) > 1:  # one engine per replica process, each as below; the prompts split between them
+            self.replicas = Replicas(VllmPolicy, dict(model=self.model, adapters=list(self.adapters), dtype=dtype,
+                                                      tensor_parallel_size=tensor_parallel_size, seed=seed),
+                                     envs, WHAT)
+        else:
+            self.llm = make_llm(self.model, WHAT, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                                enable_lora=bool(ranks), max_lora_rank=max_rank, max_loras=max(1, len(ranks)))
 
     def lora_request(self, adapter: str | None):
         if adapter is None:
@@ -77,15 +87,23 @@ class VllmPolicy:
         if self.llm is not None:
             close(self.llm)
             self.llm = None
+        if self.replicas is not None:
+            self.replicas.close()
+            self.replicas = None
 
-    def generate_ids(self, tokenizer, ids: list[list[int]], settings: GenerationSettings, seeds: list[int],
-                     adapter: str | None = None) -> list[Generation]:
-        """One call: each prompt's ids a request (greedy, or sampled with its own seed); cut at the first stop id
-        and decoded as the hf engine does."""
+    def token_rows(self, ids: list[list[int]], settings: GenerationSettings, seeds: list[int], adapter: str | None,
+                   eos: list[int]) -> list[list[int]]:
+        """The generated ids of each prompt (one call: each prompt a request, greedy or sampled with its own seed);
+        with several replicas, contiguous shards of the prompts on each, the rows back in the prompts' order."""
+        if self.replicas is not None:
+            from ..vllm_support import split
+
+            shards = [(ids[lo:hi], settings, seeds[lo:hi], adapter, eos) if hi > lo else None
+                      for lo, hi in split(len(ids), len(self.replicas))]
+            return [row for rows in self.replicas.call("token_rows", shards) if rows is not None for row in rows]
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        eos = stop_ids(SimpleNamespace(generation_config=self.generation_config), tokenizer)
         sample = settings.temperature > 0
         params = [SamplingParams(max_tokens=settings.max_new_tokens, stop_token_ids=eos, detokenize=False,
                                  temperature=settings.temperature if sample else 0.0,
@@ -93,9 +111,15 @@ class VllmPolicy:
                   for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in ids], params, use_tqdm=False,
                                  lora_request=self.lora_request(adapter))
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def generate_ids(self, tokenizer, ids: list[list[int]], settings: GenerationSettings, seeds: list[int],
+                     adapter: str | None = None) -> list[Generation]:
+        """One call (:meth:`token_rows`); each response cut at the first stop id and decoded as the hf engine
+        does."""
+        eos = stop_ids(SimpleNamespace(generation_config=self.generation_config), tokenizer)
         results = []
-        for o in outs:
-            row = list(o.outputs[0].token_ids)
+        for row in self.token_rows(ids, settings, seeds, adapter, eos):
             stop = next((i for i, t in enumerate(row) if t in eos), None)
             toks = row if stop is None else row[:stop]
             text = tokenizer.decode(toks, skip_special_tokens=True).strip()
@@ -114,8 +138,9 @@ def generate_responses(policy: VllmPolicy, tokenizer, prompts: Sequence[str],
     from tqdm.auto import tqdm
 
     if dist is not None and dist.enabled and dist.world_size > 1:
-        raise SafeshapeError(f"{WHAT} runs one engine, not one per torchrun process: run it without torchrun "
-                             "(--tensor-parallel-size N splits the model over N devices)")
+        from ..vllm_support import TORCHRUN
+
+        raise SafeshapeError(TORCHRUN)
     settings = settings or GenerationSettings()
     check_policy_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "tokenizer"))
     ids = [render_prompt(tokenizer, p) for p in prompts]
@@ -155,7 +180,7 @@ def load_policy(cfg, model_dir: str, adapters: list[str]) -> tuple[VllmPolicy, o
     for adapter in adapters:  # vLLM would fail later, inside its engine
         check_adapter(meta_model(model_dir), adapter)
     return VllmPolicy(model_dir, adapters, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
-                      seed=cfg.seed), tokenizer
+                      seed=cfg.seed, data_parallel_size=cfg.data_parallel_size), tokenizer
 
 
 def load_guard(cfg):
@@ -165,4 +190,4 @@ def load_guard(cfg):
 
     tokenizer = load_guard_tokenizer(cfg.guard, "--guard")
     return VllmGuard(cfg.guard, recipe="exact", dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
-                     seed=cfg.seed), tokenizer
+                     seed=cfg.seed, data_parallel_size=cfg.data_parallel_size), tokenizer

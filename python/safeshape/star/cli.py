@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "each prefix a vLLM request, prefix caching on (needs vLLM; docs/engines.md)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="--engine vllm: devices the guard is split over (default 1)")
+    parser.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                        help="--engine vllm: N guard engine replicas, each on its own devices (N x "
+                             "--tensor-parallel-size GPUs, or on a CPU its own cores), the prefixes split between "
+                             "them (default 1; docs/engines.md)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="guard sequences per forward pass: responses (shared) or prefixes (naive)")
     parser.add_argument("--device", default="auto",
@@ -81,13 +85,17 @@ def main(args: argparse.Namespace) -> int:
 
             if not torch.cuda.is_available():
                 raise SafeshapeError(f"--device {args.device}: no CUDA device is available")
+        if args.data_parallel_size != 1 and args.engine != "vllm":
+            raise SafeshapeError("--data-parallel-size is for --engine vllm (the other engines run data parallel "
+                                 "under torchrun)")
     except SafeshapeError as exc:
         print(f"safeshape star: error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if args.engine == "vllm":
-            print("safeshape star: error: --engine vllm runs one engine, not one per torchrun process: run it "
-                  "without torchrun (--tensor-parallel-size N splits the guard over N devices)", file=sys.stderr)
+            from ..vllm_support import TORCHRUN
+
+            print(f"safeshape star: error: {TORCHRUN}", file=sys.stderr)
             return 2
         return _main_sharded(args, preset, guard_date)
     try:
@@ -113,7 +121,7 @@ def _annotate(args, preset, guard_date, device, out, shard, progress) -> dict:
         folder = resolve_folder(args.guard, "--guard")
         tokenizer = load_guard_tokenizer(folder, "--guard")
         guard = VllmGuard(folder, recipe=args.recipe, dtype=DTYPES[args.dtype],
-                          tensor_parallel_size=args.tensor_parallel_size)
+                          tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
     else:
         guard, tokenizer = load_guard(args.guard, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
     try:
