@@ -270,3 +270,17 @@ def test_train_flag():
             TrainConfig(model="m", data="d", out="o", dss_kl_clamp=bad)
     with pytest.raises(SafeshapeError, match="--dss-kl-clamp: applies to --loss dss"):
         TrainConfig(model="m", data="d", out="o", loss="sft", dss_kl_clamp=10.0)
+
+
+def test_train_run_builds_the_clamped_loss(tmp_path):
+    from safeshape import testing
+    from safeshape.trainer import TrainConfig
+    from safeshape.trainer.distributed import Dist
+    from safeshape.trainer.loop import Run
+
+    model = str(testing.save_tiny_model(tmp_path / "model", hidden_size=32, vocab_size=320))
+    data = str(testing.write_tiny_dataset(tmp_path / "dss.jsonl", 4, "dss", seed=5))
+    run = Run(TrainConfig(model=model, data=data, out=str(tmp_path / "o"), loss="dss", dss_kl_clamp=10.0,
+                          batch_size=4, lora_r=4, max_len=96, progress=False, device="cpu"), Dist())
+    assert run.loss_module.params() == [0.5, 10.0]
+    assert math.isfinite(run.train_step(0)["loss"])
