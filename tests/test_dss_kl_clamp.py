@@ -284,3 +284,38 @@ def test_train_run_builds_the_clamped_loss(tmp_path):
                           batch_size=4, lora_r=4, max_len=96, progress=False, device="cpu"), Dist())
     assert run.loss_module.params() == [0.5, 10.0]
     assert math.isfinite(run.train_step(0)["loss"])
+
+
+def test_hf_token_loss_with_clamp_equals_the_formula(tmp_path):
+    from transformers import AutoTokenizer
+
+    from safeshape import hf, testing
+    from tests.stacks_worker import lora_model
+
+    path = testing.save_tiny_model(tmp_path / "model", hidden_size=32, vocab_size=320)
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = hf.encode_rows(testing.write_tiny_dataset(tmp_path / "rows.jsonl", 4, "dss", seed=11), tok, loss="dss",
+                          max_len=128)
+    batch = hf.DSSDataCollator(tok)(rows)
+    model = lora_model(path)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    with torch.no_grad(), model.disable_adapter():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels, w = batch["labels"][:, 1:], batch["star_weights"][:, 1:]
+    mask = labels != IGNORE
+    idx = labels.clamp(min=0).unsqueeze(-1)
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, idx).squeeze(-1)
+    lref = torch.log_softmax(ref[:, :-1], -1).gather(-1, idx).squeeze(-1)
+    k2 = 0.5 * (lp - lref) ** 2
+    clamp = float(k2[mask & (w < 1)].detach().median())  # the bound acts on about half the KL tokens
+    want = (w * -lp + 0.5 * (1 - w) * k2.clamp(min=-clamp, max=clamp))[mask].sum() / mask.sum()
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    got, _ = hf.token_loss(model, batch, loss="dss", kl_coef=0.5, kl_clamp=clamp)
+    got.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-7)
+    unclamped, _ = hf.token_loss(model, batch, loss="dss", kl_coef=0.5)
+    assert float(unclamped) > float(got)
