@@ -263,8 +263,8 @@ class TokenLossTrainerMixin:
     """Mix into ``transformers.Trainer`` or ``trl.SFTTrainer`` (first in the bases): ``compute_loss`` is
     :func:`token_loss`. Keyword arguments ``loss`` (dss, sft, rs, deep-token), ``kl_coef`` (the DSS lambda),
     ``kl_clamp`` (the DSS k2 term's bound, docs/math.md#dss-kl-clamp) and ``deep_token_betas``; the rest goes to
-    the trainer. Under several processes the loss is scaled as Trainer scales
-    a loss normalised by ``num_items_in_batch`` (counted over all processes)."""
+    the trainer. Under several processes the loss is scaled as Trainer scales a loss normalised by
+    ``num_items_in_batch`` (counted over all processes)."""
 
     def __init__(self, *args, loss: str = "dss", kl_coef: float = 0.5,
                  deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS, kl_clamp: float | None = None, **kwargs):
