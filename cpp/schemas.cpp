@@ -25,7 +25,8 @@ TORCH_LIBRARY(safeshape, m) {
   m.def("token_logprobs_backward_(Tensor(a!) logits, Tensor grad_logprobs, Tensor labels, Tensor logsumexp, "
         "int ignore_index) -> ()");
   // Per-token objective of the log-probabilities: (loss_t, dloss_t/dl_t). objective / params:
-  //   logprob []: w l;   sft []: w (-l);   dss_k2 [lambda]: w (-l) + lambda (1 - w) 0.5 (l - l_ref)^2;
+  //   logprob []: w l;   sft []: w (-l);   dss_k2 [lambda]: w (-l) + lambda (1 - w) 0.5 (l - l_ref)^2, or
+  //   dss_k2 [lambda, C]: the k2 term clamp(0.5 (l - l_ref)^2, -C, C) (OpenRLHF's), gradient 0 where it reaches C;
   //   deep_token [beta_1, ..., beta_k]: w (2 / beta_t) (-log sigmoid(beta_t (l - l_ref))), beta_t = beta_min(t, k)
   //   at 1-based position t of the response. A missing weights tensor means w = 1.
   m.def("token_objective(Tensor logprobs, Tensor labels, Tensor? weights, Tensor? ref_logprobs, Tensor? positions, "

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string_view>
 
 #include "safeshape/ops.h"
@@ -28,8 +29,11 @@ Objective parse_objective(std::string_view name, c10::ArrayRef<double> params, c
     return name == "sft" ? Objective::kSft : Objective::kLogprob;
   }
   if (name == "dss_k2") {
-    TORCH_CHECK(params.size() == 1 && params[0] >= 0, op, ": objective 'dss_k2' takes params = [kl_coef >= 0], got ",
-                params);
+    // optional second param: OpenRLHF's bound of the k2 estimate (docs/math.md#dss-kl-clamp); finite and > 0
+    const bool ok = (params.size() == 1 || (params.size() == 2 && std::isfinite(params[1]) && params[1] > 0)) &&
+                    params[0] >= 0;
+    TORCH_CHECK(ok, op, ": objective 'dss_k2' takes params = [kl_coef >= 0] or [kl_coef, kl_clamp > 0] (kl_clamp "
+                "finite), got ", params);
     return Objective::kDssK2;
   }
   if (name == "deep_token") {
@@ -73,8 +77,17 @@ Terms objective_terms(Objective o, c10::ArrayRef<double> params, const at::Tenso
     case Objective::kDssK2: {  // loss = w (-l) + lambda (1 - w) 0.5 (l - l_ref)^2
       const double lambda = params[0];
       const at::Tensor d = l - ref;
-      t.loss = -w * l + lambda * (1 - w) * 0.5 * d * d;
-      t.dloss = -w + lambda * (1 - w) * d;
+      if (params.size() == 1) {
+        t.loss = -w * l + lambda * (1 - w) * 0.5 * d * d;
+        t.dloss = -w + lambda * (1 - w) * d;
+        break;
+      }
+      // with kl_clamp C: k2 = clamp(0.5 d^2, -C, C) as OpenRLHF's compute_approx_kl; its gradient as torch 2.14's
+      // scalar clamp gives it: d strictly inside (-C, C), 0 on the bound and beyond (k2 >= 0: only C can act)
+      const double c = params[1];
+      const at::Tensor k2 = 0.5 * d * d;
+      t.loss = -w * l + lambda * (1 - w) * k2.clamp(-c, c);
+      t.dloss = -w + lambda * (1 - w) * at::where(k2.lt(c), d, at::zeros_like(d));
       break;
     }
     case Objective::kDeepToken: {  // loss = w (2 / beta) (-log sigmoid(beta (l - l_ref)))

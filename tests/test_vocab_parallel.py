@@ -24,6 +24,7 @@ CASES = {  # name: (objective, params, dtype, chunk_rows)
     "dss_k2_f64": ("dss_k2", [0.5], torch.float64, 3),
     "deep_token_f64": ("deep_token", [2.0, 1.0, 0.5], torch.float64, 0),
     "dss_k2_bf16": ("dss_k2", [0.5], torch.bfloat16, 4),  # with fp32_grad_weight, as in ops
+    "dss_k2_clamp": ("dss_k2", [0.5, 7.0], torch.float32, 5),  # the KL clamp: k2 > 7 on 5 of the 10 tokens
 }
 
 

@@ -48,7 +48,8 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs(const at::Tensor& logits, cons
 // In place: logits (contiguous) become grad_logprobs_t (onehot(y_t) - softmax(z_t)).
 void token_logprobs_backward_(const at::Tensor& logits, const at::Tensor& grad_logprobs, const at::Tensor& labels,
                               const at::Tensor& logsumexp, int64_t ignore_index = -100);
-// (loss_t, dloss_t/dl_t) of objective "logprob" | "sft" | "dss_k2" (params {kl_coef}) | "deep_token" (params: betas).
+// (loss_t, dloss_t/dl_t) of objective "logprob" | "sft" | "dss_k2" (params {kl_coef}, or {kl_coef, kl_clamp}: the
+// k2 term clamped as OpenRLHF does) | "deep_token" (params: betas).
 std::tuple<at::Tensor, at::Tensor> token_objective(const at::Tensor& logprobs, const at::Tensor& labels,
                                                    const std::optional<at::Tensor>& weights,
                                                    const std::optional<at::Tensor>& ref_logprobs,

@@ -27,6 +27,7 @@ Deprecated (TRL 2.0 removes ``compute_loss_func``, and it costs TRL an extra for
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -92,8 +93,10 @@ class DSSDataCollator:
 
 
 class _Hooks:
-    def __init__(self, model: nn.Module, loss: str, kl_coef: float, betas: tuple[float, ...]):
+    def __init__(self, model: nn.Module, loss: str, kl_coef: float, betas: tuple[float, ...],
+                 kl_clamp: float | None = None):
         self.model, self.loss, self.kl_coef, self.betas, self.pending = model, loss, kl_coef, betas, None
+        self.kl_clamp = kl_clamp
         self.reference = uses_reference(loss, kl_coef)
         self.handles = [model.register_forward_pre_hook(self.before, with_kwargs=True),
                         model.register_forward_hook(self.after, with_kwargs=True)]
@@ -121,16 +124,17 @@ class _Hooks:
             with torch.no_grad(), self.model.disable_adapter():
                 ref = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             output["ref_hidden"] = ref
-        output[_STATE] = (self.loss, self.kl_coef, self.betas)
+        output[_STATE] = (self.loss, self.kl_coef, self.betas, self.kl_clamp)
         return output
 
 
 def prepare_model(model: nn.Module, kl_coef: float = 0.5, *, loss: str = "dss",
-                  deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS) -> nn.Module:
+                  deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS, kl_clamp: float | None = None) -> nn.Module:
     """Install the hooks :func:`compute_loss` relies on (on a PEFT model; returns it). ``loss``: dss, sft, rs
     (with rows from :func:`encode_rows` of the same loss) or deep-token. ``kl_coef`` is the DSS lambda; 0 skips
-    the reference pass (as sft and rs do)."""
+    the reference pass (as sft and rs do). ``kl_clamp``: the DSS k2 term's bound (docs/math.md#dss-kl-clamp)."""
     kl_coef = _check_loss("safeshape.hf.prepare_model", loss, kl_coef)
+    kl_clamp = _check_clamp("safeshape.hf.prepare_model", loss, kl_clamp)
     warnings.warn("safeshape.hf.prepare_model + compute_loss_func=hf.compute_loss is deprecated (TRL 2.0 removes "
                   "compute_loss_func; DDP's find_unused_parameters and FSDP1 drop what the hooks attach): use "
                   "safeshape.hf.TokenLossTrainerMixin", FutureWarning, stacklevel=2)
@@ -139,7 +143,7 @@ def prepare_model(model: nn.Module, kl_coef: float = 0.5, *, loss: str = "dss",
                              "with its adapter disabled)")
     check_fused_head(hf_model(model), type(hf_model(model)).__name__)
     unprepare_model(model)  # preparing twice replaces the hooks
-    setattr(model, _STATE, _Hooks(model, loss, float(kl_coef), tuple(float(b) for b in deep_token_betas)))
+    setattr(model, _STATE, _Hooks(model, loss, float(kl_coef), tuple(float(b) for b in deep_token_betas), kl_clamp))
     return model
 
 
@@ -161,12 +165,23 @@ def _check_loss(where: str, loss: str, kl_coef: float) -> float:
     return 0.0 if loss in ("sft", "rs") else float(kl_coef)
 
 
+def _check_clamp(where: str, loss: str, kl_clamp: float | None) -> float | None:
+    if kl_clamp is None:
+        return None
+    if not (isinstance(kl_clamp, (int, float)) and math.isfinite(kl_clamp) and kl_clamp > 0):
+        raise SafeshapeError(f"{where}: kl_clamp must be a finite number > 0 (or None), not {kl_clamp!r}")
+    if loss != "dss":
+        raise SafeshapeError(f"{where}: kl_clamp applies to loss dss (its k2 term), not {loss!r}")
+    return float(kl_clamp)
+
+
 def _token_loss(head, hidden: Tensor, ref_hidden: Tensor | None, labels: Tensor, star_weights: Tensor,
-                spec: tuple[str, float, tuple[float, ...]], num_items_in_batch, fused: bool = True) -> Tensor:
-    """The loss of ``spec = (loss, kl_coef, betas)`` from the final hidden states ``[B, T, H]`` (policy, and the
-    reference's when the loss reads it), ``head`` = the head's weight or the (wrapped) model, divided by
+                spec: tuple[str, float, tuple[float, ...], float | None], num_items_in_batch,
+                fused: bool = True) -> Tensor:
+    """The loss of ``spec = (loss, kl_coef, betas, kl_clamp)`` from the final hidden states ``[B, T, H]`` (policy,
+    and the reference's when the loss reads it), ``head`` = the head's weight or the (wrapped) model, divided by
     ``num_items_in_batch`` when given (else by the batch's valid tokens)."""
-    loss, kl_coef, betas = spec
+    loss, kl_coef, betas, kl_clamp = spec
     shifted = labels[:, 1:].to(hidden.device)  # row t predicts token t + 1
     flat_labels = shifted.reshape(-1)
     rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
@@ -178,7 +193,7 @@ def _token_loss(head, hidden: Tensor, ref_hidden: Tensor | None, labels: Tensor,
 
     flat_labels = flat_labels[rows]
     weights = star_weights[:, 1:].reshape(-1).to(hidden.device)[rows]
-    loss_fn = _loss_module(loss, kl_coef, betas, fused)
+    loss_fn = _loss_module(loss, kl_coef, kl_clamp, betas, fused)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(hidden.device)
     if loss == "deep-token":
@@ -218,14 +233,16 @@ def _final_hidden(model: nn.Module, inputs: Mapping[str, Tensor]):
 
 
 def token_loss(model: nn.Module, inputs: Mapping[str, Tensor], *, loss: str = "dss", kl_coef: float = 0.5,
-               deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS,
+               deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS, kl_clamp: float | None = None,
                num_items_in_batch: Tensor | int | None = None) -> tuple[Tensor, object]:
     """``(loss, model outputs)`` of a batch from :class:`DSSDataCollator` on a PEFT model however it is wrapped
     (DDP, FSDP1, FSDP2, a DeepSpeed engine): ``star_weights`` and ``labels`` are taken out of ``inputs`` before the
     model call; the reference hidden states come from the same model with the adapter disabled (no_grad). The
-    loss is divided by ``num_items_in_batch`` when given (else by the batch's valid tokens). Every rank must call
-    it (the head's gather is collective)."""
+    loss is divided by ``num_items_in_batch`` when given (else by the batch's valid tokens). ``kl_clamp``: the DSS
+    k2 term's bound as OpenRLHF clamps it (docs/math.md#dss-kl-clamp; None: unbounded). Every rank must call it
+    (the head's gather is collective)."""
     kl_coef = _check_loss("safeshape.hf.token_loss", loss, kl_coef)
+    kl_clamp = _check_clamp("safeshape.hf.token_loss", loss, kl_clamp)
     inputs = dict(inputs)
     star_weights, labels = inputs.pop("star_weights", None), inputs.pop("labels", None)
     if star_weights is None or labels is None:
@@ -238,20 +255,22 @@ def token_loss(model: nn.Module, inputs: Mapping[str, Tensor], *, loss: str = "d
         with torch.no_grad(), _peft_model(model).disable_adapter():
             ref_hidden = _final_hidden(model, inputs)[1]
     outputs, hidden = _final_hidden(model, inputs)
-    spec = (loss, kl_coef, tuple(float(b) for b in deep_token_betas))
+    spec = (loss, kl_coef, tuple(float(b) for b in deep_token_betas), kl_clamp)
     return _token_loss(model, hidden, ref_hidden, labels, star_weights, spec, num_items_in_batch), outputs
 
 
 class TokenLossTrainerMixin:
     """Mix into ``transformers.Trainer`` or ``trl.SFTTrainer`` (first in the bases): ``compute_loss`` is
-    :func:`token_loss`. Keyword arguments ``loss`` (dss, sft, rs, deep-token), ``kl_coef`` (the DSS lambda) and
-    ``deep_token_betas``; the rest goes to the trainer. Under several processes the loss is scaled as Trainer scales
-    a loss normalised by ``num_items_in_batch`` (counted over all processes)."""
+    :func:`token_loss`. Keyword arguments ``loss`` (dss, sft, rs, deep-token), ``kl_coef`` (the DSS lambda),
+    ``kl_clamp`` (the DSS k2 term's bound, docs/math.md#dss-kl-clamp) and ``deep_token_betas``; the rest goes to
+    the trainer. Under several processes the loss is scaled as Trainer scales a loss normalised by
+    ``num_items_in_batch`` (counted over all processes)."""
 
     def __init__(self, *args, loss: str = "dss", kl_coef: float = 0.5,
-                 deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS, **kwargs):
+                 deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS, kl_clamp: float | None = None, **kwargs):
         self.safeshape_loss = dict(loss=loss, kl_coef=_check_loss(type(self).__name__, loss, kl_coef),
-                                   deep_token_betas=tuple(float(b) for b in deep_token_betas))
+                                   deep_token_betas=tuple(float(b) for b in deep_token_betas),
+                                   kl_clamp=_check_clamp(type(self).__name__, loss, kl_clamp))
         super().__init__(*args, **kwargs)
         check_fused_head(hf_model(self.model), type(hf_model(self.model)).__name__)
         # Trainer then counts num_items_in_batch (over labels[..., 1:], gathered over processes), passes it here,
@@ -286,9 +305,9 @@ dss_compute_loss = compute_loss  # the name of earlier releases
 
 
 @functools.lru_cache(maxsize=8)
-def _loss_module(loss: str, kl_coef: float, betas: tuple[float, ...], fused: bool):
+def _loss_module(loss: str, kl_coef: float, kl_clamp: float | None, betas: tuple[float, ...], fused: bool):
     from .loss import DeepTokenLoss, DSSLoss
 
     if loss == "deep-token":
         return DeepTokenLoss(betas=betas, fused=fused)
-    return DSSLoss(kl_coef=kl_coef, kl="k2", fused=fused)
+    return DSSLoss(kl_coef=kl_coef, kl="k2", fused=fused, kl_clamp=kl_clamp)

@@ -1,6 +1,7 @@
 """The training losses (docs/math.md#dss-loss, docs/math.md#deep-token) as modules: what the trainer minimises on every step.
 
     DSSLoss:        (1 / N) sum_t [ w_t (-l_t) + kl_coef (1 - w_t) 0.5 (l_t - l_ref_t)^2 ]
+                    (kl_clamp C: the k2 term min(0.5 (l_t - l_ref_t)^2, C), as OpenRLHF since July 2025)
     DeepTokenLoss:  (1 / N) sum_t (2 / beta_t) (-log sigmoid(beta_t (l_t - l_ref_t)))
 
 over the valid (label != ignore_index) tokens t. N is the number of valid tokens of this call, or, under gradient
@@ -19,6 +20,7 @@ Labels must already be aligned with the rows (the caller shifts them for next-to
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,14 +155,16 @@ class DSSLoss(_TokenLoss):
     :func:`safeshape.ops.token_logprobs` or :func:`safeshape.ops.fused_linear_token_logprobs` on the reference
     model under ``torch.no_grad()``; not needed when ``kl_coef = 0``). ``kl="full"``: the full-vocabulary
     ``KL(p_theta || p_ref)`` against ``ref_logits``; it needs ``fused=False``. ``fp32_grad_weight``: accumulate a
-    bfloat16 lm-head gradient in float32 across chunks (fused path).
+    bfloat16 lm-head gradient in float32 across chunks (fused path). ``kl_clamp``: bound the k2 term by ``C`` as
+    OpenRLHF's ``compute_approx_kl`` clamps its estimate since July 2025 (docs/math.md#dss-kl-clamp; no gradient
+    from the KL term where ``0.5 (l - l_ref)^2 >= C``); None (default): unbounded, the authors' loss.
     """
 
     objective = "dss_k2"
     name = "DSSLoss"
 
     def __init__(self, kl_coef: float = 0.5, kl: str = "k2", fused: bool = True, ignore_index: int = -100,
-                 chunk_rows: int = 0, fp32_grad_weight: bool = False):
+                 chunk_rows: int = 0, fp32_grad_weight: bool = False, kl_clamp: float | None = None):
         super().__init__(fused, ignore_index, chunk_rows, fp32_grad_weight)
         if kl not in ("k2", "full"):
             raise ValueError(f"DSSLoss: kl must be 'k2' or 'full', got {kl!r}")
@@ -169,13 +173,20 @@ class DSSLoss(_TokenLoss):
                              "fused=False")
         if kl_coef < 0:
             raise ValueError(f"DSSLoss: kl_coef must be >= 0, got {kl_coef}")
+        if kl_clamp is not None:
+            if not (math.isfinite(kl_clamp) and kl_clamp > 0):
+                raise ValueError(f"DSSLoss: kl_clamp must be a finite number > 0 (or None), got {kl_clamp}")
+            if kl != "k2":
+                raise ValueError("DSSLoss: kl_clamp applies to kl='k2' (OpenRLHF's clamp of its k2 estimate)")
         self.kl_coef, self.kl = float(kl_coef), kl
+        self.kl_clamp = None if kl_clamp is None else float(kl_clamp)
 
     def params(self) -> list[float]:
-        return [self.kl_coef]
+        return [self.kl_coef] if self.kl_clamp is None else [self.kl_coef, self.kl_clamp]
 
     def extra_repr(self) -> str:
-        return f"kl_coef={self.kl_coef}, kl={self.kl!r}, fused={self.fused}, ignore_index={self.ignore_index}"
+        clamp = "" if self.kl_clamp is None else f", kl_clamp={self.kl_clamp}"
+        return f"kl_coef={self.kl_coef}, kl={self.kl!r}{clamp}, fused={self.fused}, ignore_index={self.ignore_index}"
 
     def forward(self, *, labels: Tensor, weights: Tensor, ref_logprobs: Tensor | None = None,
                 logits: Tensor | None = None, hidden: Tensor | None = None, lm_head_weight: Tensor | None = None,
@@ -194,7 +205,10 @@ class DSSLoss(_TokenLoss):
             labels=labels, weights=weights, ref_logprobs=ref_logprobs, positions=None, logits=logits, hidden=hidden,
             lm_head_weight=lm_head_weight, num_items_in_batch=num_items_in_batch)
         d = logprobs - ref_logprobs.reshape(-1).detach().to(logprobs.dtype)
-        kl_part = self.kl_coef * (1.0 - weights.reshape(-1).to(d.dtype)) * 0.5 * d * d
+        if self.kl_clamp is None:
+            kl_part = self.kl_coef * (1.0 - weights.reshape(-1).to(d.dtype)) * 0.5 * d * d
+        else:
+            kl_part = self.kl_coef * (1.0 - weights.reshape(-1).to(d.dtype)) * (0.5 * d * d).clamp(max=self.kl_clamp)
         return self._output(labels, weights, loss, logprobs, num_tokens, denom, kl_part)
 
     def _full_kl(self, labels, weights, logits, ref_logits, num_items_in_batch) -> DSSLossOutput:

@@ -9,6 +9,7 @@ Every objective depends on the logits ``z_t`` only through ``l_t = log softmax(z
       logprob      w l
       sft          w (-l)                                             (RS: sft on the kept rows only)
       dss_k2       w (-l) + kl_coef (1 - w) 0.5 (l - l_ref)^2         params [kl_coef]
+                   the k2 term clamped to [-C, C] (OpenRLHF's)         params [kl_coef, C] (docs/math.md#dss-kl-clamp)
       deep_token   w (2 / beta_t) (-log sigmoid(beta_t (l - l_ref)))  params [beta_1, ..., beta_k]
 
   with ``beta_t = params[min(t, k) - 1]`` at the 1-based position ``t`` of the token in its response;

@@ -40,8 +40,11 @@ def token_objective(logprobs: Tensor, labels: Tensor, objective: str, params: Se
     elif objective == "sft":
         loss = w * -l
     elif objective == "dss_k2":
-        (kl_coef,) = params
-        loss = w * -l + kl_coef * (1.0 - w) * 0.5 * (l - ref_logprobs.to(dt)) ** 2
+        kl_coef, *clamp = params  # [kl_coef] or [kl_coef, kl_clamp]
+        k2 = 0.5 * (l - ref_logprobs.to(dt)) ** 2
+        if clamp:  # OpenRLHF's compute_approx_kl since July 2025 (docs/math.md#dss-kl-clamp): torch's clamp gradient
+            k2 = k2.clamp(min=-clamp[0], max=clamp[0])
+        loss = w * -l + kl_coef * (1.0 - w) * k2
     elif objective == "deep_token":
         beta = deep_token_betas(positions, params).to(dt)
         loss = w * (2.0 / beta) * -F.logsigmoid(beta * (l - ref_logprobs.to(dt)))

@@ -29,9 +29,10 @@ from ..errors import SafeshapeError
 PROJECTORS = ("paper", "orthogonal")
 SVDS = ("randomized", "exact")
 OVERSAMPLE = 10  # spare sketch directions beyond k (Halko et al.'s p)
-# the exact SVD once the sketch would be wider than min(d_out, d_in) / EXACT_ABOVE: ~10 power steps at width l cost
-# about one SVD when l ~ d / 7 (bench/NOTES.md, issue 25: k = 300, l = 600 of 4096 took 0.8x the SVD's time)
-EXACT_ABOVE = 8
+# the exact SVD once the sketch would be wider than min(d_out, d_in) / EXACT_ABOVE: the randomised path costs about
+# one SVD at l ~ d / 4 on a decaying spectrum and l ~ d / 3 on a flat one, 0.2-0.6x of it at d / 8
+# (bench/bench_svd_cutover.py, d = 1024-4096, one thread; bench/NOTES.md, issue 25 item "cut-over re-measured")
+EXACT_ABOVE = 4
 
 
 def check_projector(projector: str, energy: float, svd: str = "randomized") -> None:

@@ -33,6 +33,9 @@ _HELP = {
     "loss": "dss (STAR-weighted CE + KL to the adapter-disabled model), sft, rs (sft on the rows with safe=true), "
             "or deep-token (Qi et al.'s token-wise constrained objective against the adapter-disabled model)",
     "kl_coef": "lambda of the DSS KL term",
+    "dss_kl_clamp": "dss: bound the k2 term 0.5 (l - l_ref)^2 by this value, as OpenRLHF clamps its KL estimate "
+                    "since July 2025 (10 there; no gradient from that term beyond it); default: unbounded, as the "
+                    "DSS authors' loss",
     "deep_token_betas": "deep-token: comma-separated beta of response positions 1, 2, ...; the last holds for every "
                         "later position",
     "rs_keep_rejected": "rs: keep rejected rows with weight 0 and count their tokens in N, as the authors' released "

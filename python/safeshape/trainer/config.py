@@ -25,6 +25,7 @@ class TrainConfig:
     split: str | None = None  # the split of a datasets.save_to_disk folder given as `data`
     train_on: str = "last"  # last | all: which assistant turns of a `messages` row carry loss (all: sft and rs)
     kl_coef: float = 0.5  # lambda of the DSS KL term (dss only)
+    dss_kl_clamp: float | None = None  # bound of the DSS k2 term as OpenRLHF's clamp (None: unbounded, the authors')
     deep_token_betas: tuple[float, ...] = DEEP_TOKEN_BETAS  # beta of response positions 1, 2, ...; the last holds on
     rs_keep_rejected: bool = False  # rs: keep rejected rows with weight 0 (N counts them) instead of dropping them
     lora_r: int = 8
@@ -101,6 +102,11 @@ class TrainConfig:
         for name in ("kl_coef", "weight_decay", "max_grad_norm", "lora_dropout"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, not {getattr(self, name)}")
+        if self.dss_kl_clamp is not None:
+            if not (math.isfinite(self.dss_kl_clamp) and self.dss_kl_clamp > 0):
+                raise bad("dss_kl_clamp", f"must be a finite number > 0, not {self.dss_kl_clamp}")
+            if self.loss != "dss":
+                raise bad("dss_kl_clamp", f"applies to --loss dss (its KL term), not {self.loss}")
         if not self.lora_dropout < 1:
             raise bad("lora_dropout", f"must be < 1, not {self.lora_dropout}")
         if not self.lr > 0:

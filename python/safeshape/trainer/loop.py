@@ -134,7 +134,7 @@ class Run:
             self.loss_module = DeepTokenLoss(betas=config.deep_token_betas, fused=config.fused)
         else:
             self.loss_module = DSSLoss(kl_coef=config.kl_coef if self.use_reference else 0.0, kl="k2",
-                                       fused=config.fused)
+                                       fused=config.fused, kl_clamp=config.dss_kl_clamp)
         # a rank with no rows in a micro-batch (last, partial step) still joins the collectives: one ignored token
         first = self.examples[0]
         self.empty_row = Example(first.input_ids[:2], [IGNORE_INDEX] * len(first.input_ids[:2]),
