@@ -304,3 +304,25 @@ def test_rows_annotated_by_safeshape_star_train(files, tmp_path):
         assert all(any(x == pytest.approx(v) for v in values) for x in w)
     m = run.train_step(0)
     assert 0 < m["mean_weight"] < 1 and m["tokens"] > 0 and m["kl_loss"] == 0  # B = 0: policy == reference
+
+
+def test_resume_refuses_a_setting_newer_than_the_checkpoint(tmp_path):
+    """A checkpoint written before a setting existed (here --dss-kl-clamp) ran with that setting's default: resuming
+    it with another value would silently change the loss mid-run."""
+    import json
+    from dataclasses import asdict
+
+    from safeshape.trainer.checkpoint import STATE_JSON, check_resumable
+    from safeshape.trainer.config import TrainConfig
+
+    cfg = TrainConfig(model="m", data="d.jsonl", out=str(tmp_path / "o"), loss="dss")
+    saved = asdict(cfg)
+    saved.pop("dss_kl_clamp")
+    saved = json.loads(json.dumps(saved))
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / STATE_JSON).write_text(json.dumps({"config": saved, "data_sha256": "x", "world_size": 1}))
+    check_resumable(str(ckpt), cfg, "x", 1)  # the default: the same computation
+    clamped = TrainConfig(model="m", data="d.jsonl", out=str(tmp_path / "o"), loss="dss", dss_kl_clamp=10.0)
+    with pytest.raises(SafeshapeError, match=r"before --dss-kl-clamp existed and ran with its default None, now 10.0"):
+        check_resumable(str(ckpt), clamped, "x", 1)

@@ -12,7 +12,7 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +199,19 @@ def check_resumable(ckpt: str, config: TrainConfig, data_sha256: str, world_size
         if mine != value:
             raise SafeshapeError(f"--resume from {ckpt}: --{key.replace('_', '-')} was {value!r} in that run, now "
                                  f"{mine!r}; resume with the same settings (or start a new --out)")
+    # a setting newer than the checkpoint: that run computed with its default, so only the default continues it
+    for f in fields(TrainConfig):
+        if f.name in saved["config"] or f.name in RESUMABLE_CHANGES:
+            continue
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        if default is MISSING:
+            continue
+        mine = now[f.name]
+        if (list(mine) if isinstance(mine, tuple) else mine) != (list(default) if isinstance(default, tuple) else default):
+            raise SafeshapeError(f"--resume from {ckpt}: that run was written before --{f.name.replace('_', '-')} "
+                                 f"existed and ran with its default {default!r}, now {mine!r}; resume without it "
+                                 "(or start a new --out)")
     if saved["data_sha256"] != data_sha256:
         raise SafeshapeError(f"--resume from {ckpt}: --data {config.data} changed since that checkpoint")
     if saved["world_size"] != world_size:
