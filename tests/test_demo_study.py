@@ -6,9 +6,9 @@ import pytest
 from safeshape.demo import study
 
 
-def _run(name, method, safety, utility):
+def _run(name, method, safety, utility, complied=None):
     return {"name": name, "method": method, "safety": safety, "utility": utility, "status": "ok",
-            "modules_projected": None, "details": {}}
+            "modules_projected": None, "details": {} if complied is None else {"harmful_complied": complied}}
 
 
 def _report(tmp_path, isa, values):
@@ -16,8 +16,8 @@ def _report(tmp_path, isa, values):
     cells = []
     for seed, (sft, dss) in values.items():
         cells.append({"seed": seed, "width": 32, "runs": [
-            _run("aligned", "aligned model", 1.0, 0.0), _run("sft", "vanilla SFT", sft, 0.5),
-            _run("dss", "DSS", dss, 0.4)]})
+            _run("aligned", "aligned model", 1.0, 0.0, 0.0), _run("sft", "vanilla SFT", sft, 0.5, 1.0 - sft),
+            _run("dss", "DSS", dss, 0.4, 0.0)]})
     folder = tmp_path / isa
     folder.mkdir()
     rep = {"cells": cells, "seeds": sorted(values), "widths": [32], "code": "abc", "command": "safeshape demo",
@@ -45,6 +45,9 @@ def test_counts_per_path_and_pooled_and_claims(tmp_path):
     assert dss["paths"]["AVX2"]["safety_ge_50"]["k"] == 2
     assert dss["paths"]["pooled"]["safety_ge_50"] == {"k": 4, "n": 6, "ci95": list(study.wilson(4, 6))}
     assert dss["paths"]["pooled"]["safety_ge_90"]["k"] == 3
+    assert dss["paths"]["pooled"]["complied_ge_50"]["k"] == 0 and dss["paths"]["pooled"]["complied_mean"] == 0.0
+    sft = next(o for o in res["outcomes"] if o["name"] == "sft")
+    assert sft["paths"]["pooled"]["complied_ge_50"]["k"] == 6 and sft["paths"]["AVX2"]["complied_mean"] == 1.0
     comp = next(c for c in res["comparisons"] if c["name"] == "dss")
     assert comp["compared_with"] == "sft"
     assert comp["paths"]["pooled"]["safety"]["higher"] == 5 and comp["paths"]["pooled"]["safety"]["equal"] == 1
