@@ -342,7 +342,7 @@ class Demo:
         star_path = self.make_star_data(seed)
 
         def make(path: Path):
-            from safeshape.data import read_jsonl
+            from safeshape.datafiles import read_jsonl
 
             rows = [row for _, row in read_jsonl(star_path)]  # errors name the line (invalid UTF-8, not JSON)
             _write_jsonl(path, ({"prompt": r["prompt"], "response": r["response"],

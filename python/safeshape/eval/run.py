@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import on_main
 from ..errors import SafeshapeError
 from . import harness, vllm_engine
 from .adapters import parse_adapter
@@ -104,18 +105,11 @@ def _model_specs(cfg: EvalConfig) -> list[str]:
 
 
 def _load_policy(folder: str, dtype: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
+    from ..models import load_causal_lm
     from .validate import check_model_folder
 
     tokenizer = check_model_folder(folder)
-    try:
-        # safetensors only: a pytorch_model.bin is a pickle, and no file we are handed is unpickled
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True,
-                                                     use_safetensors=True)
-    except Exception as exc:
-        raise SafeshapeError(f"--model {folder}: cannot load the model ({exc})") from exc
-    return model.to(device).eval(), tokenizer
+    return load_causal_lm(folder, dtype).to(device).eval(), tokenizer
 
 
 def _resolve_hub_ids(cfg: EvalConfig) -> EvalConfig:
@@ -146,7 +140,7 @@ def _header(cfg: EvalConfig, settings: GenerationSettings) -> dict:
 
 def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
     """Run the evaluation described by ``cfg``; returns the report (also written to OUT/eval_report.json)."""
-    from ..trainer.distributed import setup
+    from ..distributed import setup
 
     if cfg.dtype not in DTYPES:
         raise SafeshapeError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
@@ -201,22 +195,6 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
             hf_logging.enable_progress_bar()
 
 
-def _on_main(dist, fn):
-    """Run ``fn`` on process 0 and share its result (or its error, of any type) with every process: all raise
-    together rather than the others waiting forever in the next collective."""
-    res, exc = None, None
-    if dist.is_main:
-        try:
-            res = fn()
-        except Exception as e:  # noqa: BLE001 -- re-raised below, on every process
-            exc = e
-    if not dist.all_ok(exc is None):
-        if exc is not None:
-            raise exc
-        raise SafeshapeError("process 0 failed (its error is printed there)")
-    return dist.gather_objects(res)[0]
-
-
 def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset, warnings) -> dict:
     from .store import ResponseStore
 
@@ -249,7 +227,7 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset, 
             sources[m.name] = _source(m.model, m.projects) + (
                 f" projected with base {Path(cfg.project_base).resolve()} {json.dumps(_projection_settings(cfg))}")
 
-    saved, warnings = _on_main(dist, open_store)
+    saved, warnings = on_main(dist, open_store)
     sets = {"harmful": [p.text for p in harmful], "utility": [u.prompt for u in utility]}
     vllm = cfg.engine == "vllm"
     model, loaded = None, None
@@ -307,7 +285,7 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset, 
         entry.pop("resumed", None)
         entry["lm_eval"] = None
         if tasks:
-            entry["lm_eval"] = _on_main(dist, lambda: harness.run_tasks(model, tokenizer, tasks, cfg.batch_size,
+            entry["lm_eval"] = on_main(dist, lambda: harness.run_tasks(model, tokenizer, tasks, cfg.batch_size,
                                                                         cfg.lm_eval_limit, cfg.lm_eval_include))
         if adapter is not None and not vllm:
             model = model.unload()  # the base model again, without LoRA layers

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import SafeshapeError
 from .presets import GuardPreset
-from .segment import chunk_char_spans, prefix_text
+from ..chunks import chunk_char_spans, prefix_text
 
 _PLACEHOLDER = "\ue000STAR-RESPONSE\ue001"
 
