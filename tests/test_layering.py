@@ -123,3 +123,32 @@ def test_a_cycle_inside_a_package_is_caught(tmp_path):
                                               "\n\ndef f():\n    from .annotate import annotate_file\n")
     assert any(v.startswith("import cycle:") and "safeshape.star.presets" in v for v in violations(pkg, (
         ROOT / "DESIGN.md").read_text()))
+
+
+LOADERS = re.compile(r"Auto(Model\w*|Tokenizer)|\w+ForCausalLM|\w*Tokenizer(Fast)?")
+
+
+def loads_outside_models(package: Path) -> list[str]:
+    """``<model or tokenizer class>.from_pretrained(...)`` calls outside safeshape/models.py, the one loader
+    (local files, safetensors only, errors naming the flag and folder)."""
+    out = []
+    for name, path in modules(package).items():
+        if name == "safeshape.models":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == "from_pretrained" and isinstance(node.func.value, ast.Name) and \
+                    LOADERS.fullmatch(node.func.value.id):
+                out.append(f"{name}:{node.lineno}: {node.func.value.id}.from_pretrained")
+    return out
+
+
+def test_models_and_tokenizers_load_in_one_place(tmp_path):
+    import shutil
+
+    assert loads_outside_models(PACKAGE) == []
+    pkg = tmp_path / "safeshape"
+    shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (pkg / "hf.py").write_text((pkg / "hf.py").read_text() + "\n\ndef f(d):\n    from transformers import "
+                               "AutoModelForCausalLM\n\n    return AutoModelForCausalLM.from_pretrained(d)\n")
+    assert [v.split(":")[0] for v in loads_outside_models(pkg)] == ["safeshape.hf"]

@@ -60,6 +60,19 @@ def load_causal_lm(folder: str | os.PathLike, dtype: torch.dtype | str = "auto",
         raise SafeshapeError(f"{flag} {os.fspath(folder)}: cannot load the model ({exc})") from exc
 
 
+def meta_model(folder: str | os.PathLike, flag: str = "--model"):
+    """The model's modules with the shapes its config gives, on the meta device (no memory, no weights read): what
+    adapters are checked against before anything loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        raise SafeshapeError(f"{flag} {os.fspath(folder)}: cannot build the model from its config.json ({exc})") from None
+
+
 def load_model(model_dir: str, dtype: torch.dtype | str, device: torch.device, quantize: int | None = None) -> nn.Module:
     """The policy to train in ``model_dir`` on ``device`` (:func:`load_causal_lm`), its head checked for the fused
     loss. ``quantize`` 4 or 8: the base's Linear layers through bitsandbytes (NF4 with double quantization, or

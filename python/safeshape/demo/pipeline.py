@@ -255,29 +255,27 @@ class Demo(ModelStages, DataStages, RunStages, ScoringStages):
         runs = [Run("base", "base model (before alignment)", str(base)),
                 Run("aligned", "aligned model (before fine-tuning)", str(aligned))]
 
-        def attempt(run: Run, fn) -> Run:
-            run.adapter = str(fn())
+        def add(run: Run, adapter: Path) -> Run:
+            run.adapter = str(adapter)
             runs.append(run)
             return run
 
-        train = lambda name, loss, rows: lambda: self.train_run(seed, width, name, loss, rows)  # noqa: E731
-        sft = attempt(Run("sft", "vanilla SFT (LoRA)", str(aligned)), train("sft", "sft", data))
-        attempt(Run("rs", "RS: rejection sampling by the guard (rejected rows dropped)", str(aligned)),
-                lambda: self.train_run(seed, width, "rs", "rs", self.make_rs_data(seed)))
-        attempt(Run("deep-token", "Deep Token (Qi et al. betas)", str(aligned)),
-                train("deep-token", "deep-token", data))
-        dss = attempt(Run("dss", f"DSS (STAR, lambda={DSS_KL_COEF}, M={STAR_CHUNK_WORDS})", str(aligned)),
-                      lambda: self.train_run(seed, width, "dss", "dss", self.make_star_data(seed)))
+        sft = add(Run("sft", "vanilla SFT (LoRA)", str(aligned)), self.train_run(seed, width, "sft", "sft", data))
+        add(Run("rs", "RS: rejection sampling by the guard (rejected rows dropped)", str(aligned)),
+            self.train_run(seed, width, "rs", "rs", self.make_rs_data(seed)))
+        add(Run("deep-token", "Deep Token (Qi et al. betas)", str(aligned)),
+            self.train_run(seed, width, "deep-token", "deep-token", data))
+        dss = add(Run("dss", f"DSS (STAR, lambda={DSS_KL_COEF}, M={STAR_CHUNK_WORDS})", str(aligned)),
+                  self.train_run(seed, width, "dss", "dss", self.make_star_data(seed)))
         for parent, label in ((sft, "SFT"), (dss, "DSS")):
             for projector in ("paper", "orthogonal"):
                 for select in ("number", "threshold"):
                     name, desc = safelora_names(parent.name, label, projector, select)
-                    run = attempt(Run(name, desc, str(aligned)), lambda: self.safelora_run(
-                        seed, width, name, Path(parent.adapter), select, projector))
+                    run = add(Run(name, desc, str(aligned)),
+                              self.safelora_run(seed, width, name, Path(parent.adapter), select, projector))
                     read_safelora_report(run)
         for run in runs:
-            if run.status == "ok":
-                self.score(seed, width, run)
+            self.score(seed, width, run)
         world = self.world(seed)
         cell = {
             "seed": seed, "width": width,

@@ -19,14 +19,12 @@ class ScoringStages:
         path = self.cell_dir(seed, width) / "scores" / f"{run.name}.json"
 
         def make(p: Path):
-            import torch
-            from transformers import LlamaForCausalLM
-
             from ..eval import GenerationSettings, evaluate_model
+            from ..models import load_causal_lm
             from .tokenizer import policy_tokenizer
 
             tok = policy_tokenizer()
-            model = LlamaForCausalLM.from_pretrained(run.model, dtype=torch.float32)
+            model = load_causal_lm(run.model, "float32", "demo model")
             if run.adapter:
                 from peft import PeftModel
 

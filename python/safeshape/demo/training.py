@@ -41,15 +41,14 @@ class ModelStages:
             p.base_steps, p.base_lr, "base model (comply with everything)", tok)
 
     def make_aligned(self, seed: int, width: int) -> Path:
-        from transformers import LlamaForCausalLM
-
+        from ..models import load_causal_lm
         from . import models as M
         from .tokenizer import policy_tokenizer
 
         p, tok, base = self.profile, policy_tokenizer(), self.make_base(seed, width)
         return self._trained_model(
             f"seed {seed} width {width}: aligned model", self.cell_dir(seed, width) / "aligned",
-            lambda: LlamaForCausalLM.from_pretrained(base),
+            lambda: load_causal_lm(base, flag="demo base model"),
             self.world(seed).align_stream(random.Random(seed + 11)), lambda ex: M.policy_batch(tok, ex),
             p.align_steps, p.align_lr, "aligned model (refuse harmful requests)", tok)
 

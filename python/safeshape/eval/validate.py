@@ -6,6 +6,7 @@ another model); raises :class:`SafeshapeError` naming the argument and file at f
 from __future__ import annotations
 
 from ..errors import SafeshapeError
+from ..models import meta_model
 from .models import EvalModel
 
 
@@ -15,19 +16,6 @@ def check_model_folder(folder: str, flag: str = "--model"):
     from .generate import check_policy_tokenizer
 
     return load_tokenizer(folder, flag, check=check_policy_tokenizer, model_folder=True)
-
-
-def meta_model(folder: str, flag: str = "--model"):
-    """The model's modules with the shapes its config gives, on the meta device (no memory, no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except Exception as exc:
-        raise SafeshapeError(f"{flag} {folder}: cannot build the model from its config.json ({exc})") from None
 
 
 def check_guard(folder: str, preset) -> None:
