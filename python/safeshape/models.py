@@ -70,10 +70,12 @@ def meta_model(folder: str | os.PathLike, flag: str = "--model"):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except Exception as exc:
-        raise SafeshapeError(f"{flag} {os.fspath(folder)}: cannot build the model from its config.json ({exc})") from None
+        raise SafeshapeError(f"{flag} {os.fspath(folder)}: cannot build the model from its config.json "
+                             f"({exc})") from None
 
 
-def load_model(model_dir: str, dtype: torch.dtype | str, device: torch.device, quantize: int | None = None) -> nn.Module:
+def load_model(model_dir: str, dtype: torch.dtype | str, device: torch.device,
+               quantize: int | None = None) -> nn.Module:
     """The policy to train in ``model_dir`` on ``device`` (:func:`load_causal_lm`), its head checked for the fused
     loss. ``quantize`` 4 or 8: the base's Linear layers through bitsandbytes (NF4 with double quantization, or
     LLM.int8), computing in ``dtype``; the output head stays unquantized (transformers skips it), which the fused

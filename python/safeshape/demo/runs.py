@@ -66,7 +66,8 @@ class RunStages:
     def safelora_run(self, seed: int, width: int, name: str, adapter: Path, select: str, projector: str) -> Path:
         base, aligned = self.make_base(seed, width), self.make_aligned(seed, width)
         extra = {}
-        if projector != "paper":  # the exact SVD: cheap at these widths, and the README's committed numbers were made with it
+        if projector != "paper":
+            # the exact SVD: cheap at these widths, and the README's committed numbers were made with it
             extra = {"projector": projector, "energy": SAFELORA_ENERGY, "svd": "exact"}
 
         def make(path: Path):
