@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from ..chunks import chunk_char_spans
 from ..data import trl_row
 from ..datafiles import iter_jsonl
 from ..errors import SafeshapeError
 from ..io import atomic_write_bytes, cut_torn_tail, refuse_link, split_torn_tail
 from .presets import GuardPreset
 from .scoring import StarScorer
-from ..chunks import chunk_char_spans
 
 STAR_FIELDS = ("star_values", "star_chunk_words", "star_recipe")
 
