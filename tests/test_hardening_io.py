@@ -3,6 +3,7 @@ back), temporaries of killed runs are removed and reported, failures become Safe
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -137,3 +138,32 @@ def test_write_text_respects_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+
+
+@pytest.mark.parametrize("tail", [b"", b'{"a": 3', b'{"a": 3}'])  # nothing, a torn line, a line short of its newline
+def test_torn_tail_is_cut_and_complete_lines_are_kept(tmp_path, tail):
+    from safeshape.io import cut_torn_tail, split_torn_tail
+
+    p = tmp_path / "rows.jsonl"
+    data = b'{"a": 1}\n\n{"a": 2}\n' + tail
+    p.write_bytes(data)
+    lines, torn = split_torn_tail(data)
+    assert lines == [b'{"a": 1}', b"", b'{"a": 2}'] and torn == tail
+    assert split_torn_tail(tail) == ([], tail)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cut_torn_tail(p, data)
+    assert p.read_bytes() == b'{"a": 1}\n\n{"a": 2}\n'
+    assert [str(w.message) for w in caught] == ([f"{p}: removing an incomplete last line ({len(tail)} bytes) left by "
+                                                 "an interrupted run"] if tail else [])
+
+
+def test_torn_tail_is_not_cut_through_a_link(tmp_path):
+    from safeshape.io import cut_torn_tail
+
+    target, link = tmp_path / "target.jsonl", tmp_path / "link.jsonl"
+    target.write_bytes(b'{"a": 1}\n{"a"')
+    link.symlink_to(target)
+    with pytest.raises(SafeshapeError, match="symbolic link"):
+        cut_torn_tail(link, target.read_bytes())
+    assert target.read_bytes() == b'{"a": 1}\n{"a"'

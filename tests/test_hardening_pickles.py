@@ -115,7 +115,7 @@ def test_a_planted_pickle_is_never_loaded(case, sources, tmp_path, watch_loaders
     elif case == "eval --guard":  # the guard loader eval uses, after generation
         from safeshape.star import load_guard
 
-        with pytest.raises(SafeshapeError, match="could not load the model") as info:
+        with pytest.raises(SafeshapeError, match="cannot load the model") as info:
             load_guard(guard)
         assert info.value.__cause__ is not None
         argv = None

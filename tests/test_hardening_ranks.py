@@ -33,16 +33,15 @@ def _child(rank: int, port: int, folder: str) -> None:
     results = {}
     try:
         import safeshape.star.cli as star_cli
+        from safeshape.distributed import on_main, setup
         from safeshape.eval.generate import sharded_map
-        from safeshape.eval.run import _on_main
-        from safeshape.trainer.distributed import setup
 
         dist = setup("cpu")
 
         def boom_on_0():
             raise RuntimeError("disk on fire")
 
-        results["eval _on_main"] = _outcome(lambda: _on_main(dist, boom_on_0))
+        results["on_main"] = _outcome(lambda: on_main(dist, boom_on_0))
 
         def work(j):
             if j == 1:  # batch 1 runs on process 1
@@ -88,8 +87,8 @@ def test_an_error_of_any_type_on_one_rank_reaches_every_rank(tmp_path):
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert "setup" not in got[0] and "setup" not in got[1], got
     # process 0's own error on process 0, a SafeshapeError saying so on the other
-    assert got[0]["eval _on_main"] == "raised RuntimeError: disk on fire"
-    assert got[1]["eval _on_main"].startswith("raised SafeshapeError: process 0 failed")
+    assert got[0]["on_main"] == "raised RuntimeError: disk on fire"
+    assert got[1]["on_main"].startswith("raised SafeshapeError: process 0 failed")
     for g in got:
         assert g["eval sharded_map"] == "raised SafeshapeError: process 1: KeyError: 'no such token'"
         assert g["star sharded"] == "returned 2"

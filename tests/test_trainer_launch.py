@@ -1,4 +1,4 @@
-"""Launcher environments (docs: safeshape.trainer.distributed): torchrun and MPI variables give N processes;
+"""Launcher environments (docs: safeshape.distributed): torchrun and MPI variables give N processes;
 `accelerate launch --cpu --num_processes 2`, which starts one process, is refused instead of training alone."""
 import os
 import socket
@@ -9,7 +9,7 @@ import pytest
 
 from safeshape import testing
 from safeshape.errors import SafeshapeError
-from safeshape.trainer.distributed import launcher_ranks
+from safeshape.distributed import launcher_ranks
 
 ACCEL_SIMPLE = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
 
@@ -58,7 +58,7 @@ def test_real_accelerate_cpu_launch_is_refused_clearly(tmp_path):
 
 
 _MPI_RANK = """
-from safeshape.trainer.distributed import setup
+from safeshape.distributed import setup
 d = setup("cpu")
 total = d.sum([d.rank + 1.0]).item()
 print(d.rank, d.world_size, d.local_rank, total)

@@ -12,12 +12,11 @@ Row layouts (one JSON object per line):
 """
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .datafiles import iter_jsonl, read_jsonl  # noqa: F401 -- re-exported: their old home
 from .errors import SafeshapeError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the CLI's --help stays light
@@ -37,42 +36,6 @@ class Example:
     weights: list[float]  # 0 on prompt tokens
     line: int  # 1-based line in the data file
     truncated: bool = False  # cut at the end by max_len
-
-
-def iter_jsonl(path: str | os.PathLike, where=None) -> Iterator[tuple[int, object]]:
-    """``(line_number, value)`` for the non-blank lines of a JSONL file, read lazily: a line that is not UTF-8 or
-    not JSON raises SafeshapeError naming it (``where(line_number)``, default ``"PATH line N"``) when it is reached,
-    so the rows before it can be handled first."""
-    where = where or (lambda i: f"{os.fspath(path)} line {i}")
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise SafeshapeError(f"{where(i)}: not valid UTF-8 (byte {exc.start + 1} of the line: "
-                                     f"{raw[exc.start:exc.start + 1]!r}); JSONL files must be UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SafeshapeError(f"{where(i)}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """``(line_number, row)`` for every non-blank line; a line that is not UTF-8 or not a JSON object is an error
-    naming it."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise SafeshapeError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "data file not found"))
-    rows = []
-    for i, row in iter_jsonl(path):
-        if not isinstance(row, dict):
-            raise SafeshapeError(f"{path} line {i}: a row must be a JSON object, not {type(row).__name__}")
-        rows.append((i, row))
-    if not rows:
-        raise SafeshapeError(f"{path}: no rows")
-    return rows
 
 
 def trl_row(row, where: str):
@@ -117,7 +80,7 @@ def split_row(row: dict, where: str) -> tuple[list[dict], str]:
 
 
 def _check_star(row: dict, response: str, where: str) -> tuple[list[float], int]:
-    from .star.segment import chunk_char_spans
+    from .chunks import chunk_char_spans
 
     if "star_values" not in row or "star_chunk_words" not in row:
         missing = [k for k in ("star_values", "star_chunk_words") if k not in row]
@@ -194,7 +157,7 @@ def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: 
     puts loss on every assistant turn of a ``messages`` row, not only the last (sft and rs)."""
     import torch
 
-    from . import star
+    from .chunks import authors_token_weights, token_weights
 
     if train_on not in TRAIN_ON:
         raise SafeshapeError(f"train_on must be one of {TRAIN_ON}, not {train_on!r}")
@@ -222,10 +185,10 @@ def encode_row(tokenizer, row: dict, loss: str, max_len: int, where: str, line: 
     labels = [t if r else IGNORE_INDEX for t, r in zip(ids, is_response)]
     if loss == "dss" and row.get("star_recipe") == "authors":  # their boundaries: token lengths of each prefix's chat
         first = is_response.index(True) if True in is_response else len(ids)
-        w = star.authors_token_weights(tokenizer, prompt_msgs, response, values, chunk_words, len(ids), first)
+        w = authors_token_weights(tokenizer, prompt_msgs, response, values, chunk_words, len(ids), first)
         weights = [float(x) if r else 0.0 for x, r in zip(w.tolist(), is_response)]
     elif loss == "dss":
-        w = star.token_weights(offsets, response_start, rendered, values, chunk_words)
+        w = token_weights(offsets, response_start, rendered, values, chunk_words)
         weights = [float(x) if r else 0.0 for x, r in zip(torch.as_tensor(w).tolist(), is_response)]
     else:
         value = 1.0 if loss == "sft" or row["safe"] else 0.0

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 
 from .errors import SafeshapeError
 
@@ -18,11 +19,45 @@ JSON_COLUMNS = ("messages", "star_values")
 _MAGIC = {b"PAR1": "parquet", b"PK\x03\x04": "zip", b"\x1f\x8b": "gzip", b"ARROW1": "arrow"}
 
 
+def iter_jsonl(path: str | os.PathLike, where=None) -> Iterator[tuple[int, object]]:
+    """``(line_number, value)`` for the non-blank lines of a JSONL file, read lazily: a line that is not UTF-8 or
+    not JSON raises SafeshapeError naming it (``where(line_number)``, default ``"PATH line N"``) when it is reached,
+    so the rows before it can be handled first."""
+    where = where or (lambda i: f"{os.fspath(path)} line {i}")
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SafeshapeError(f"{where(i)}: not valid UTF-8 (byte {exc.start + 1} of the line: "
+                                     f"{raw[exc.start:exc.start + 1]!r}); JSONL files must be UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SafeshapeError(f"{where(i)}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line_number, row)`` for every non-blank line; a line that is not UTF-8 or not a JSON object is an error
+    naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SafeshapeError(f"{path}: " + ("not a regular file" if os.path.exists(path) else "data file not found"))
+    rows = []
+    for i, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise SafeshapeError(f"{path} line {i}: a row must be a JSON object, not {type(row).__name__}")
+        rows.append((i, row))
+    if not rows:
+        raise SafeshapeError(f"{path}: no rows")
+    return rows
+
+
 def read_rows(path: str | os.PathLike, split: str | None = None) -> tuple[str, list[tuple[int, dict]]]:
     """``(unit, rows)``: ``rows`` are ``(number, row)`` pairs, numbered by ``unit`` (``"line"`` of a text file or
     ``"row"`` of a table, 1-based)."""
-    from .data import read_jsonl
-
     p = os.fspath(path)
     if os.path.isdir(p):
         return "row", _from_disk(p, split)

@@ -39,8 +39,8 @@ from . import ops
 from .data import IGNORE_INDEX, drop_rejected, load_examples, rows_loss
 from .errors import SafeshapeError
 from .loss import DEEP_TOKEN_BETAS, response_positions, uses_reference
+from .models import body_and_head, check_fused_head, hf_model
 from .parallel import head as _head
-from .trainer.model import body_and_head, check_fused_head, hf_model
 
 _STATE = "_safeshape_dss"
 

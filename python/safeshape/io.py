@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -313,6 +314,27 @@ def install_files(staged: Path, dest: Path, names: list[str]) -> None:
         os.unlink(dest / names[-1])
     for name in names:
         os.replace(staged / name, dest / name)
+
+
+def split_torn_tail(data: bytes) -> tuple[list[bytes], bytes]:
+    """An appended-to JSONL file's bytes as ``(complete lines without their newlines, torn tail)``: the torn tail is
+    an incomplete last line (no newline) that a crash in mid-write left, ``b""`` when the file ends with one."""
+    keep = data.rfind(b"\n") + 1
+    return data[:keep].split(b"\n")[:-1], data[keep:]
+
+
+def cut_torn_tail(path: str | os.PathLike, data: bytes, what: str = "--out") -> None:
+    """Remove the torn tail of ``data`` (``path``'s bytes as just read and validated) from the file, in place, with a
+    warning; nothing when there is none. The one repair of a crash's torn last line (star's annotations, eval's
+    responses, the trainer's metrics)."""
+    _, torn = split_torn_tail(data)
+    if not torn:
+        return
+    refuse_link(path, what)
+    warnings.warn(f"{os.fspath(path)}: removing an incomplete last line ({len(torn)} bytes) left by an interrupted "
+                  "run", stacklevel=3)
+    with open(path, "r+b") as f:
+        f.truncate(len(data) - len(torn))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False, inputs=(),

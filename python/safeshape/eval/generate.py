@@ -146,7 +146,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], settings: Gener
 
     ``skip[i]`` leaves prompt i out (its result is None; a batch whose prompts are all skipped is not run).
     ``on_batch(indices, generations)`` is called (on every process) after each batch, in completion order, for
-    saving as you go. ``dist`` (:class:`safeshape.trainer.distributed.Dist`) shares batches over processes."""
+    saving as you go. ``dist`` (:class:`safeshape.distributed.Dist`) shares batches over processes."""
     from tqdm.auto import tqdm
 
     settings = settings or GenerationSettings()

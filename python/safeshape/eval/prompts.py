@@ -91,7 +91,7 @@ def _read_jsonl(path: Path, column: str | None, category: str | None) -> list[Pr
 
 
 def _jsonl_rows(path: Path):
-    from ..data import read_jsonl
+    from ..datafiles import read_jsonl
 
     try:
         return read_jsonl(path)

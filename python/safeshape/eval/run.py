@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import on_main
 from ..errors import SafeshapeError
 from . import harness, vllm_engine
 from .adapters import parse_adapter
@@ -105,18 +106,11 @@ def _model_specs(cfg: EvalConfig) -> list[str]:
 
 
 def _load_policy(folder: str, dtype: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
+    from ..models import load_causal_lm
     from .validate import check_model_folder
 
     tokenizer = check_model_folder(folder)
-    try:
-        # safetensors only: a pytorch_model.bin is a pickle, and no file we are handed is unpickled
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), local_files_only=True,
-                                                     use_safetensors=True)
-    except Exception as exc:
-        raise SafeshapeError(f"--model {folder}: cannot load the model ({exc})") from exc
-    return model.to(device).eval(), tokenizer
+    return load_causal_lm(folder, dtype).to(device).eval(), tokenizer
 
 
 def _resolve_hub_ids(cfg: EvalConfig) -> EvalConfig:
@@ -147,7 +141,7 @@ def _header(cfg: EvalConfig, settings: GenerationSettings) -> dict:
 
 def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
     """Run the evaluation described by ``cfg``; returns the report (also written to OUT/eval_report.json)."""
-    from ..trainer.distributed import setup
+    from ..distributed import setup
 
     if cfg.dtype not in DTYPES:
         raise SafeshapeError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
@@ -208,146 +202,180 @@ def run_eval(cfg: EvalConfig, log: Callable[[str], None] = print) -> dict:
             hf_logging.enable_progress_bar()
 
 
-def _on_main(dist, fn):
-    """Run ``fn`` on process 0 and share its result (or its error, of any type) with every process: all raise
-    together rather than the others waiting forever in the next collective."""
-    res, exc = None, None
-    if dist.is_main:
-        try:
-            res = fn()
-        except Exception as e:  # noqa: BLE001 -- re-raised below, on every process
-            exc = e
-    if not dist.all_ok(exc is None):
-        if exc is not None:
-            raise exc
-        raise SafeshapeError("process 0 failed (its error is printed there)")
-    return dist.gather_objects(res)[0]
-
-
 def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset, warnings) -> dict:
-    from .store import ResponseStore
-
-    main = dist.is_main
-    progress = cfg.progress and main
+    """The steps after every check: open the response store (process 0), generate each model's responses, judge
+    them with the guard, write the report (process 0; the others return ``{}``)."""
+    sources = _sources(cfg, specs)
+    progress = cfg.progress and dist.is_main
     store = None
 
     def open_store():
         nonlocal store
-        from ..io import is_our_output, write_manifest
+        store = _open_store(cfg, settings, specs, sources, out, progress, warnings, log)
+        return dict(store.rows), warnings
 
-        out.mkdir(parents=True, exist_ok=True)
-        if not is_our_output(out):
-            write_manifest(out, "eval")
-        if cfg.overwrite:
-            for name in OUR_FILES:
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-        store = ResponseStore(out / RESPONSES, _header(cfg, settings))
-        for m in specs:
-            store.check_model(m.name, sources[m.name])
-        if cfg.project_base is not None:
-            for w in _project(cfg, specs, progress):
-                warnings.append(w)
-                log(f"[eval] warning: {w}")
-        return {k: r for k, r in store.rows.items()}, warnings
+    saved, warnings = on_main(dist, open_store)
+    sets = {"harmful": [p.text for p in harmful], "utility": [u.prompt for u in utility]}
+    results = _generate_all(cfg, settings, tasks, specs, sources, sets, saved, store, out, dist, log)
+    p_unsafe, judge_summary = _judge(cfg, preset, results, sets["harmful"], dist, progress)
+    if not dist.is_main:
+        return {}
+    report = _report(cfg, tasks, specs, harmful, utility, preset, warnings, dist, results, p_unsafe, judge_summary)
+    from ..io import write_json
+    from .report import write_plot
 
+    report["plot"] = PLOT if write_plot(report, out / PLOT) else None
+    write_json(out / REPORT, report, overwrite=True)
+    return report
+
+
+def _sources(cfg: EvalConfig, specs) -> dict[str, str]:
+    """Each model's source as the response store records it; a projection is named by what made it, not by its
+    folder."""
     sources = {m.name: _source(m.model, m.adapter) for m in specs}
-    for m in specs:  # a projection is named by what made it, not by its folder
+    for m in specs:
         if m.projects is not None:
             sources[m.name] = _source(m.model, m.projects) + (
                 f" projected with base {Path(cfg.project_base).resolve()} {json.dumps(_projection_settings(cfg))}")
+    return sources
 
-    saved, warnings = _on_main(dist, open_store)
-    sets = {"harmful": [p.text for p in harmful], "utility": [u.prompt for u in utility]}
+
+def _open_store(cfg, settings, specs, sources, out: Path, progress: bool, warnings: list[str], log):
+    """OUT with our manifest and OUT/responses.jsonl opened (resumed, or emptied by --overwrite); the Safe LoRA
+    projections --project-base asks for made (their warnings added to ``warnings``). Process 0 only."""
+    from ..io import is_our_output, write_manifest
+    from .store import ResponseStore
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not is_our_output(out):
+        write_manifest(out, "eval")
+    if cfg.overwrite:
+        for name in OUR_FILES:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    store = ResponseStore(out / RESPONSES, _header(cfg, settings))
+    for m in specs:
+        store.check_model(m.name, sources[m.name])
+    if cfg.project_base is not None:
+        for w in _project(cfg, specs, progress):
+            warnings.append(w)
+            log(f"[eval] warning: {w}")
+    return store
+
+
+def _generate_all(cfg, settings, tasks, specs, sources, sets, saved, store, out: Path, dist, log) -> list[dict]:
+    """Every model's responses to every prompt set (and its lm-eval tasks): models in turn, each followed by its
+    adapters, one model in memory at a time. Returns one entry a model (name, folders, responses, throughput)."""
     vllm = cfg.engine == "vllm"
-    model, loaded = None, None
+    model, tokenizer, loaded = None, None, None
     results = []
     for spec in specs:
-        name, model_dir, adapter = spec.name, spec.model, spec.adapter
-        source = sources[name]
-        if loaded != model_dir:  # models in turn, each followed by its adapters: one model in memory at a time
+        if loaded != spec.model:
             if vllm and model is not None:
                 model.close()
             model = tokenizer = None
             gc.collect()
             if vllm:  # one engine per model, its adapters served as LoRA requests
                 model, tokenizer = vllm_engine.load_policy(
-                    cfg, model_dir, [s.adapter for s in specs if s.model == model_dir and s.adapter is not None])
+                    cfg, spec.model, [s.adapter for s in specs if s.model == spec.model and s.adapter is not None])
             else:
-                model, tokenizer = _load_policy(model_dir, cfg.dtype, dist.device)
-            loaded = model_dir
-        if adapter is not None and not vllm:
-            from peft import PeftModel
-
-            try:
-                model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-            except Exception as exc:
-                raise SafeshapeError(f"--adapter {adapter}: PEFT could not load it: {exc}") from None
-            model.eval()
-        entry = {"name": name, "model": model_dir, "adapter": adapter, "responses": {}}
-        t = time.perf_counter()
-        gens_all: list[Generation] = []
-        for which, prompts in sets.items():
-            if not prompts:
-                entry["responses"][which] = []
-                continue
-            rows = [saved.get((name, which, i)) for i in range(len(prompts))]
-            for i, r in enumerate(rows):
-                if r is not None and r["prompt"] != prompts[i]:
-                    raise SafeshapeError(f"{out / RESPONSES}: {which} prompt {i} of model {name!r} was {r['prompt']!r}, "
-                                         f"now {prompts[i]!r}: the prompts or --limit/--seed changed; use another "
-                                         "--out or --overwrite")
-
-            def save(idx, gens, which=which, prompts=prompts):
-                if main:
-                    store.append([{"model": name, "source": source, "set": which, "index": i, "prompt": prompts[i],
-                                   "response": g.response, "new_tokens": g.new_tokens, "finished": g.finished}
-                                  for i, g in zip(idx, gens) if (name, which, i) not in store.rows])
-
-            generate = partial(vllm_engine.generate_responses, adapter=adapter) if vllm else generate_responses
-            gens = generate(model, tokenizer, prompts, settings, progress=progress, desc=f"{name}: {which}",
-                            dist=dist, skip=[r is not None for r in rows], on_batch=save)
-            gens_all += [g for g in gens if g is not None]
-            entry["responses"][which] = [r["response"] if g is None else g.response for r, g in zip(rows, gens)]
-            entry.setdefault("resumed", {})[which] = sum(r is not None for r in rows)
-        entry["generation"] = throughput(gens_all, time.perf_counter() - t)
-        entry["generation"]["resumed"] = sum(entry.get("resumed", {}).values())
-        entry.pop("resumed", None)
+                model, tokenizer = _load_policy(spec.model, cfg.dtype, dist.device)
+            loaded = spec.model
+        if spec.adapter is not None and not vllm:
+            model = _with_adapter(model, spec.adapter)
+        entry = _generate_model(cfg, settings, spec, sources[spec.name], model, tokenizer, sets, saved, store, out,
+                                dist)
         entry["lm_eval"] = None
         if tasks:
-            entry["lm_eval"] = _on_main(dist, lambda: harness.run_tasks(model, tokenizer, tasks, cfg.batch_size,
-                                                                        cfg.lm_eval_limit, cfg.lm_eval_include))
-        if adapter is not None and not vllm:
+            entry["lm_eval"] = on_main(dist, lambda: harness.run_tasks(model, tokenizer, tasks, cfg.batch_size,
+                                                                       cfg.lm_eval_limit, cfg.lm_eval_include))
+        if spec.adapter is not None and not vllm:
             model = model.unload()  # the base model again, without LoRA layers
         results.append(entry)
-        if main:
-            log(f"[eval] {name}: generated {entry['generation']['prompts']} responses "
+        if dist.is_main:
+            log(f"[eval] {spec.name}: generated {entry['generation']['prompts']} responses "
                 f"({entry['generation']['resumed']} resumed)")
     if vllm:
         model.close()  # before the guard's engine starts
     del model
     gc.collect()
+    return results
 
-    judge_summary = None
+
+def _with_adapter(model, adapter: str):
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    except Exception as exc:
+        raise SafeshapeError(f"--adapter {adapter}: PEFT could not load it: {exc}") from None
+    return model.eval()
+
+
+def _generate_model(cfg, settings, spec, source: str, model, tokenizer, sets, saved, store, out: Path, dist) -> dict:
+    """One model's responses to each prompt set: the saved ones kept (their prompts checked), the rest generated
+    and appended to the store (process 0) batch by batch."""
+    name, adapter = spec.name, spec.adapter
+    vllm = cfg.engine == "vllm"
+    progress = cfg.progress and dist.is_main
+    entry = {"name": name, "model": spec.model, "adapter": adapter, "responses": {}}
+    t = time.perf_counter()
+    gens_all: list[Generation] = []
+    resumed = 0
+    for which, prompts in sets.items():
+        if not prompts:
+            entry["responses"][which] = []
+            continue
+        rows = [saved.get((name, which, i)) for i in range(len(prompts))]
+        for i, r in enumerate(rows):
+            if r is not None and r["prompt"] != prompts[i]:
+                raise SafeshapeError(f"{out / RESPONSES}: {which} prompt {i} of model {name!r} was {r['prompt']!r}, "
+                                     f"now {prompts[i]!r}: the prompts or --limit/--seed changed; use another "
+                                     "--out or --overwrite")
+
+        def save(idx, gens, which=which, prompts=prompts):
+            if dist.is_main:
+                store.append([{"model": name, "source": source, "set": which, "index": i, "prompt": prompts[i],
+                               "response": g.response, "new_tokens": g.new_tokens, "finished": g.finished}
+                              for i, g in zip(idx, gens) if (name, which, i) not in store.rows])
+
+        generate = partial(vllm_engine.generate_responses, adapter=adapter) if vllm else generate_responses
+        gens = generate(model, tokenizer, prompts, settings, progress=progress, desc=f"{name}: {which}",
+                        dist=dist, skip=[r is not None for r in rows], on_batch=save)
+        gens_all += [g for g in gens if g is not None]
+        entry["responses"][which] = [r["response"] if g is None else g.response for r, g in zip(rows, gens)]
+        resumed += sum(r is not None for r in rows)
+    entry["generation"] = throughput(gens_all, time.perf_counter() - t)
+    entry["generation"]["resumed"] = resumed
+    return entry
+
+
+def _judge(cfg, preset, results: list[dict], harmful: list[str], dist, progress: bool):
+    """The guard's P(unsafe) of every model's harmful responses (``None`` a model without --guard) and the judge's
+    summary over processes."""
     p_unsafe: dict[str, list[float] | None] = {e["name"]: None for e in results}
-    if cfg.guard is not None:
-        from ..star import load_guard
+    if cfg.guard is None:
+        return p_unsafe, None
+    from tqdm.auto import tqdm
 
-        guard, guard_tok = vllm_engine.load_guard(cfg) if vllm else \
-            load_guard(cfg.guard, device=dist.device, dtype=getattr(torch, cfg.dtype))
-        judge = GuardJudge(guard, guard_tok, preset, batch_size=cfg.guard_batch_size,
-                           temperature=cfg.guard_temperature, engine="vllm" if vllm else "naive")
-        from tqdm.auto import tqdm
+    from ..star import load_guard
 
-        for e in tqdm(results, desc="guard", unit="model", disable=not progress, leave=False):
-            p_unsafe[e["name"]] = judge_responses(judge, sets["harmful"], e["responses"]["harmful"], dist)
-        judge_summary = _merge_judge_stats(dist.gather_objects(judge.summary()))
-        if vllm:
-            guard.close()
-        del guard
-        gc.collect()
+    vllm = cfg.engine == "vllm"
+    guard, guard_tok = vllm_engine.load_guard(cfg) if vllm else \
+        load_guard(cfg.guard, device=dist.device, dtype=getattr(torch, cfg.dtype))
+    judge = GuardJudge(guard, guard_tok, preset, batch_size=cfg.guard_batch_size,
+                       temperature=cfg.guard_temperature, engine="vllm" if vllm else "naive")
+    for e in tqdm(results, desc="guard", unit="model", disable=not progress, leave=False):
+        p_unsafe[e["name"]] = judge_responses(judge, harmful, e["responses"]["harmful"], dist)
+    judge_summary = _merge_judge_stats(dist.gather_objects(judge.summary()))
+    if vllm:
+        guard.close()
+    del guard
+    gc.collect()
+    return p_unsafe, judge_summary
 
-    if not main:
-        return {}
+
+def _report(cfg, tasks, specs, harmful, utility, preset, warnings, dist, results, p_unsafe, judge_summary) -> dict:
+    """OUT/eval_report.json's content (without its plot)."""
     models = []
     for e in results:
         safety, util = score(harmful, e["responses"]["harmful"], utility, e["responses"]["utility"],
@@ -355,7 +383,8 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset, 
         models.append({"name": e["name"], "model": e["model"], "adapter": e["adapter"], "safety": safety,
                        "utility": util, "lm_eval": e["lm_eval"], "generation": e["generation"],
                        "safelora": _projection_totals(e["adapter"])})
-    report = {
+    vllm = cfg.engine == "vllm"
+    return {
         "format": 1,
         "settings": {"model": next(m.model for m in specs if m.adapter is not None) if cfg.adapters
                      else specs[0].model,
@@ -386,12 +415,6 @@ def _run(cfg, settings, tasks, specs, out, harmful, utility, dist, log, preset, 
         "responses": RESPONSES,
         "warnings": list(warnings),
     }
-    from ..io import write_json
-    from .report import write_plot
-
-    report["plot"] = PLOT if write_plot(report, out / PLOT) else None
-    write_json(out / REPORT, report, overwrite=True)
-    return report
 
 
 def _projection_settings(cfg: EvalConfig) -> dict:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 from ..errors import SafeshapeError
-from ..io import refuse_link
+from ..io import cut_torn_tail, refuse_link, split_torn_tail
 
 FORMAT = 1
 ROW_KEYS = ("model", "source", "set", "index", "prompt", "response", "new_tokens", "finished")
@@ -33,11 +32,9 @@ class ResponseStore:
 
     def _load(self) -> None:
         data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        torn = data and not data.endswith(b"\n")
-        complete = lines[:-1]
+        complete, torn = split_torn_tail(data)
         try:
-            first = json.loads(complete[0]) if complete else json.loads(lines[0])
+            first = json.loads(complete[0] if complete else torn)
         except (json.JSONDecodeError, UnicodeDecodeError):
             first = None
         if not isinstance(first, dict) or first.get("safeshape_eval_responses") != FORMAT:
@@ -74,12 +71,7 @@ class ResponseStore:
                                      "was edited: it is left as it is; use another --out, or --overwrite")
             seen[key] = n
             self.rows[key] = row
-        if torn:
-            keep = data.rfind(b"\n") + 1
-            warnings.warn(f"{self.path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "
-                          "interrupted run", stacklevel=3)
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
+        cut_torn_tail(self.path, data)
 
     def check_model(self, name: str, source: str) -> None:
         if name in self.sources and self.sources[name] != source:

@@ -5,39 +5,17 @@ read), the guard's tokenizer and template against the preset. Returns warnings (
 another model); raises :class:`SafeshapeError` naming the argument and file at fault."""
 from __future__ import annotations
 
-import os
-
 from ..errors import SafeshapeError
+from ..models import meta_model
 from .models import EvalModel
 
 
 def check_model_folder(folder: str, flag: str = "--model"):
     """A Hugging Face causal LM folder whose tokenizer can prompt it (chat template, EOS); returns the tokenizer."""
-    from transformers import AutoTokenizer
-
+    from ..models import load_tokenizer
     from .generate import check_policy_tokenizer
 
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise SafeshapeError(f"{flag} {folder}: no config.json (a local Hugging Face model folder is needed)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:
-        raise SafeshapeError(f"{flag} {folder}: cannot load a tokenizer ({exc})") from exc
-    check_policy_tokenizer(tokenizer, f"{flag} {folder}")
-    return tokenizer
-
-
-def meta_model(folder: str, flag: str = "--model"):
-    """The model's modules with the shapes its config gives, on the meta device (no memory, no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except Exception as exc:
-        raise SafeshapeError(f"{flag} {folder}: cannot build the model from its config.json ({exc})") from None
+    return load_tokenizer(folder, flag, check=check_policy_tokenizer, model_folder=True)
 
 
 def check_guard(folder: str, preset) -> None:

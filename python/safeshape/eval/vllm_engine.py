@@ -31,16 +31,6 @@ def adapter_rank(folder: str) -> int:
     return int(r)
 
 
-def meta_model(folder: str):
-    """The model's modules without weights (meta device): what :func:`.adapters.check_adapter` reads."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
 class VllmPolicy:
     """One engine for ``model`` and LoRA requests for ``adapters`` (folders), ids in the order given."""
 
@@ -167,18 +157,10 @@ def generate_responses(policy: VllmPolicy, tokenizer, prompts: Sequence[str],
 
 def load_policy(cfg, model_dir: str, adapters: list[str]) -> tuple[VllmPolicy, object]:
     """(engine, tokenizer) for ``safeshape eval``'s config ``cfg``: the model folder ``model_dir`` with its LoRA
-    ``adapters`` (checked against the model's shapes by eval's early validation and again here)."""
-    from transformers import AutoTokenizer
+    ``adapters`` (checked against the model's shapes by eval's early validation, :func:`.validate.check_models`)."""
+    from ..models import load_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as exc:
-        raise SafeshapeError(f"--model {model_dir}: cannot load a tokenizer ({exc})") from None
-    check_policy_tokenizer(tokenizer, f"--model {model_dir}")
-    from .adapters import check_adapter
-
-    for adapter in adapters:  # vLLM would fail later, inside its engine
-        check_adapter(meta_model(model_dir), adapter)
+    tokenizer = load_tokenizer(model_dir, check=check_policy_tokenizer, model_folder=True)
     return VllmPolicy(model_dir, adapters, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                       seed=cfg.seed, data_parallel_size=cfg.data_parallel_size), tokenizer
 

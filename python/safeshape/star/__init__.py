@@ -11,8 +11,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "annotate_file": ".annotate", "load_guard": ".guard",
     "PRESET_NAMES": ".presets", "PRESETS": ".presets", "GuardPreset": ".presets", "get_preset": ".presets",
     "ENGINES": ".presets", "RECIPES": ".presets", "StarScorer": ".scoring", "score_response": ".scoring",
-    "score_full_responses": ".scoring", "chunk_char_spans": ".segment", "word_spans": ".segment",
-    "token_weights": ".weights", "authors_token_weights": ".weights",
+    "score_full_responses": ".scoring", "chunk_char_spans": "..chunks", "word_spans": "..chunks",
+    "token_weights": "..chunks", "authors_token_weights": "..chunks",
 })
 
 __all__ = ["GuardPreset", "PRESETS", "PRESET_NAMES", "get_preset", "ENGINES", "RECIPES", "StarScorer",

@@ -11,16 +11,16 @@ import json
 import os
 import re
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
-from ..data import iter_jsonl, trl_row
+from ..chunks import chunk_char_spans
+from ..data import trl_row
+from ..datafiles import iter_jsonl
 from ..errors import SafeshapeError
-from ..io import atomic_write_bytes, refuse_link
+from ..io import atomic_write_bytes, cut_torn_tail, refuse_link, split_torn_tail
 from .presets import GuardPreset
 from .scoring import StarScorer
-from .segment import chunk_char_spans
 
 STAR_FIELDS = ("star_values", "star_chunk_words", "star_recipe")
 
@@ -114,7 +114,7 @@ def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int, recipe: str
     if not out_path.is_file():
         raise SafeshapeError(f"output {out_path} exists and is not a regular file; choose another output")
     data = out_path.read_bytes()
-    keep = data.rfind(b"\n") + 1
+    lines, torn = split_torn_tail(data)
 
     def refuse(why: str):
         raise SafeshapeError(f"output {out_path} exists and is not a partial STAR annotation of {in_path} with "
@@ -131,7 +131,6 @@ def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int, recipe: str
             except SafeshapeError as exc:
                 refuse(f"its line {n} would be the annotation of a bad input row: {exc}")
 
-        lines = data[:keep].split(b"\n")[:-1]
         for n, raw in enumerate(lines, 1):
             try:
                 row = json.loads(raw.decode("utf-8"))
@@ -152,15 +151,12 @@ def _resumable_rows(out_path: Path, in_path: Path, chunk_words: int, recipe: str
             if len(values) != chunks or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                 for v in values):
                 refuse(f"its line {n} does not hold {chunks} numeric STAR values")
-        if keep == len(data):
+        if not torn:
             return len(lines)
         where, source = next_input(len(lines) + 1)
-    if not isinstance(source, dict) or not _is_torn_annotation(data[keep:], source, chunk_words, recipe):
+    if not isinstance(source, dict) or not _is_torn_annotation(torn, source, chunk_words, recipe):
         refuse(f"its last line (no newline) is not the start of the annotated copy of {where}")
-    warnings.warn(f"{out_path}: removing an incomplete last line ({len(data) - keep} bytes) left by an "
-                  "interrupted run", stacklevel=3)
-    with open(out_path, "r+b") as f:
-        f.truncate(keep)
+    cut_torn_tail(out_path, data)
     return len(lines)
 
 

@@ -135,7 +135,7 @@ def _annotate(args, preset, guard_date, device, out, shard, progress) -> dict:
 
 
 def _main_sharded(args, preset, guard_date) -> int:
-    from ..trainer.distributed import setup
+    from ..distributed import setup
     from .annotate import merge_shards
 
     d = setup(args.device)

@@ -6,11 +6,11 @@ from typing import Sequence, Union
 
 import torch
 
+from ..chunks import check_chunk_words
 from ..errors import SafeshapeError
 from . import engines
 from .presets import ENGINES, RECIPES, GuardPreset, get_preset
 from .recipe import authors_p_safe
-from .segment import check_chunk_words
 from .template import GuardInput, GuardTemplate, guard_context
 
 Conversation = Union[str, Sequence[dict]]

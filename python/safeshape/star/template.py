@@ -22,9 +22,9 @@ import datetime as _dt
 from dataclasses import dataclass
 from typing import Any
 
+from ..chunks import chunk_char_spans, prefix_text
 from ..errors import SafeshapeError
 from .presets import GuardPreset
-from .segment import chunk_char_spans, prefix_text
 
 _PLACEHOLDER = "\ue000STAR-RESPONSE\ue001"
 

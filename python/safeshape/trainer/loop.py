@@ -29,16 +29,17 @@ from torch import Tensor
 from .. import ops
 from ..data import IGNORE_INDEX, Example, collate, drop_rejected, load_examples, max_len_report, rows_loss
 from ..datafiles import fingerprint
+from ..distributed import Dist, setup
 from ..errors import SafeshapeError
 from ..hub import portable_name, resolve_folder
-from ..io import (MANIFEST, atomic_write_text, check_replaceable, is_our_output, refuse_links_below, write_json,
-                  write_manifest)
+from ..io import (MANIFEST, atomic_write_text, check_replaceable, is_our_output, refuse_links_below, split_torn_tail,
+                  write_json, write_manifest)
 from ..loss import response_positions, uses_reference
+from ..models import apply_lora, enable_checkpointing, load_model, load_tokenizer
 from . import checkpoint as ckpt_io
 from . import distributed
 from .config import TrainConfig
-from .distributed import Dist, setup
-from .model import PolicyHidden, apply_lora, enable_checkpointing, head_weight, load_model, load_tokenizer
+from .model import PolicyHidden, head_weight
 from .report import open_reporter
 
 METRICS = "metrics.jsonl"
@@ -375,16 +376,19 @@ def _prepare_out(out: str, config: TrainConfig, dist: Dist) -> str | None:
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-    """On resume, keep the metric lines up to the checkpoint so the file reads like one uninterrupted run."""
+    """On resume, keep the metric lines up to the checkpoint so the file reads like one uninterrupted run (a crash's
+    torn last line is dropped: :func:`safeshape.io.split_torn_tail`; a damaged line ends the kept part)."""
     kept = []
     if os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:  # a torn or damaged line ends the kept part
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= last_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    break  # a torn last line from a crash
+        with open(path, "rb") as f:
+            lines, _ = split_torn_tail(f.read())
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace")
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break
     atomic_write_text(path, "".join(kept), overwrite=True, what="metrics")
 
 

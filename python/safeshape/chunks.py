@@ -1,14 +1,44 @@
-"""STAR values -> per-token weights of the policy model's training text (docs/math.md#star-token-weights)."""
+"""STAR's chunks: a response cut into chunks of M whitespace words (docs/math.md#star-chunks-and-prefixes), and
+the chunks' values mapped onto a policy's tokens (docs/math.md#star-token-weights). The part of STAR that training
+data needs, on a floor below both :mod:`safeshape.data` and :mod:`safeshape.star` (torch is imported where used)."""
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
-import torch
+from .errors import SafeshapeError
 
-from ..errors import SafeshapeError
-from ..ops import star_token_weights
-from .segment import chunk_char_spans
+if TYPE_CHECKING:
+    import torch
+
+_WORD = re.compile(r"\S+")
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the whitespace-separated words of ``text`` (what ``str.split()`` splits)."""
+    return [m.span() for m in _WORD.finditer(text)]
+
+
+def check_chunk_words(chunk_words: int) -> int:
+    if isinstance(chunk_words, bool) or not isinstance(chunk_words, int) or chunk_words < 1:
+        raise SafeshapeError(f"chunk_words must be a positive integer, got {chunk_words!r}")
+    return chunk_words
+
+
+def chunk_char_spans(response: str, chunk_words: int) -> list[tuple[int, int]]:
+    """Character span ``[start, end)`` of each chunk of ``response``: chunk k (1-based) is whitespace words
+    ``[(k-1)M, kM)``, from its first word's first character to its last word's last character.
+
+    The whitespace between two chunks belongs to neither span. An empty or all-whitespace response has no chunks.
+    """
+    m = check_chunk_words(chunk_words)
+    words = word_spans(response)
+    return [(words[i][0], words[min(i + m, len(words)) - 1][1]) for i in range(0, len(words), m)]
+
+
+def prefix_text(response: str, spans: list[tuple[int, int]], k: int) -> str:
+    """Prefix k (1-based) as the guard sees it: the response from its first word to the end of chunk k."""
+    return response[spans[0][0]:spans[k - 1][1]]
 
 
 def token_weights(token_offsets: Sequence[tuple[int, int]], response_start: int, response: str,
@@ -30,6 +60,11 @@ def token_weights(token_offsets: Sequence[tuple[int, int]], response_start: int,
     The assignment is monotone in token order. An empty response (no words) has no chunks: then ``values`` must be
     empty and every weight is 0.
     """
+    import numpy as np
+    import torch
+
+    from .ops import star_token_weights
+
     spans = chunk_char_spans(response, chunk_words)
     if len(values) != len(spans):
         raise SafeshapeError(f"token_weights: values has {len(values)} entries but the response has {len(spans)} "
@@ -65,6 +100,10 @@ def authors_token_weights(tokenizer, prompt_messages: list[dict], response: str,
     chat rendered with the policy's template up to prefix k (``" ".join(words[:k M])``, end-of-turn tokens
     included), so each boundary sits a few tokens later than :func:`token_weights`' character mapping. Tokens
     before the response get 0; tokens after the last boundary the last value."""
+    import torch
+
+    from .ops import star_token_weights
+
     words = response.split()
     k = len(values)
     if k != len(chunk_char_spans(response, chunk_words)):
