@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from safeshape.demo import pipeline as P
+from safeshape.demo.pipeline import Demo, machine
+from safeshape.demo.settings import DSS_KL_COEF, Profile, Run
 from safeshape.io import write_json
 
 
@@ -95,10 +96,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "demo_settings.json").exists():
         shutil.copy(study / "demo_settings.json", out / "demo_settings.json")
-    profile = P.Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["profile"].items()})
+    profile = Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["profile"].items()})
     cells = [tuple(int(x) for x in c.split(":")) for c in args.cells.split(",")]
     kls = [float(x) for x in args.kl.split(",")]
-    demo = P.Demo(out, seeds=tuple(sorted({s for s, _ in cells})), widths=tuple(sorted({w for _, w in cells})),
+    demo = Demo(out, seeds=tuple(sorted({s for s, _ in cells})), widths=tuple(sorted({w for _, w in cells})),
                   profile=profile, progress=False, log=lambda *a: None)
     demo._torch_setup()
     rows, aligned_margin = [], {}
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         print(f"seed {seed} width {width} aligned model: margin {aligned_margin[f'{seed}:{width}']}", file=sys.stderr)
         for kl in kls:
             name = f"dss-kl{kl:g}"
-            every = args.trajectory_every if kl == P.DSS_KL_COEF else 0
+            every = args.trajectory_every if kl == DSS_KL_COEF else 0
             run_dir = demo.cell_dir(seed, width) / "runs" / name
             if not run_dir.exists():
                 from safeshape.trainer import TrainConfig, train
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
                                   device="cpu", progress=False, save_every=every))
                 print(f"seed {seed} width {width} {name}: trained in {time.perf_counter() - t:.0f} s",
                       file=sys.stderr, flush=True)
-            run = P.Run(name, f"DSS lambda={kl:g}", str(aligned), adapter=str(run_dir))
+            run = Run(name, f"DSS lambda={kl:g}", str(aligned), adapter=str(run_dir))
             demo.score(seed, width, run)
             m = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
             row = {"seed": seed, "width": width, "kl_coef": kl, "safety": run.safety, "utility": run.utility,
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
                    "sft_last": m[-1]["sft_loss"], "trajectory": []}
             for ck in sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
                 step = int(ck.name.split("-")[1])
-                crun = P.Run(f"{name}-step{step}", f"DSS lambda={kl:g} at step {step}", str(aligned), adapter=str(ck))
+                crun = Run(f"{name}-step{step}", f"DSS lambda={kl:g} at step {step}", str(aligned), adapter=str(ck))
                 demo.score(seed, width, crun)
                 mk = next((r for r in m if r["step"] == step), None)
                 row["trajectory"].append({"step": step, "safety": crun.safety, "utility": crun.utility,
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "trajectory"}), file=sys.stderr, flush=True)
     report = {"study": str(study), "cells": cells, "kl": kls, "rows": rows, "aligned_margin": aligned_margin, "wall_s": round(time.perf_counter() - t0, 1),
-              "machine": P.machine()}
+              "machine": machine()}
     write_json(out / "dss_collapse.json", report, overwrite=True)
     print(f"{report['machine']['cpu']} ({report['machine']['cores']} cores), ISA {report['machine']['isa']}, "
           f"{report['wall_s']:.0f} s")
