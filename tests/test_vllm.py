@@ -428,3 +428,41 @@ def test_more_replicas_than_devices_is_a_clear_error(monkeypatch):
     for bad in (0, -1, True):
         with pytest.raises(SafeshapeError, match="--data-parallel-size must be a positive integer"):
             vllm_support.replica_environments(bad)
+
+
+def test_eval_closes_its_engines_when_a_step_fails(monkeypatch):
+    """A failure while generating or judging must not leave a vLLM engine (and its replicas) running until Python
+    exits: eval closes the policy's and the guard's engine on the way out. Runs without vLLM (stand-in engines)."""
+    from types import SimpleNamespace
+
+    from safeshape.eval import run
+
+    closed = []
+
+    class Engine:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+    monkeypatch.setattr(run.vllm_engine, "load_policy", lambda cfg, model, adapters: (Engine(model), None))
+
+    def boom(*a, **k):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(run, "_generate_model", boom)
+    cfg = SimpleNamespace(engine="vllm")
+    specs = [SimpleNamespace(name="base", model="M", adapter=None)]
+    with pytest.raises(RuntimeError, match="generation failed"):
+        run._generate_all(cfg, None, [], specs, {"base": None}, {}, {}, None, None,
+                          SimpleNamespace(is_main=True, device="cpu"), print)
+    assert closed == ["M"]
+
+    monkeypatch.setattr(run.vllm_engine, "load_guard", lambda cfg: (Engine("guard"), None))
+    monkeypatch.setattr(run, "GuardJudge", lambda *a, **k: object())
+    monkeypatch.setattr(run, "judge_responses", boom)
+    cfg = SimpleNamespace(engine="vllm", guard="G", guard_batch_size=1, guard_temperature=1.0)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        run._judge(cfg, None, [{"name": "base", "responses": {"harmful": ["r"]}}], ["h"], None, False)
+    assert closed == ["M", "guard"]

@@ -268,34 +268,36 @@ def _generate_all(cfg, settings, tasks, specs, sources, sets, saved, store, out:
     vllm = cfg.engine == "vllm"
     model, tokenizer, loaded = None, None, None
     results = []
-    for spec in specs:
-        if loaded != spec.model:
-            if vllm and model is not None:
-                model.close()
-            model = tokenizer = None
-            gc.collect()
-            if vllm:  # one engine per model, its adapters served as LoRA requests
-                model, tokenizer = vllm_engine.load_policy(
-                    cfg, spec.model, [s.adapter for s in specs if s.model == spec.model and s.adapter is not None])
-            else:
-                model, tokenizer = _load_policy(spec.model, cfg.dtype, dist.device)
-            loaded = spec.model
-        if spec.adapter is not None and not vllm:
-            model = _with_adapter(model, spec.adapter)
-        entry = _generate_model(cfg, settings, spec, sources[spec.name], model, tokenizer, sets, saved, store, out,
-                                dist)
-        entry["lm_eval"] = None
-        if tasks:
-            entry["lm_eval"] = on_main(dist, lambda: harness.run_tasks(model, tokenizer, tasks, cfg.batch_size,
-                                                                       cfg.lm_eval_limit, cfg.lm_eval_include))
-        if spec.adapter is not None and not vllm:
-            model = model.unload()  # the base model again, without LoRA layers
-        results.append(entry)
-        if dist.is_main:
-            log(f"[eval] {spec.name}: generated {entry['generation']['prompts']} responses "
-                f"({entry['generation']['resumed']} resumed)")
-    if vllm:
-        model.close()  # before the guard's engine starts
+    try:
+        for spec in specs:
+            if loaded != spec.model:
+                if vllm and model is not None:
+                    model.close()
+                model = tokenizer = None
+                gc.collect()
+                if vllm:  # one engine per model, its adapters served as LoRA requests
+                    model, tokenizer = vllm_engine.load_policy(
+                        cfg, spec.model, [s.adapter for s in specs if s.model == spec.model and s.adapter is not None])
+                else:
+                    model, tokenizer = _load_policy(spec.model, cfg.dtype, dist.device)
+                loaded = spec.model
+            if spec.adapter is not None and not vllm:
+                model = _with_adapter(model, spec.adapter)
+            entry = _generate_model(cfg, settings, spec, sources[spec.name], model, tokenizer, sets, saved, store, out,
+                                    dist)
+            entry["lm_eval"] = None
+            if tasks:
+                entry["lm_eval"] = on_main(dist, lambda: harness.run_tasks(model, tokenizer, tasks, cfg.batch_size,
+                                                                           cfg.lm_eval_limit, cfg.lm_eval_include))
+            if spec.adapter is not None and not vllm:
+                model = model.unload()  # the base model again, without LoRA layers
+            results.append(entry)
+            if dist.is_main:
+                log(f"[eval] {spec.name}: generated {entry['generation']['prompts']} responses "
+                    f"({entry['generation']['resumed']} resumed)")
+    finally:
+        if vllm and model is not None:
+            model.close()  # before the guard's engine starts, and when a step fails: no engine is left behind
     del model
     gc.collect()
     return results
@@ -364,11 +366,13 @@ def _judge(cfg, preset, results: list[dict], harmful: list[str], dist, progress:
         load_guard(cfg.guard, device=dist.device, dtype=getattr(torch, cfg.dtype))
     judge = GuardJudge(guard, guard_tok, preset, batch_size=cfg.guard_batch_size,
                        temperature=cfg.guard_temperature, engine="vllm" if vllm else "naive")
-    for e in tqdm(results, desc="guard", unit="model", disable=not progress, leave=False):
-        p_unsafe[e["name"]] = judge_responses(judge, harmful, e["responses"]["harmful"], dist)
-    judge_summary = _merge_judge_stats(dist.gather_objects(judge.summary()))
-    if vllm:
-        guard.close()
+    try:
+        for e in tqdm(results, desc="guard", unit="model", disable=not progress, leave=False):
+            p_unsafe[e["name"]] = judge_responses(judge, harmful, e["responses"]["harmful"], dist)
+        judge_summary = _merge_judge_stats(dist.gather_objects(judge.summary()))
+    finally:
+        if vllm:
+            guard.close()  # also when judging fails
     del guard
     gc.collect()
     return p_unsafe, judge_summary
