@@ -92,10 +92,23 @@ def test_damaged_trainer_state_is_a_clear_error(files, tmp_path, damage):
 
 
 def test_no_pickle_loading_anywhere_in_the_package():
+    """No file is ever unpickled. One exception, pinned here: vllm_support's data-parallel replicas exchange their
+    messages over multiprocessing pipes between our own processes (plain pickle, so that torch's shared-memory
+    reducers stay out), and only ``pickle.loads(<connection>.recv_bytes())`` is allowed, only in that module."""
     bad = re.compile(r"torch\.load\(|import pickle|from pickle|pickle\.loads?\(|cPickle|dill|joblib\.load")
-    hits = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")
-            for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    pipe = re.compile(r"^\s*import pickle$|pickle\.loads\([\w.\[\]]+\.recv_bytes\(\)\)")
+    hits, pipes = [], []
+    for p in PACKAGE.rglob("*.py"):
+        rel = str(p.relative_to(PACKAGE))
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if bad.search(line):
+                ok = rel == "vllm_support.py" and pipe.search(line) and not re.search(r"pickle\.load\(", line)
+                (pipes if ok else hits).append(f"{rel}:{i}")
     assert hits == []
+    assert len(pipes) <= 3  # the import and the two pipe reads (parent <- replica, replica <- parent)
+    # the rule can fail: a file read anywhere, even in that module, is a hit
+    for line in ("obj = pickle.load(open(path, 'rb'))", "value = pickle.loads(path.read_bytes())"):
+        assert bad.search(line) and not pipe.search(line)
 
 
 @pytest.mark.parametrize("flag, value", [("--kl-coef", "nan"), ("--max-grad-norm", "inf"), ("--lr", "nan"),
