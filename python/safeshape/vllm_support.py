@@ -123,6 +123,22 @@ def close(llm) -> None:
     gc.collect()
 
 
+class EngineOwner:
+    """``close()`` for an object that serves through one engine (``self.llm``) or through data-parallel replicas
+    (``self.replicas``): stops whichever it holds; a second call does nothing."""
+
+    llm = None
+    replicas = None
+
+    def close(self) -> None:
+        if self.llm is not None:
+            close(self.llm)
+            self.llm = None
+        if self.replicas is not None:
+            self.replicas.close()
+            self.replicas = None
+
+
 # ---- data parallel: N independent engines, one per spawned process ---------------------------------------------------
 #: vLLM's own data-parallel coordination (expert parallelism across replicas): dense models need none, and a
 #: replica that inherited them would wait for peers that never come

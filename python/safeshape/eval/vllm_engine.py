@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ..errors import SafeshapeError
+from ..vllm_support import EngineOwner
 from .generate import Generation, GenerationSettings, check_policy_tokenizer, render_prompt, stop_ids
 
 WHAT = "--engine vllm"
@@ -31,7 +32,7 @@ def adapter_rank(folder: str) -> int:
     return int(r)
 
 
-class VllmPolicy:
+class VllmPolicy(EngineOwner):
     """One engine for ``model`` and LoRA requests for ``adapters`` (folders), ids in the order given."""
 
     def __init__(self, model: str, adapters: Sequence[str], dtype: str = "float32", tensor_parallel_size: int = 1,
@@ -70,16 +71,6 @@ class VllmPolicy:
         if key not in self.adapters:
             raise SafeshapeError(f"--adapter {adapter}: not one of the adapters this engine was started with")
         return LoRARequest(f"adapter-{self.adapters[key]}", self.adapters[key], key)
-
-    def close(self) -> None:
-        from ..vllm_support import close
-
-        if self.llm is not None:
-            close(self.llm)
-            self.llm = None
-        if self.replicas is not None:
-            self.replicas.close()
-            self.replicas = None
 
     def token_rows(self, ids: list[list[int]], settings: GenerationSettings, seeds: list[int], adapter: str | None,
                    eos: list[int]) -> list[list[int]]:

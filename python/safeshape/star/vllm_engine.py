@@ -22,12 +22,13 @@ import math
 import torch
 
 from ..errors import SafeshapeError
+from ..vllm_support import EngineOwner
 from . import recipe as authors
 
 WHAT = "--engine vllm"
 
 
-class VllmGuard:
+class VllmGuard(EngineOwner):
     """A guard folder served by one vLLM engine; ``recipe`` (exact or authors) fixes what the engine returns."""
 
     def __init__(self, folder: str, recipe: str = "exact", dtype: str = "float32", tensor_parallel_size: int = 1,
@@ -49,16 +50,6 @@ class VllmGuard:
             mode = "processed_logits" if recipe == "authors" else "raw_logits"
             self.llm = make_llm(self.folder, WHAT, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                                 seed=seed, logprobs_mode=mode, max_model_len=max_model_len)
-
-    def close(self) -> None:
-        from ..vllm_support import close
-
-        if self.llm is not None:
-            close(self.llm)
-            self.llm = None
-        if self.replicas is not None:
-            self.replicas.close()
-            self.replicas = None
 
     def _on_replicas(self, method: str, seqs: list[list[int]], *rest) -> list:
         """``method(shard, *rest)`` on each replica, the sequences split into contiguous shards; the answers in the
