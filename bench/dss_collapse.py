@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from safeshape.datafiles import iter_jsonl
 from safeshape.demo.pipeline import Demo, machine
 from safeshape.demo.settings import DSS_KL_COEF, Profile, Run
 from safeshape.io import write_json
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
                       file=sys.stderr, flush=True)
             run = Run(name, f"DSS lambda={kl:g}", str(aligned), adapter=str(run_dir))
             demo.score(seed, width, run)
-            m = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            m = [row for _, row in iter_jsonl(run_dir / "metrics.jsonl")]
             row = {"seed": seed, "width": width, "kl_coef": kl, "safety": run.safety, "utility": run.utility,
                    "complied": run.details["harmful_complied"],
                    "margin": first_token_margin(str(aligned), str(run_dir), prompts),

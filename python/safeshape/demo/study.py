@@ -18,8 +18,9 @@ import math
 import sys
 from pathlib import Path
 
+from ..datafiles import iter_jsonl
 from ..errors import SafeshapeError
-from .report import _parent
+from .report import _columns, _parent
 
 THRESHOLDS = (0.5, 0.9)
 Z95 = 1.959963984540054
@@ -150,15 +151,6 @@ def claims(comps: list[dict]) -> list[str]:
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
-
-
 def dss_diagnostics(reports, name: str = "dss") -> list[dict]:
     """Per DSS run: its safety, the STAR weights of its fine-tuning rows (the harmful-compliance rows' largest
     prefix value: a value near 1 means the loss learns that prefix as SFT; the benign rows' smallest), and the
@@ -174,7 +166,7 @@ def dss_diagnostics(reports, name: str = "dss") -> list[dict]:
                  "complied": (run.get("details") or {}).get("harmful_complied")}
             star = workdir / f"seed-{seed}" / "data" / "finetune_star.jsonl"
             if star.is_file():
-                rows = _read_jsonl(star)
+                rows = [row for _, row in iter_jsonl(star)]
                 harmful = [r for r in rows if r["star_values"][-1] < 0.5]
                 benign = [r for r in rows if r["star_values"][-1] >= 0.5]
                 d["star"] = {"rows": len(rows), "harmful_rows": len(harmful),
@@ -182,7 +174,7 @@ def dss_diagnostics(reports, name: str = "dss") -> list[dict]:
                              "benign_min_value": min((min(r["star_values"]) for r in benign), default=None)}
             metrics = workdir / f"seed-{seed}" / f"width-{width}" / "runs" / name / "metrics.jsonl"
             if metrics.is_file():
-                m = _read_jsonl(metrics)
+                m = [row for _, row in iter_jsonl(metrics)]
                 if m:
                     d["train"] = {"steps": m[-1]["step"], "sft_first": m[0]["sft_loss"], "sft_last": m[-1]["sft_loss"],
                                   "kl_first": m[0]["kl_loss"], "kl_last": m[-1]["kl_loss"],
@@ -261,12 +253,6 @@ def text(result: dict) -> str:
                          f"{tr['sft_first']:.3g}/{tr['sft_last']:.3g}" if tr else "n/a"))
         lines += _columns(rows)
     return "\n".join(lines)
-
-
-def _columns(rows):
-    from .report import _columns as cols
-
-    return cols(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

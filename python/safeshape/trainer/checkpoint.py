@@ -191,11 +191,14 @@ def check_resumable(ckpt: str, config: TrainConfig, data_sha256: str, world_size
     if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
             and {"data_sha256", "world_size"} <= saved.keys()):
         raise SafeshapeError(f"{path}: not a safeshape trainer state (needs config, data_sha256, world_size)")
-    now = asdict(config)
+    def as_saved(value):  # the JSON file holds tuples as lists
+        return list(value) if isinstance(value, tuple) else value
+
+    now = {key: as_saved(value) for key, value in asdict(config).items()}
     for key, value in saved["config"].items():
         if key in RESUMABLE_CHANGES or key not in now:
             continue
-        mine = list(now[key]) if isinstance(now[key], tuple) else now[key]
+        mine = now[key]
         if mine != value:
             raise SafeshapeError(f"--resume from {ckpt}: --{key.replace('_', '-')} was {value!r} in that run, now "
                                  f"{mine!r}; resume with the same settings (or start a new --out)")
@@ -208,7 +211,7 @@ def check_resumable(ckpt: str, config: TrainConfig, data_sha256: str, world_size
         if default is MISSING:
             continue
         mine = now[f.name]
-        if (list(mine) if isinstance(mine, tuple) else mine) != (list(default) if isinstance(default, tuple) else default):
+        if mine != as_saved(default):
             raise SafeshapeError(f"--resume from {ckpt}: that run was written before --{f.name.replace('_', '-')} "
                                  f"existed and ran with its default {default!r}, now {mine!r}; resume without it "
                                  "(or start a new --out)")
