@@ -24,7 +24,7 @@ from pathlib import Path
 from safeshape.datafiles import iter_jsonl
 from safeshape.demo.pipeline import Demo, machine
 from safeshape.demo.settings import DSS_KL_COEF, Profile, Run
-from safeshape.io import write_json
+from safeshape.io import refuse_link, write_json
 
 
 def _copy_cell(study: Path, out: Path, seed: int, width: int) -> None:
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     study, out = Path(args.study), Path(args.out)
     settings = json.loads((study / "demo_settings.json").read_text())
+    refuse_link(out, "--out")  # its runs are written inside it: never through a link
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "demo_settings.json").exists():
         shutil.copy(study / "demo_settings.json", out / "demo_settings.json")
